@@ -1,0 +1,234 @@
+"""Interventions on named activation sites, and the runner a model calls at each site.
+
+A *hooks* pytree maps site names (or glob patterns such as ``blocks.*.resid_post``) to an
+intervention or a tuple of interventions applied in order::
+
+    hooks = {
+        'blocks.1.resid_post': ids.Capture(),
+        'blocks.0.mlp.hidden': (ids.Ablate(basis), ids.Capture()),
+    }
+    logits, captured = apply(params, tokens, hooks=hooks)
+
+Interventions are pytree dataclasses: their arrays are traced leaves and their class is part of
+the static tree structure, so a jitted ``apply`` compiles once per *kind* of intervention and
+never again when only a direction, basis or mask changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from idesign import tree as tree_lib
+
+Array = jax.Array
+
+
+def _pytree_dataclass(cls):
+    """A frozen dataclass whose fields are all pytree children."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+def _broadcast_error(kind: str, site: str, field: str, shape: tuple, site_shape: tuple) -> ValueError:
+    return ValueError(
+        f"{kind} at site {site!r}: {field} has shape {shape}, which does not broadcast to the "
+        f"site's activation shape {site_shape}. Expected trailing dimensions matching "
+        f"{site_shape[-len(shape):] if shape else ()} (e.g. {site_shape[-1:]} for one vector per feature).")
+
+
+def _check_broadcast(kind: str, site: str, field: str, x: Array, site_shape: tuple) -> None:
+    shape = tuple(jnp.shape(x))
+    try:
+        out = jnp.broadcast_shapes(shape, site_shape)
+    except ValueError:
+        raise _broadcast_error(kind, site, field, shape, site_shape) from None
+    if out != tuple(site_shape):
+        raise _broadcast_error(kind, site, field, shape, site_shape)
+
+
+class Intervention:
+    """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``."""
+
+    def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@_pytree_dataclass
+class Capture(Intervention):
+    """Records the activation at its position in the site's chain; changes nothing.
+
+    >>> import idesign as ids
+    >>> hooks = {'blocks.0.resid_post': ids.Capture()}
+    """
+
+    def apply(self, site: str, h: Array) -> Array:
+        return h
+
+
+@_pytree_dataclass
+class Add(Intervention):
+    """Adds ``scale * direction`` (steering; preventative steering during training).
+
+    ``direction`` broadcasts against the site's activation, usually shape ``[d]``; ``scale``
+    is a scalar or broadcasts likewise (e.g. ``[batch, 1, 1]`` for per-example strength).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.Add(jnp.ones(3), 2.0).apply('x', jnp.zeros((1, 3)))
+    Array([[2., 2., 2.]], dtype=float32)
+    """
+
+    direction: Array
+    scale: Array | float = 1.0
+
+    def apply(self, site: str, h: Array) -> Array:
+        _check_broadcast("Add", site, "direction", self.direction, h.shape)
+        return h + (jnp.asarray(self.scale) * self.direction).astype(h.dtype)
+
+
+@_pytree_dataclass
+class Ablate(Intervention):
+    """Removes a subspace: ``h - (h Vᵀ) V`` for a basis ``V`` of shape ``[k, d]`` with orthonormal rows.
+
+    Used for concept-ablation fine-tuning (CAFT). The basis acts on the last axis.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.Ablate(jnp.array([[1., 0.]])).apply('x', jnp.array([[3., 4.]]))
+    Array([[0., 4.]], dtype=float32)
+    """
+
+    basis: Array
+
+    def apply(self, site: str, h: Array) -> Array:
+        basis = jnp.asarray(self.basis)
+        if basis.ndim != 2 or basis.shape[-1] != h.shape[-1]:
+            raise ValueError(
+                f"Ablate at site {site!r}: basis has shape {basis.shape}; expected [k, {h.shape[-1]}] "
+                f"(k orthonormal rows in the site's last dimension {h.shape[-1]}).")
+        basis = basis.astype(h.dtype)
+        return h - (h @ basis.T) @ basis
+
+
+@_pytree_dataclass
+class Replace(Intervention):
+    """Patches values: ``where(mask, value, h)`` (activation patching from another run).
+
+    ``mask`` is optional (replace everywhere); both broadcast against the site's activation.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.Replace(jnp.ones(2), jnp.array([True, False])).apply('x', jnp.zeros(2))
+    Array([1., 0.], dtype=float32)
+    """
+
+    value: Array
+    mask: Array | None = None
+
+    def apply(self, site: str, h: Array) -> Array:
+        _check_broadcast("Replace", site, "value", self.value, h.shape)
+        value = jnp.broadcast_to(jnp.asarray(self.value, h.dtype), h.shape)
+        if self.mask is None:
+            return value
+        _check_broadcast("Replace", site, "mask", self.mask, h.shape)
+        return jnp.where(jnp.asarray(self.mask, bool), value, h)
+
+
+@_pytree_dataclass
+class Route(Intervention):
+    """Gradient routing: ``m ⊙ h + (1 − m) ⊙ stop_gradient(h)``.
+
+    The forward value is unchanged; gradient flows only where ``mask`` is 1, so chosen data
+    (e.g. a per-example mask of shape ``[batch, 1, 1]``) updates only chosen parameters.
+
+    >>> import jax, jax.numpy as jnp, idesign as ids
+    >>> f = lambda h: ids.Route(jnp.array([1., 0.])).apply('x', h).sum()
+    >>> jax.grad(f)(jnp.ones(2))
+    Array([1., 0.], dtype=float32)
+    """
+
+    mask: Array
+
+    def apply(self, site: str, h: Array) -> Array:
+        _check_broadcast("Route", site, "mask", self.mask, h.shape)
+        m = jnp.asarray(self.mask, h.dtype)
+        return m * h + (1 - m) * jax.lax.stop_gradient(h)
+
+
+Hooks = Mapping[str, "Intervention | Sequence[Intervention]"]
+
+
+def capture(*sites: str) -> dict[str, Capture]:
+    """``{site: Capture()}`` for each name or glob pattern.
+
+    >>> import idesign as ids
+    >>> ids.capture('blocks.0.resid_post', 'logits')
+    {'blocks.0.resid_post': Capture(), 'logits': Capture()}
+    """
+    return {s: Capture() for s in sites}
+
+
+def _as_chain(value: Any, key: str) -> tuple[Intervention, ...]:
+    chain = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    for item in chain:
+        if not isinstance(item, Intervention):
+            raise TypeError(
+                f"hooks[{key!r}] holds {type(item).__name__}; expected an intervention "
+                "(Capture, Add, Ablate, Replace, Route) or a tuple of them.")
+    if sum(isinstance(i, Capture) for i in chain) > 1:
+        raise ValueError(f"hooks[{key!r}] has more than one Capture; one capture per site.")
+    return chain
+
+
+def merge_hooks(*hooks: Hooks | None) -> dict[str, tuple[Intervention, ...]]:
+    """Combines hook dicts; chains at the same site are concatenated in argument order.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> h = ids.merge_hooks({'a': ids.Add(jnp.ones(2))}, {'a': ids.Capture()})
+    >>> [type(i).__name__ for i in h['a']]
+    ['Add', 'Capture']
+    """
+    out: dict[str, tuple[Intervention, ...]] = {}
+    for h in hooks:
+        for key, value in (h or {}).items():
+            out[key] = out.get(key, ()) + _as_chain(value, key)
+    return out
+
+
+class SiteRunner:
+    """What a model calls at each activation site while it is traced.
+
+    It resolves glob patterns against the model's site list once, applies each site's chain of
+    interventions, and collects captures. It is a trace-time helper, not a pytree: create one
+    per call of ``apply``.
+    """
+
+    def __init__(self, hooks: Hooks | None, site_names: Sequence[str]):
+        chains = merge_hooks(hooks)
+        self._chains: dict[str, tuple[Intervention, ...]] = {}
+        for key, chain in chains.items():
+            for site in tree_lib.expand_patterns([key], site_names, what="site"):
+                self._chains[site] = self._chains.get(site, ()) + chain
+        self.captured: dict[str, Array] = {}
+        self.visited: set[str] = set()
+
+    def wants(self, site: str) -> bool:
+        """Whether anything is hooked at ``site`` (so optional activations must be materialised)."""
+        return site in self._chains
+
+    def __call__(self, site: str, h: Array) -> Array:
+        self.visited.add(site)
+        for intervention in self._chains.get(site, ()):
+            h = intervention.apply(site, h)
+            if isinstance(intervention, Capture):
+                self.captured[site] = h
+        return h
+
+    def check_all_visited(self) -> None:
+        """Raises if a hooked site was never reached (e.g. a cache-only path skipped it)."""
+        missing = [s for s in self._chains if s not in self.visited]
+        if missing:
+            raise ValueError(f"hooked sites {missing} were not reached by this forward pass.")

@@ -1,0 +1,129 @@
+"""Configuration of the reference transformer, with presets shaped like GPT-2 and Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+Norm = Literal["layernorm", "rmsnorm"]
+Positions = Literal["learned", "rotary"]
+Mlp = Literal["standard", "gated"]
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+
+_CHOICES = {
+    "norm": ("layernorm", "rmsnorm"),
+    "positions": ("learned", "rotary"),
+    "mlp": ("standard", "gated"),
+    "activation": ("gelu", "gelu_tanh", "silu", "relu"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """A decoder-only transformer, general enough to hold GPT-2- and Llama-style weights.
+
+    Attributes:
+      vocab_size: number of token ids.
+      d_model: residual stream width.
+      n_layers: number of blocks.
+      n_heads: query heads.
+      n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``.
+      d_head: per-head width; ``None`` means ``d_model // n_heads`` (which must divide evenly).
+      d_ff: MLP hidden width; ``None`` means ``4 * d_model``.
+      max_len: longest sequence (learned positions table size; KV-cache bound).
+      norm: ``'layernorm'`` (GPT-2) or ``'rmsnorm'`` (Llama).
+      norm_eps: epsilon inside the norms.
+      positions: ``'learned'`` absolute embeddings (GPT-2) or ``'rotary'`` (Llama).
+      rope_theta: rotary base frequency.
+      mlp: ``'standard'`` (up, act, down) or ``'gated'`` (SwiGLU: act(gate) * up, down).
+      activation: MLP nonlinearity.
+      qkv_bias, out_bias, mlp_bias: biases on q/k/v projections, the attention output
+        projection, and the MLP projections (GPT-2: all True; Llama: all False; Qwen2: qkv only).
+      tie_embeddings: unembedding shares the token embedding matrix.
+      dtype: computation dtype (parameters are stored in float32; softmax and norms in float32).
+
+    >>> import idesign as ids
+    >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).d_head
+    16
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_head: int | None = None
+    d_ff: int | None = None
+    max_len: int = 256
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Positions = "learned"
+    rope_theta: float = 10000.0
+    mlp: Mlp = "standard"
+    activation: Activation = "gelu_tanh"
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+            _require_positive(name, getattr(self, name))
+        for name in ("n_kv_heads", "d_head", "d_ff"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+        if self.d_head is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"TransformerConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "choose d_model as a multiple of n_heads or set d_head explicitly.")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"TransformerConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}; "
+                "grouped-query attention needs each key/value head to serve a whole group of query heads.")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"TransformerConfig: rotary positions need an even d_head, got {self.head_dim}.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def gpt2_like(cls, vocab_size: int, **overrides) -> "TransformerConfig":
+        """LayerNorm, learned positions, GELU (tanh) MLP, biases, tied embeddings."""
+        base = dict(norm="layernorm", positions="learned", mlp="standard", activation="gelu_tanh",
+                    qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+        return cls(vocab_size=vocab_size, **{**base, **overrides})
+
+    @classmethod
+    def llama_like(cls, vocab_size: int, **overrides) -> "TransformerConfig":
+        """RMSNorm, rotary positions, SwiGLU MLP, no biases, untied embeddings."""
+        base = dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", mlp="gated", activation="silu",
+                    qkv_bias=False, out_bias=False, mlp_bias=False, tie_embeddings=False)
+        return cls(vocab_size=vocab_size, **{**base, **overrides})
+
+
+def _require_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"TransformerConfig.{name}={value!r}; expected a positive integer.")

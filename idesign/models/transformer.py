@@ -1,0 +1,301 @@
+"""The reference decoder-only transformer (Flax NNX), with named activation sites and a KV cache.
+
+Every activation an interpretability workflow asks for passes through ``sites(name, value)``
+(an :class:`idesign.hooks.SiteRunner`), which is the identity unless that site is hooked.
+Site names follow one scheme (see :func:`site_names` and the README):
+
+=================================  ==============================================================
+``embed``, ``pos_embed``           token embeddings; learned position embeddings (learned only)
+``blocks.{i}.resid_pre``           residual stream entering block i
+``blocks.{i}.ln1.out``             attention-norm output
+``blocks.{i}.attn.q`` / ``k`` / ``v``  per-head queries, keys, values ``[B, T, H, Dh]`` (pre-rotary)
+``blocks.{i}.attn.pattern``        attention probabilities ``[B, H, T, S]``
+``blocks.{i}.attn.z``              per-head mixed values ``[B, T, H, Dh]``
+``blocks.{i}.attn.head_out``       per-head contribution to the residual ``[B, T, H, D]`` (only if hooked)
+``blocks.{i}.attn_out``            attention output added to the residual
+``blocks.{i}.resid_mid``           residual after attention
+``blocks.{i}.ln2.out``             MLP-norm output
+``blocks.{i}.mlp.hidden``          MLP hidden activation ``[B, T, F]`` (after the nonlinearity/gating)
+``blocks.{i}.mlp_out``             MLP output added to the residual
+``blocks.{i}.resid_post``          residual stream leaving block i
+``<dense>.in`` / ``<dense>.out``   input / output of every dense layer, named by its parameter path:
+                                   ``blocks.{i}.attn.{q,k,v,o}_proj``, ``blocks.{i}.mlp.{up,gate,down}``, ``unembed``
+``final_norm``, ``logits``         final norm output; output logits
+=================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from idesign.hooks import SiteRunner
+from idesign.models.config import TransformerConfig
+
+Array = jax.Array
+
+
+class LayerCache(NamedTuple):
+    keys: Array    # [B, S, Hkv, Dh], rotary already applied
+    values: Array  # [B, S, Hkv, Dh]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``S`` slots, with which slots hold real tokens.
+
+    ``length`` slots are filled (the same for every row: rows are left-padded, and padding
+    slots have ``valid`` False). Positions of new tokens are counted from the valid slots,
+    so left padding does not shift positions.
+    """
+
+    layers: tuple[LayerCache, ...]
+    valid: Array   # [B, S] bool
+    length: Array  # [] int32
+
+
+def dense_layer_names(config: TransformerConfig) -> tuple[str, ...]:
+    """Site prefixes of every dense layer, in forward order (``<name>.in``/``<name>.out`` are sites)."""
+    names = []
+    for i in range(config.n_layers):
+        b = f"blocks.{i}"
+        names += [f"{b}.attn.q_proj", f"{b}.attn.k_proj", f"{b}.attn.v_proj", f"{b}.attn.o_proj"]
+        names += [f"{b}.mlp.up"] + ([f"{b}.mlp.gate"] if config.mlp == "gated" else []) + [f"{b}.mlp.down"]
+    return tuple(names + ["unembed"])
+
+
+def site_names(config: TransformerConfig) -> tuple[str, ...]:
+    """Every activation site of a model with this config, in the order the forward pass visits them.
+
+    >>> import idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2)
+    >>> [s for s in ids.models.site_names(cfg) if s.endswith('resid_post')]
+    ['blocks.0.resid_post']
+    """
+    names = ["embed"] + (["pos_embed"] if config.positions == "learned" else [])
+    for i in range(config.n_layers):
+        b = f"blocks.{i}"
+        names += [f"{b}.resid_pre", f"{b}.ln1.out"]
+        for p in ("q", "k", "v"):
+            names += [f"{b}.attn.{p}_proj.in", f"{b}.attn.{p}_proj.out"]
+        names += [f"{b}.attn.q", f"{b}.attn.k", f"{b}.attn.v", f"{b}.attn.pattern", f"{b}.attn.z",
+                  f"{b}.attn.o_proj.in", f"{b}.attn.head_out", f"{b}.attn.o_proj.out",
+                  f"{b}.attn_out", f"{b}.resid_mid", f"{b}.ln2.out"]
+        for p in ("up", "gate") if config.mlp == "gated" else ("up",):
+            names += [f"{b}.mlp.{p}.in", f"{b}.mlp.{p}.out"]
+        names += [f"{b}.mlp.hidden", f"{b}.mlp.down.in", f"{b}.mlp.down.out",
+                  f"{b}.mlp_out", f"{b}.resid_post"]
+    return tuple(names + ["final_norm", "unembed.in", "unembed.out", "logits"])
+
+
+def _init(std: float = 0.02):
+    return nnx.initializers.normal(std)
+
+
+def _activation(name: str):
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm (params ``scale`` and, for LayerNorm, ``bias``), computed in float32."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.kind, self.eps, self.out_dtype = config.norm, config.norm_eps, config.compute_dtype
+        self.scale = nnx.Param(jnp.ones((config.d_model,), jnp.float32))
+        if config.norm == "layernorm":
+            self.bias = nnx.Param(jnp.zeros((config.d_model,), jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale.value
+        if self.kind == "layernorm":
+            x = x + self.bias.value
+        return x.astype(self.out_dtype)
+
+
+def _dense(config: TransformerConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                      kernel_init=_init(std), rngs=rngs)
+
+
+def _call_dense(layer: nnx.Linear, sites: SiteRunner, name: str, x: Array) -> Array:
+    x = sites(f"{name}.in", x)
+    return sites(f"{name}.out", layer(x))
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in the rotate-half convention (as Hugging Face Llama). ``x``: [B, T, H, Dh]."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * freqs            # [B, T, half]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c, d, hd = config, config.d_model, config.head_dim
+        self.config = config
+        self.q_proj = _dense(c, d, c.n_heads * hd, c.qkv_bias, rngs)
+        self.k_proj = _dense(c, d, c.kv_heads * hd, c.qkv_bias, rngs)
+        self.v_proj = _dense(c, d, c.kv_heads * hd, c.qkv_bias, rngs)
+        # GPT-2-style scaled init of the projections that write into the residual stream.
+        self.o_proj = _dense(c, c.n_heads * hd, d, c.out_bias, rngs, std=0.02 / (2 * c.n_layers) ** 0.5)
+
+    def __call__(self, x: Array, sites: SiteRunner, prefix: str, positions: Array, mask: Array,
+                 cache: LayerCache | None, start: Array) -> tuple[Array, LayerCache | None]:
+        c = self.config
+        B, T, _ = x.shape
+        H, K, Dh = c.n_heads, c.kv_heads, c.head_dim
+        q = _call_dense(self.q_proj, sites, f"{prefix}.q_proj", x).reshape(B, T, H, Dh)
+        k = _call_dense(self.k_proj, sites, f"{prefix}.k_proj", x).reshape(B, T, K, Dh)
+        v = _call_dense(self.v_proj, sites, f"{prefix}.v_proj", x).reshape(B, T, K, Dh)
+        q, k, v = sites(f"{prefix}.q", q), sites(f"{prefix}.k", k), sites(f"{prefix}.v", v)
+        if c.positions == "rotary":
+            q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
+        if cache is not None:
+            keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
+            cache = LayerCache(keys, values)
+        else:
+            keys, values = k, v
+        # Grouped-query attention: query heads come in K groups of G sharing one key/value head.
+        G = H // K
+        qg = q.reshape(B, T, K, G, Dh).astype(jnp.float32)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)) / jnp.sqrt(Dh)
+        scores = scores.reshape(B, H, T, keys.shape[1])
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        pattern = sites(f"{prefix}.pattern", jax.nn.softmax(scores, axis=-1))
+        z = jnp.einsum("bkgts,bskd->btkgd", pattern.reshape(B, K, G, T, -1), values.astype(jnp.float32))
+        z = sites(f"{prefix}.z", z.reshape(B, T, H, Dh).astype(x.dtype))
+        z_flat = sites(f"{prefix}.o_proj.in", z.reshape(B, T, H * Dh))
+        if sites.wants(f"{prefix}.head_out"):
+            # Materialised only on request: [B, T, H, D] is H times the size of the residual.
+            w = self.o_proj.kernel.value.astype(x.dtype).reshape(H, Dh, c.d_model)
+            head_out = sites(f"{prefix}.head_out", jnp.einsum("bthd,hde->bthe", z_flat.reshape(B, T, H, Dh), w))
+            out = head_out.sum(axis=2)
+            if self.o_proj.bias is not None:
+                out = out + self.o_proj.bias.value.astype(x.dtype)
+        else:
+            out = self.o_proj(z_flat)
+        return sites(f"{prefix}.o_proj.out", out), cache
+
+
+class Mlp(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gated = c.mlp == "gated"
+        self.act = c.activation
+        self.up = _dense(c, c.d_model, c.ff_dim, c.mlp_bias, rngs)
+        if self.gated:
+            self.gate = _dense(c, c.d_model, c.ff_dim, c.mlp_bias, rngs)
+        self.down = _dense(c, c.ff_dim, c.d_model, c.mlp_bias, rngs, std=0.02 / (2 * c.n_layers) ** 0.5)
+
+    def __call__(self, x: Array, sites: SiteRunner, prefix: str) -> Array:
+        act = _activation(self.act)
+        up = _call_dense(self.up, sites, f"{prefix}.up", x)
+        if self.gated:
+            hidden = act(_call_dense(self.gate, sites, f"{prefix}.gate", x)) * up
+        else:
+            hidden = act(up)
+        hidden = sites(f"{prefix}.hidden", hidden)
+        return _call_dense(self.down, sites, f"{prefix}.down", hidden)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.ln1 = Norm(config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.ln2 = Norm(config, rngs=rngs)
+        self.mlp = Mlp(config, rngs=rngs)
+
+    def __call__(self, x, sites, prefix, positions, mask, cache, start):
+        x = sites(f"{prefix}.resid_pre", x)
+        attn_out, cache = self.attn(sites(f"{prefix}.ln1.out", self.ln1(x)), sites, f"{prefix}.attn",
+                                    positions, mask, cache, start)
+        x = sites(f"{prefix}.resid_mid", x + sites(f"{prefix}.attn_out", attn_out))
+        mlp_out = sites(f"{prefix}.mlp_out", self.mlp(sites(f"{prefix}.ln2.out", self.ln2(x)), sites, f"{prefix}.mlp"))
+        return sites(f"{prefix}.resid_post", x + mlp_out), cache
+
+
+class Transformer(nnx.Module):
+    """The reference decoder-only transformer.
+
+    Call it as an NNX module, ``logits, captured = model(tokens, hooks=...)``, or turn it into the
+    functional interface with :func:`idesign.models.functional`.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4)
+    >>> model = ids.Transformer(cfg, rngs=nnx.Rngs(0))
+    >>> logits, captured = model(jnp.zeros((2, 5), jnp.int32), hooks=ids.capture('blocks.1.resid_post'))
+    >>> logits.shape, captured['blocks.1.resid_post'].shape
+    ((2, 5, 50), (2, 5, 32))
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, param_dtype=jnp.float32,
+                               dtype=config.compute_dtype, embedding_init=_init(), rngs=rngs)
+        if config.positions == "learned":
+            self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=jnp.float32,
+                                       dtype=config.compute_dtype, embedding_init=_init(0.01), rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = Norm(config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.unembed = _dense(config, config.d_model, config.vocab_size, False, rngs)
+
+    def __call__(self, tokens: Array, *, hooks=None, valid: Array | None = None) -> tuple[Array, dict]:
+        sites = SiteRunner(hooks, site_names(self.config))
+        logits, _ = self.forward(tokens, sites, valid=valid)
+        return logits, sites.captured
+
+    def forward(self, tokens: Array, sites: SiteRunner, *, valid: Array | None = None,
+                cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given."""
+        c = self.config
+        B, T = tokens.shape
+        valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
+        if cache is None:
+            start, key_valid, past = jnp.zeros((), jnp.int32), valid, jnp.zeros((B,), jnp.int32)
+        else:
+            start = cache.length
+            past = cache.valid.sum(-1).astype(jnp.int32)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
+        # Positions count real tokens only, so left padding and per-row prompt lengths line up.
+        positions = jnp.maximum(past[:, None] + jnp.cumsum(valid, axis=1) - 1, 0)
+        S = key_valid.shape[1]
+        causal = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]          # [T, S]
+        mask = causal[None] & key_valid[:, None, :]                                   # [B, T, S]
+        # A query with nothing to attend to (a pad) attends to itself to keep softmax finite.
+        own = (jnp.arange(S)[None, :] == (start + jnp.arange(T))[:, None])[None]
+        mask = jnp.where(mask.any(-1, keepdims=True), mask, own)
+
+        x = sites("embed", self.embed(tokens))
+        if c.positions == "learned":
+            x = x + sites("pos_embed", self.pos_embed(positions))
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start)
+            new_layers.append(layer_cache)
+        x = sites("final_norm", self.final_norm(x))
+        x = sites("unembed.in", x)
+        logits = self.embed.attend(x) if c.tie_embeddings else self.unembed(x)
+        logits = sites("logits", sites("unembed.out", logits.astype(jnp.float32)))
+        if cache is not None:
+            cache = KVCache(tuple(new_layers), key_valid, start + T)
+        return logits, cache
