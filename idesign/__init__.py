@@ -3,8 +3,10 @@
 Users write ``import idesign as ids``.
 """
 
-from idesign import hooks, models, tree
+from idesign import hooks, models, sharding, train, tree
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
 from idesign.models import KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer
+
+from idesign.train import TrainState, init_train_state, lm_loss, make_train_step
 
 __version__ = "0.1.0"

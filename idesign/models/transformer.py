@@ -116,9 +116,9 @@ class Norm(nnx.Module):
         x = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale.value
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
         if self.kind == "layernorm":
-            x = x + self.bias.value
+            x = x + self.bias[...]
         return x.astype(self.out_dtype)
 
 
@@ -183,11 +183,11 @@ class Attention(nnx.Module):
         z_flat = sites(f"{prefix}.o_proj.in", z.reshape(B, T, H * Dh))
         if sites.wants(f"{prefix}.head_out"):
             # Materialised only on request: [B, T, H, D] is H times the size of the residual.
-            w = self.o_proj.kernel.value.astype(x.dtype).reshape(H, Dh, c.d_model)
+            w = self.o_proj.kernel[...].astype(x.dtype).reshape(H, Dh, c.d_model)
             head_out = sites(f"{prefix}.head_out", jnp.einsum("bthd,hde->bthe", z_flat.reshape(B, T, H, Dh), w))
             out = head_out.sum(axis=2)
             if self.o_proj.bias is not None:
-                out = out + self.o_proj.bias.value.astype(x.dtype)
+                out = out + self.o_proj.bias[...].astype(x.dtype)
         else:
             out = self.o_proj(z_flat)
         return sites(f"{prefix}.o_proj.out", out), cache

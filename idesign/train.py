@@ -1,0 +1,250 @@
+"""Training utilities: a masked LM loss, a jitted step over any optax transform, evaluation, a loop.
+
+The step takes any ``optax.GradientTransformation`` (including ``GradientTransformationExtraArgs``:
+keyword arguments given to the step are passed on to ``update``), so idesign's own transforms —
+gradient projection, element-level freezing — drop into ``optax.chain`` beside the user's optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+LossFn = Callable[[Any, Batch], tuple[Array, dict[str, Array]]]
+
+
+class TrainState(NamedTuple):
+    """Parameters, optimizer state and step count: the whole of what training carries."""
+
+    params: Any
+    opt_state: Any
+    step: Array
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """``TrainState(params, optimizer.init(params), step=0)``.
+
+    >>> import optax, jax.numpy as jnp, idesign as ids
+    >>> state = ids.train.init_train_state({'w': jnp.zeros(2)}, optax.adam(1e-3))
+    >>> int(state.step)
+    0
+    """
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
+    """Next-token cross-entropy for ``apply(params, tokens, hooks=...)``, averaged over predicted tokens.
+
+    The batch holds ``tokens`` [B, T] and optionally ``loss_mask`` [B, T] (1 where the token at that
+    position should be *predicted*; position 0 is never predicted). ``hooks`` is a hooks dict, or a
+    function ``batch -> hooks`` for data-dependent interventions (gradient routing masks, steering
+    during fine-tuning).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> loss, aux = ids.train.lm_loss(apply)(params, {'tokens': jnp.ones((2, 5), jnp.int32)})
+    >>> bool(abs(loss - jnp.log(11.)) < 0.2), int(aux['tokens'])
+    (True, 8)
+    """
+
+    def loss_fn(params, batch):
+        tokens = batch["tokens"]
+        mask = batch.get("loss_mask")
+        mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+        valid = batch.get("valid")
+        h = hooks(batch) if callable(hooks) else hooks
+        kwargs = {} if valid is None else {"valid": valid[:, :-1]}
+        logits, _ = apply(params, tokens[:, :-1], hooks=h, **kwargs)
+        targets, weights = tokens[:, 1:], mask[:, 1:]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        count = jnp.maximum(weights.sum(), 1.0)
+        loss = (nll * weights).sum() / count
+        acc = ((logits.argmax(-1) == targets) * weights).sum() / count
+        return loss, {"loss": loss, "accuracy": acc, "tokens": weights.sum()}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, jit: bool = True,
+                    donate: bool = False) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """``step(state, batch, **extra_args) -> (state, metrics)``; one compilation per batch shape.
+
+    ``extra_args`` reach ``optimizer.update`` (e.g. a protected loss's gradient for a projection
+    transform). Metrics include ``grad_norm``.
+
+    >>> import optax, jax.numpy as jnp, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> opt = optax.adamw(1e-2)
+    >>> step = ids.train.make_train_step(ids.train.lm_loss(apply), opt)
+    >>> state, metrics = step(ids.train.init_train_state(params, opt), {'tokens': jnp.ones((2, 5), jnp.int32)})
+    >>> int(state.step)
+    1
+    """
+    # optax's own convention: transforms that take no extra arguments ignore them.
+    optimizer = optax.with_extra_args_support(optimizer)
+
+    def step(state: TrainState, batch: Batch, **extra_args) -> tuple[TrainState, dict[str, Array]]:
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra_args)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**aux, "grad_norm": optax.global_norm(grads)}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[[Any, Batch], dict[str, Array]]:
+    """``eval_step(params, batch) -> metrics`` (the loss function's aux dict)."""
+    fn = lambda params, batch: loss_fn(params, batch)[1]
+    return jax.jit(fn) if jit else fn
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[Batch]) -> dict[str, float]:
+    """Token-weighted mean of each metric over batches (weights from the ``tokens`` metric if present).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> fn = lambda p, b: {'loss': b['x'].mean(), 'tokens': jnp.asarray(b['x'].size, jnp.float32)}
+    >>> ids.train.evaluate(fn, None, [{'x': jnp.ones(2)}, {'x': jnp.zeros(6)}])
+    {'loss': 0.25, 'tokens': 8.0}
+    """
+    sums: dict[str, float] = {}
+    total = 0.0
+    for batch in batches:
+        m = jax.device_get(eval_step(params, batch))
+        w = float(m.get("tokens", 1.0))
+        total += w
+        for k, v in m.items():
+            if k != "tokens":
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+    if total == 0:
+        raise ValueError("evaluate: no batches (or no predicted tokens) to evaluate on.")
+    return {**{k: v / total for k, v in sums.items()}, "tokens": total}
+
+
+def iterate_batches(data: Any, batch_size: int, *, seed: int = 0, epochs: int | None = None,
+                    columns: Iterable[str] | None = None, shuffle: bool = True,
+                    drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Deterministic shuffled minibatches of numpy arrays from a ``datasets.Dataset`` or a dict of arrays.
+
+    ``epochs=None`` repeats forever (each epoch reshuffled from ``seed`` and the epoch number).
+
+    >>> import numpy as np, idesign as ids
+    >>> it = ids.train.iterate_batches({'tokens': np.arange(10).reshape(5, 2)}, 2, epochs=1)
+    >>> [b['tokens'].shape for b in it]
+    [(2, 2), (2, 2)]
+    """
+    arrays = _as_arrays(data, columns)
+    n = len(next(iter(arrays.values())))
+    if batch_size > n and drop_remainder:
+        raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} rows) and drop_remainder=True.")
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        stop = n - n % batch_size if drop_remainder else n
+        for i in range(0, stop, batch_size):
+            idx = order[i:i + batch_size]
+            yield {k: v[idx] for k, v in arrays.items()}
+        epoch += 1
+
+
+def _as_arrays(data: Any, columns: Iterable[str] | None) -> dict[str, np.ndarray]:
+    if hasattr(data, "with_format") and hasattr(data, "column_names"):  # datasets.Dataset
+        cols = list(columns) if columns is not None else list(data.column_names)
+        data = data.select_columns(cols).with_format("numpy")
+        arrays = {c: np.asarray(data[c]) for c in cols}
+    else:
+        arrays = {k: np.asarray(v) for k, v in dict(data).items() if columns is None or k in set(columns)}
+    if not arrays:
+        raise ValueError("iterate_batches: no columns to batch.")
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"iterate_batches: columns have different lengths {lengths}.")
+    return arrays
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to a ``.jsonl`` file, and keeps them in memory.
+
+    >>> import tempfile, os, idesign as ids
+    >>> log = ids.train.MetricsLog(os.path.join(tempfile.mkdtemp(), 'm.jsonl'))
+    >>> log.write(1, {'loss': 2.5})
+    >>> log.history
+    [{'step': 1, 'loss': 2.5}]
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+        self.history: list[dict[str, float]] = []
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num_steps: int,
+          log_every: int = 50, eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+          eval_every: int | None = None, log: MetricsLog | None = None,
+          checkpoints: Any = None, progress: bool = True, desc: str = "train") -> tuple[TrainState, MetricsLog]:
+    """Runs ``num_steps`` steps of ``step_fn`` over ``batches`` with a progress bar and logging.
+
+    Training metrics are averaged over each ``log_every`` window (fetched from the device once per
+    window, not per step). ``eval_fn(params) -> metrics`` runs every ``eval_every`` steps and at the
+    end, logged with an ``eval_`` prefix. ``checkpoints`` is an object with
+    ``save(step, state) -> bool`` (e.g. :class:`idesign.checkpoint.CheckpointManager`).
+
+    >>> import optax, jax.numpy as jnp, numpy as np, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> opt = optax.adam(1e-2)
+    >>> step = ids.train.make_train_step(ids.train.lm_loss(apply), opt)
+    >>> data = ids.train.iterate_batches({'tokens': np.ones((8, 6), np.int32)}, 4)
+    >>> state, log = ids.train.train(ids.train.init_train_state(params, opt), step, data, num_steps=3, progress=False)
+    >>> log.history[-1]['step']
+    3
+    """
+    log = log or MetricsLog()
+    iterator = iter(batches)
+    window: list[dict[str, Array]] = []
+    start_step = int(state.step)
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for i in range(1, num_steps + 1):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise ValueError(f"train: batches ran out after {i - 1} of {num_steps} steps.") from None
+        state, metrics = step_fn(state, batch)
+        window.append(metrics)
+        step = start_step + i
+        if i % log_every == 0 or i == num_steps:
+            host = jax.device_get(window)
+            row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            row["steps_per_sec"] = len(window) / max(time.perf_counter() - t0, 1e-9)
+            t0, window = time.perf_counter(), []
+            if eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps):
+                row.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
+            log.write(step, row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "accuracy")})
+        if checkpoints is not None:
+            checkpoints.save(step, state)
+        bar.update(1)
+    bar.close()
+    return state, log

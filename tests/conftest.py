@@ -1,0 +1,56 @@
+import os
+
+# Tests run on the CPU; keep XLA from grabbing every core per test worker.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import idesign as ids  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return ids.TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, max_len=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config():
+    return ids.TransformerConfig.llama_like(37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64)
+
+
+@pytest.fixture(params=["gpt2", "llama"], scope="session")
+def any_config(request, tiny_config, tiny_llama_config):
+    return tiny_config if request.param == "gpt2" else tiny_llama_config
+
+
+def random_tokens(seed: int, shape, vocab: int = 37):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jax.numpy.int32)
+
+
+class _Jitted:
+    """The functional model with ``__call__`` and ``forward`` jitted; other attributes delegate."""
+
+    def __init__(self, apply):
+        self._apply = apply
+        self._call = jax.jit(apply)
+        self.forward = jax.jit(apply.forward)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._apply, name)
+
+
+_BUILT: dict = {}
+
+
+def build(config, seed: int = 0):
+    """``(jitted apply, params)``, built once per (config, seed) for the whole session."""
+    key = (config, seed)
+    if key not in _BUILT:
+        apply, params = ids.init_transformer(config, seed)
+        _BUILT[key] = (_Jitted(apply), params)
+    return _BUILT[key]
