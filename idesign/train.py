@@ -8,6 +8,7 @@ gradient projection, element-level freezing — drop into ``optax.chain`` beside
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -224,7 +225,9 @@ def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num
     iterator = iter(batches)
     window: list[dict[str, Array]] = []
     start_step = int(state.step)
-    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    # Outside a terminal (CI logs, notebooks run headless) redraw rarely, so logs stay readable.
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
     for i in range(1, num_steps + 1):
         try:

@@ -37,7 +37,7 @@ import contextvars
 import dataclasses
 import functools
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -146,17 +146,20 @@ def _discover_sites(run: Callable[[Runner, Any, tuple, dict], Any], params: PyTr
     # Non-array arguments (flags such as ``deterministic=True``) stay static Python values.
     def forward(arrays: list[Array]) -> Any:
         it = iter(arrays)
-        p, a, k = jax.tree.unflatten(treedef, [next(it) if t else x for x, t in zip(leaves, traced)])
+        full = [next(it) if t else x for x, t in zip(leaves, traced)]
+        p, a, k = jax.tree.unflatten(treedef, full)
         return run(recorder, p, a, k)
 
     jax.eval_shape(forward, [x for x, t in zip(leaves, traced) if t])
     return recorder.shapes
 
 
-def _check_params(params: Params, template: Mapping[tuple, tuple[int, ...]], *, hint: str = "") -> dict[tuple, Any]:
+def _check_params(params: Params, template: Mapping[tuple, tuple[int, ...]], *,
+                  hint: str = "") -> dict[tuple, Any]:
     """Flattens ``params`` and checks its paths and shapes against the model's parameters."""
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a nested dict of arrays; got {type(params).__name__}.{hint}")
+        raise TypeError(
+            f"params must be a nested dict of arrays; got {type(params).__name__}.{hint}")
     flat = traverse_util.flatten_dict(dict(params))
     # Checkpoints restore integer keys (list indices) as strings; accept both spellings.
     by_str = {tuple(map(str, k)): v for k, v in flat.items()}
@@ -305,16 +308,17 @@ class NNXApply(_Adaptor):
         self._name = type(module).__name__
         self._method = method
         self._graphdef, param_state, self._rest = nnx.split(module, nnx.Param, ...)
-        self._param_vars = dict(nnx.to_flat_state(param_state))
-        self._param_shapes = {k: np.shape(v.get_value()) for k, v in self._param_vars.items()}
-        self.params: Params = nnx.to_pure_dict(param_state)
-        self._set_sites(self.params, args, kwargs)
+        flat = dict(nnx.to_flat_state(param_state))
+        self._param_shapes = {k: np.shape(v.get_value()) for k, v in flat.items()}
+        # Keep each Param's type and metadata (e.g. sharding names), not the caller's arrays.
+        self._param_vars = {k: v.replace(None) for k, v in flat.items()}
+        self._set_sites(nnx.to_pure_dict(param_state), args, kwargs)
 
     def _merge(self, params: Params | nnx.State) -> nnx.Module:
         if isinstance(params, nnx.State):
             params = nnx.to_pure_dict(params)
         flat = _check_params(params, self._param_shapes)
-        state = nnx.from_flat_state([(k, var.replace(flat[k])) for k, var in self._param_vars.items()])
+        state = nnx.from_flat_state([(k, v.replace(flat[k])) for k, v in self._param_vars.items()])
         # copy=True: the model may write to its non-Param state (counters, stats) during the
         # call; those writes must land on the copy, never on the constants held here.
         return nnx.merge(self._graphdef, state, self._rest, copy=True)
@@ -328,8 +332,8 @@ class NNXApply(_Adaptor):
             out = getattr(model, self._method)(*args, **kwargs)
         return _hook_value(runner, "out", out)
 
-    def __call__(self, params: Params | nnx.State, *args: Any,
-                 hooks: hooks_lib.Hooks | None = None, **kwargs: Any) -> tuple[Any, dict[str, Array]]:
+    def __call__(self, params: Params | nnx.State, *args: Any, hooks: hooks_lib.Hooks | None = None,
+                 **kwargs: Any) -> tuple[Any, dict[str, Array]]:
         return self._apply(params, args, kwargs, hooks)
 
 
@@ -386,8 +390,8 @@ def from_nnx(module: nnx.Module, *example_args: Any, method: str = "__call__",
     >>> captured['up.out'].shape
     (1, 4)
     """
-    apply = NNXApply(module, example_args, example_kwargs, method)
-    return apply, apply.params
+    return (NNXApply(module, example_args, example_kwargs, method),
+            nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 # --------------------------------------------------------------------------- Linen
@@ -411,7 +415,8 @@ class LinenApply(_Adaptor):
     """
 
     def __init__(self, module: nn.Module, params: Params, args: tuple, kwargs: dict,
-                 method: str | Callable[..., Any] | None, other_collections: Mapping[str, Any] | None):
+                 method: str | Callable[..., Any] | None,
+                 other_collections: Mapping[str, Any] | None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"from_linen expects a flax.linen Module; got {type(module).__name__}.")
         self._name = type(module).__name__
@@ -420,13 +425,15 @@ class LinenApply(_Adaptor):
         self._constants = dict(other_collections or {})
         if "params" in self._constants:
             raise ValueError("other_collections must not contain 'params'; pass them as params.")
-        self._param_shapes = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+        flat = traverse_util.flatten_dict(dict(params))
+        self._param_shapes = {k: np.shape(v) for k, v in flat.items()}
         self._set_sites(params, args, kwargs)
 
     def _run(self, runner: Runner, params: PyTree, args: tuple, kwargs: dict) -> Any:
         runner = _TraceGuard(runner)
         hint = ""
-        if set(params) == {"params"} and ("params",) not in {k[:1] for k in self._param_shapes}:
+        if (isinstance(params, Mapping) and set(params) == {"params"}
+                and ("params",) not in {k[:1] for k in self._param_shapes}):
             hint = " Pass the 'params' collection itself, not {'params': ...}."
         _check_params(params, self._param_shapes, hint=hint)
 
