@@ -8,6 +8,8 @@ from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstr
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
 from idesign.models import KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer
 
+from idesign.generate import (GenerateOutput, InjectAfterToken, Injection, Monitor, PromptInfo, SamplingConfig,
+                              StepInfo, filter_logits, generate, sample_logits)
 from idesign.train import TrainState, init_train_state, lm_loss, make_train_step
 
 __version__ = "0.1.0"

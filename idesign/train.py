@@ -99,7 +99,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra_args)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**aux, "grad_norm": optax.global_norm(grads)}
+        metrics = {**aux, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     if not jit:

@@ -46,7 +46,7 @@ class TransformerConfig:
       dtype: computation dtype (parameters are stored in float32; softmax and norms in float32).
 
     >>> import idesign as ids
-    >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).d_head
+    >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).head_dim
     16
     """
 
