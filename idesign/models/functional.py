@@ -114,6 +114,11 @@ class TransformerApply:
         total = shape[1] if cache is None else cache.valid.shape[1]
         if cache is not None and cache.valid.shape[0] != shape[0]:
             raise ValueError(f"cache holds batch {cache.valid.shape[0]} but tokens have batch {shape[0]}.")
+        if cache is not None and not isinstance(cache.length, jax.core.Tracer):
+            # Writing past the last slot would be clamped silently by dynamic_update_slice.
+            if int(cache.length) + shape[1] > cache.valid.shape[1]:
+                raise ValueError(f"cache overflow: {int(cache.length)} slots filled + {shape[1]} new tokens > "
+                                 f"{cache.valid.shape[1]} slots; make the cache larger with init_cache(batch, max_len).")
         if self.config.positions == "learned" and total > self.config.max_len:
             raise ValueError(f"sequence of {total} tokens exceeds the model's max_len={self.config.max_len}.")
 

@@ -176,3 +176,11 @@ def test_params_that_do_not_fit_name_the_path(tiny_config):
         apply(bad, jnp.zeros((1, 3), jnp.int32))
     assert "blocks.1.mlp.up.kernel: shape (3, 3), expected (32, 128)" in str(e.value)
     assert "missing final_norm.bias" in str(e.value)
+
+
+def test_cache_overflow_is_refused(tiny_config):
+    apply, params = ids.init_transformer(tiny_config)
+    cache = apply.init_cache(1, 4)
+    _, _, cache = apply.forward(params, jnp.zeros((1, 3), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match="cache overflow: 3 slots filled \\+ 2 new tokens > 4 slots"):
+        apply.forward(params, jnp.zeros((1, 2), jnp.int32), cache=cache)
