@@ -201,6 +201,24 @@ class Monitor:
     for that row are ignored; so are requests for rows that have finished (emitted ``eos_id``).
     An injected ``eos_id`` finishes its row like a sampled one. Injected tokens count against
     ``max_new_tokens``; an injection still queued when generation ends is cut off.
+
+    A monitor that reads the residual stream and keeps the largest norm seen per row:
+
+    >>> import dataclasses, jax, jax.numpy as jnp, idesign as ids
+    >>> @jax.tree_util.register_dataclass
+    ... @dataclasses.dataclass(frozen=True)
+    ... class MaxNorm(ids.Monitor):
+    ...     sites = ("blocks.1.resid_post",)
+    ...     def init(self, batch_size):
+    ...         return jnp.zeros((batch_size,))
+    ...     def step(self, state, info):
+    ...         norm = jnp.linalg.norm(info.activations["blocks.1.resid_post"], axis=-1)
+    ...         return jnp.maximum(state, norm), ids.Injection.none(info.token.shape[0])
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=37, d_model=32, n_heads=4))
+    >>> out = ids.generate(apply, params, jnp.ones((2, 3), jnp.int32), max_new_tokens=3,
+    ...                    sampling=ids.SamplingConfig(temperature=0.0), monitor=MaxNorm())
+    >>> out.monitor_state.shape
+    (2,)
     """
 
     sites: tuple[str, ...] = ()

@@ -53,7 +53,20 @@ def _check_broadcast(kind: str, site: str, field: str, x: Array, site_shape: tup
 
 
 class Intervention:
-    """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``."""
+    """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``.
+
+    A new kind of intervention is a pytree dataclass with an ``apply`` method:
+
+    >>> import dataclasses, jax, jax.numpy as jnp, idesign as ids
+    >>> @jax.tree_util.register_dataclass
+    ... @dataclasses.dataclass(frozen=True)
+    ... class Scale(ids.Intervention):
+    ...     factor: jax.Array
+    ...     def apply(self, site, h):
+    ...         return h * self.factor
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2))
+    >>> logits, _ = apply(params, jnp.ones((1, 3), jnp.int32), hooks={'blocks.0.mlp_out': Scale(jnp.float32(0.0))})
+    """
 
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -203,7 +216,14 @@ class SiteRunner:
 
     It resolves glob patterns against the model's site list once, applies each site's chain of
     interventions, and collects captures. It is a trace-time helper, not a pytree: create one
-    per call of ``apply``.
+    per call of ``apply``. A model author calls ``sites(name, value)`` wherever an activation
+    should be observable:
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> sites = ids.SiteRunner({'h*': ids.Capture()}, site_names=['h1', 'h2'])
+    >>> x = sites('h2', sites('h1', jnp.ones(2)) * 2)
+    >>> sorted(sites.captured), sites.wants('h1')
+    (['h1', 'h2'], True)
     """
 
     def __init__(self, hooks: Hooks | None, site_names: Sequence[str]):

@@ -115,5 +115,10 @@ def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf fully replicated on ``mesh``."""
+    """Places every leaf fully replicated on ``mesh``.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.sharding.replicate({'w': jnp.ones(2)}, ids.sharding.make_mesh())['w'].sharding.spec
+    P()
+    """
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), tree)

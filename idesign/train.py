@@ -26,7 +26,13 @@ LossFn = Callable[[Any, Batch], tuple[Array, dict[str, Array]]]
 
 
 class TrainState(NamedTuple):
-    """Parameters, optimizer state and step count: the whole of what training carries."""
+    """Parameters, optimizer state and step count: the whole of what training carries.
+
+    >>> import optax, jax.numpy as jnp, idesign as ids
+    >>> state = ids.TrainState({'w': jnp.zeros(2)}, optax.sgd(0.1).init({'w': jnp.zeros(2)}), jnp.int32(0))
+    >>> state._replace(step=state.step + 1).step.item()
+    1
+    """
 
     params: Any
     opt_state: Any
@@ -108,7 +114,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def make_eval_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[[Any, Batch], dict[str, Array]]:
-    """``eval_step(params, batch) -> metrics`` (the loss function's aux dict)."""
+    """``eval_step(params, batch) -> metrics`` (the loss function's aux dict).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> sorted(ids.train.make_eval_step(ids.lm_loss(apply))(params, {'tokens': jnp.ones((2, 4), jnp.int32)}))
+    ['accuracy', 'loss', 'tokens']
+    """
     fn = lambda params, batch: loss_fn(params, batch)[1]
     return jax.jit(fn) if jit else fn
 
@@ -245,7 +257,8 @@ def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num
             if eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps):
                 row.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
             log.write(step, row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "accuracy")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "accuracy")},
+                            refresh=False)
         if checkpoints is not None:
             checkpoints.save(step, state)
         bar.update(1)

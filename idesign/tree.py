@@ -18,7 +18,12 @@ KeyPath = tuple[Any, ...]
 
 
 def key_str(key: Any) -> str:
-    """Renders one pytree key (dict key, attribute, sequence index) as a path segment."""
+    """Renders one pytree key (dict key, attribute, sequence index) as a path segment.
+
+    >>> import jax
+    >>> key_str(jax.tree_util.DictKey(0)), key_str(jax.tree_util.GetAttrKey('mu'))
+    ('0', 'mu')
+    """
     if isinstance(key, jax.tree_util.DictKey):
         return str(key.key)
     if isinstance(key, jax.tree_util.GetAttrKey):
@@ -43,7 +48,11 @@ def path_str(path: KeyPath) -> str:
 
 
 def leaves_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[KeyPath, Any]]:
-    """``(key_path, leaf)`` pairs in flattening order."""
+    """``(key_path, leaf)`` pairs in flattening order.
+
+    >>> [path_str(p) for p, _ in leaves_with_paths({'a': [1, 2]})]
+    ['a.0', 'a.1']
+    """
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
 
 
@@ -115,6 +124,11 @@ def expand_patterns(patterns: Iterable[str], names: Sequence[str], *, what: str 
 
 
 def unknown_name_message(name: str, names: Sequence[str], *, what: str) -> str:
+    """An error message for an unknown name, with the closest known names.
+
+    >>> unknown_name_message('resid_pots', ['resid_post', 'resid_pre'], what='site')[:58]
+    "unknown site 'resid_pots'. Did you mean ['resid_post', 're"
+    """
     import difflib
     close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
     hint = f" Did you mean {close}?" if close else ""

@@ -38,6 +38,16 @@ class TransformerApply:
       dense_layers: ``{site_prefix: kernel_path}`` for every dense layer, e.g.
         ``'blocks.0.mlp.up' -> 'blocks.0.mlp.up.kernel'`` (kernel layout ``[d_in, d_out]``). With tied
         embeddings, ``'unembed'`` maps to ``'embed.embedding'`` (layout ``[d_out, d_in]``).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1))
+    >>> apply.dense_layers['blocks.0.mlp.up'], len(apply.site_names)
+    ('blocks.0.mlp.up.kernel', 32)
+    >>> cache = apply.init_cache(batch_size=1, max_len=8)           # prefill, then decode one token
+    >>> logits, _, cache = apply.forward(params, jnp.array([[3, 4, 5]]), cache=cache)
+    >>> logits, _, cache = apply.forward(params, jnp.array([[6]]), cache=cache)
+    >>> int(cache.length)
+    4
     """
 
     config: TransformerConfig

@@ -48,7 +48,12 @@ class KVCache(NamedTuple):
 
     ``length`` slots are filled (the same for every row: rows are left-padded, and padding
     slots have ``valid`` False). Positions of new tokens are counted from the valid slots,
-    so left padding does not shift positions.
+    so left padding does not shift positions. Make one with ``apply.init_cache(batch, slots)``.
+
+    >>> import idesign as ids
+    >>> apply, _ = ids.init_transformer(ids.TransformerConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1))
+    >>> apply.init_cache(2, 8).layers[0].keys.shape
+    (2, 8, 2, 8)
     """
 
     layers: tuple[LayerCache, ...]
@@ -57,7 +62,12 @@ class KVCache(NamedTuple):
 
 
 def dense_layer_names(config: TransformerConfig) -> tuple[str, ...]:
-    """Site prefixes of every dense layer, in forward order (``<name>.in``/``<name>.out`` are sites)."""
+    """Site prefixes of every dense layer, in forward order (``<name>.in``/``<name>.out`` are sites).
+
+    >>> import idesign as ids
+    >>> ids.models.dense_layer_names(ids.TransformerConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1))[-3:]
+    ('blocks.0.mlp.up', 'blocks.0.mlp.down', 'unembed')
+    """
     names = []
     for i in range(config.n_layers):
         b = f"blocks.{i}"
@@ -133,7 +143,16 @@ def _call_dense(layer: nnx.Linear, sites: SiteRunner, name: str, x: Array) -> Ar
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding in the rotate-half convention (as Hugging Face Llama). ``x``: [B, T, H, Dh]."""
+    """Rotary embedding in the rotate-half convention (as Hugging Face Llama). ``x``: [B, T, H, Dh].
+
+    Position 0 is the identity; norms are preserved.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> x = jnp.ones((1, 2, 1, 4))
+    >>> y = ids.models.rotary(x, jnp.array([[0, 5]]), 10000.0)
+    >>> bool(jnp.allclose(y[:, 0], x[:, 0])), bool(jnp.allclose(jnp.linalg.norm(y[:, 1]), 2.0))
+    (True, True)
+    """
     half = x.shape[-1] // 2
     freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[..., None] * freqs            # [B, T, half]
@@ -145,6 +164,8 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 
 
 class Attention(nnx.Module):
+    """Multi-head attention with grouped-query heads, rotary or none, and a KV cache (internal to :class:`Transformer`)."""
+
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c, d, hd = config, config.d_model, config.head_dim
         self.config = config
@@ -194,6 +215,8 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
+    """Standard (up, act, down) or gated (act(gate) * up, down) MLP (internal to :class:`Transformer`)."""
+
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c = config
         self.gated = c.mlp == "gated"
@@ -215,6 +238,8 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm block: attention then MLP, each added to the residual (internal to :class:`Transformer`)."""
+
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.ln1 = Norm(config, rngs=rngs)
         self.attn = Attention(config, rngs=rngs)
