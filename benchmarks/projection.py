@@ -1,0 +1,130 @@
+"""Cost of gradient-subspace projection in a training step of the reference model.
+
+One measurement against a named baseline, as medians after compilation:
+
+* ``step_time_ratio``: time of a jitted :func:`idesign.train.make_train_step` step with
+  ``projection.projected(optax.adamw(...), subspaces)`` — input-side projection ``(I - UᵀU) ΔW`` of a
+  rank-``rank`` basis on every dense kernel (q/k/v/o, MLP up/down and the tied unembedding) — divided
+  by the same step with plain ``optax.adamw``. Runs alternate (A B A B ...) and the ratio is the median
+  of the per-pair ratios, robust to drifts in machine load. Goal: <= 1.10.
+
+Writes ``results/benchmarks/projection.json`` (measured keys, goals, whether met, the sizes used, jax
+version and device) and prints a table. ``--quick`` uses fewer repeats (same sizes; the JSON's
+``config`` records them).
+
+Usage: ``python -m benchmarks.projection [--quick] [--out PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import idesign as ids
+from benchmarks import _common
+from idesign import subspaces
+from idesign.optim import projection
+
+GOALS = {"step_time_ratio": ("<=", 1.10)}
+DEFAULT_OUT = "results/benchmarks/projection.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 1000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    batch: int = 32
+    seq: int = 128
+    rank: int = 16
+    repeats: int = 20
+    seed: int = 0
+    preset: str = "full"
+
+
+FULL = Config()
+QUICK = dataclasses.replace(FULL, repeats=8, preset="quick")
+
+
+def _random_subspace(key: jax.Array, dim: int, rank: int) -> subspaces.Subspace:
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, rank)))
+    return subspaces.Subspace(q.T)
+
+
+def build(config: Config) -> dict[str, Any]:
+    """The model, a batch, both optimizers and their jitted steps and initial states."""
+    model_config = ids.TransformerConfig(vocab_size=config.vocab_size, d_model=config.d_model,
+                                         n_layers=config.n_layers, n_heads=config.n_heads,
+                                         max_len=max(256, config.seq))
+    apply, params = ids.init_transformer(model_config, seed=config.seed)
+    shapes = ids.tree.named_leaves(params)
+    keys = jax.random.split(jax.random.key(config.seed + 1), len(apply.dense_layers))
+    spec = {}
+    for key, (site, kernel) in zip(keys, apply.dense_layers.items()):
+        d_in = shapes[kernel].shape[0] if kernel.endswith(".kernel") else shapes[kernel].shape[1]
+        spec[site] = _random_subspace(key, d_in, config.rank)
+    tree = projection.subspaces_for(params, spec, dense_layers=apply.dense_layers)
+    tokens = jax.random.randint(jax.random.key(config.seed), (config.batch, config.seq + 1), 0,
+                                config.vocab_size, jnp.int32)
+    loss = ids.lm_loss(apply)
+    plain = optax.adamw(1e-3, weight_decay=0.1)
+    wrapped = projection.projected(optax.adamw(1e-3, weight_decay=0.1), tree)
+    return {
+        "batch": {"tokens": tokens},
+        "steps": {"adamw": ids.make_train_step(loss, plain), "projected": ids.make_train_step(loss, wrapped)},
+        "states": {"adamw": ids.init_train_state(params, plain), "projected": ids.init_train_state(params, wrapped)},
+        "n_projected_kernels": len(spec),
+    }
+
+
+def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:
+    """Runs the benchmark, writes the JSON to ``out`` (unless None) and prints a table."""
+    parts = build(config)
+    batch, steps, states = parts["batch"], parts["steps"], parts["states"]
+    # Each call steps from the same initial state (no donation), so every timed call does equal work.
+    fns = {name: (lambda name=name: steps[name](states[name], batch)) for name in steps}
+    times = _common.time_interleaved(fns, config.repeats, warmup=2)
+    pair_ratios = [p / a for p, a in zip(times["projected"], times["adamw"])]
+    metrics = {
+        "step_time_ratio": _common.median(pair_ratios),
+        "adamw_step_median_s": _common.median(times["adamw"]),
+        "projected_step_median_s": _common.median(times["projected"]),
+        "ratio_min": float(min(pair_ratios)),
+        "ratio_max": float(max(pair_ratios)),
+    }
+    result = {
+        **metrics,
+        "goals": {k: f"{op} {target}" for k, (op, target) in GOALS.items()},
+        "goals_met": {k: bool(metrics[k] <= target) for k, (op, target) in GOALS.items()},
+        "n_projected_kernels": parts["n_projected_kernels"],
+        "config": dataclasses.asdict(config),
+        **_common.environment(),
+    }
+    if out is not None:
+        _common.write_json(out, result)
+    _common.print_table(
+        [(k, metrics[k], f"{GOALS[k][0]} {GOALS[k][1]}", result["goals_met"][k]) for k in GOALS]
+        + [(k, v, "", "") for k, v in metrics.items() if k not in GOALS],
+        header=("metric", "value", "goal", "met"))
+    print(f"preset={config.preset}  device={result['device']}  jax={result['jax_version']}  "
+          f"load_1m={result['load_average_1m']}" + (f"  -> {out}" if out else ""))
+    return result
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (CPU minutes)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    return main(QUICK if args.quick else FULL, out=args.out)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,11 @@
+"""optax transforms for training-time shaping: element-level freezing (and, later, gradient projection).
+
+Each transform is an ``optax.GradientTransformation`` that drops into ``optax.chain`` next to the
+user's optimizer; users write ``ids.optim.freeze(mask)``.
+"""
+
+from idesign.optim.freeze import (FrozenState, freeze, frozen_state_savings, opt_state_nbytes, train_only,
+                                  with_frozen, with_train_only)
+from idesign.optim import projection
+from idesign.optim.projection import (ConflictState, ProjectedState, ProjectionState, apply_projection, check_subspaces,
+                                      project_conflicting, project_onto, project_out, projected, subspaces_for)
