@@ -1,0 +1,80 @@
+"""Probes: idesign's observation system. Token-, span- and sequence-level probes on activations.
+
+Every probe is a NamedTuple pytree of arrays scored by one pure function,
+``score(probe, acts, mask=None) -> logits`` (jit- and vmap-compatible), with a fit function:
+
+=========================  =====================================  ===========================================
+family                     fit                                    how
+=========================  =====================================  ===========================================
+:class:`LogisticProbe`     :func:`fit_logistic`                   L2 logistic, full-batch preconditioned
+                                                                  L-BFGS; ``C`` as scikit-learn; CV
+:class:`SoftmaxProbe`      :func:`fit_softmax`                    multinomial, same solver
+(stacks of the above)      :func:`fit_many`                       layers x targets in one vmapped call
+:class:`MassMeanProbe`     :func:`init_stats`,                    class means (and shared covariance)
+                           :func:`update_stats`,                  streamed over any number of tokens;
+                           :func:`finalize`,                      mass-mean or LDA direction
+                           :func:`fit_mass_mean`
+token probe, span-max      :func:`fit_span_probe`                 Obeso et al. span-max loss, minibatch Adam;
+(a :class:`LogisticProbe`)                                        entity score = :func:`span_scores`
+:class:`AttentionProbe`    :func:`fit_attention_probe`            learned query per head, pooled, linear
+                                                                  readout; minibatch AdamW
+=========================  =====================================  ===========================================
+
+Probes carry their input standardisation, so :func:`save_probe` / :func:`load_probe` round-trip
+a self-contained probe with its site, layer and config. Inputs are checked: mismatched lengths,
+a single class, NaN/inf activations (with their rows) and wrong shapes raise errors that say so.
+
+Example:
+  >>> import numpy as np
+  >>> from idesign import probes
+  >>> rng = np.random.default_rng(0)
+  >>> acts = rng.normal(size=(300, 8)).astype(np.float32)
+  >>> labels = (acts @ rng.normal(size=8) > 0).astype(np.int32)
+  >>> probe = probes.fit_logistic(acts, labels, C=0.1)
+  >>> float((probes.predict_proba(probe, acts).round() == labels).mean()) > 0.9
+  True
+"""
+
+from idesign.probes._attention import (AttentionProbe, attention_logits, attention_weights, fit_attention_probe,
+                                       init_attention_probe)
+from idesign.probes._io import load_probe, save_probe
+from idesign.probes._linear import (DEFAULT_CS, FitInfo, LogisticProbe, SoftmaxProbe, as_affine, fit_logistic,
+                                    fit_many, fit_softmax, stratified_folds)
+from idesign.probes._mass_mean import MassMeanProbe, MeanStats, finalize, fit_mass_mean, init_stats, update_stats
+from idesign.probes._scoring import predict_proba, score
+from idesign.probes._span import (fit_span_probe, omega_schedule, span_masks, span_max_logits, span_max_loss,
+                                  span_scores, token_targets)
+
+__all__ = [
+    "DEFAULT_CS",
+    "AttentionProbe",
+    "FitInfo",
+    "LogisticProbe",
+    "MassMeanProbe",
+    "MeanStats",
+    "SoftmaxProbe",
+    "as_affine",
+    "attention_logits",
+    "attention_weights",
+    "finalize",
+    "fit_attention_probe",
+    "fit_logistic",
+    "fit_many",
+    "fit_mass_mean",
+    "fit_softmax",
+    "fit_span_probe",
+    "init_attention_probe",
+    "init_stats",
+    "load_probe",
+    "omega_schedule",
+    "predict_proba",
+    "save_probe",
+    "score",
+    "span_masks",
+    "span_max_logits",
+    "span_max_loss",
+    "span_scores",
+    "stratified_folds",
+    "token_targets",
+    "update_stats",
+]
