@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -88,3 +90,44 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
+
+
+def goal_met(goals: dict[str, tuple[str, float]], key: str, value: float | None) -> bool | None:
+    """Whether ``value`` meets ``goals[key] = (op, target)``; None when the value could not be measured."""
+    if value is None:
+        return None
+    op, target = goals[key]
+    return bool(value <= target) if op == "<=" else bool(value >= target)
+
+
+def finish(metrics: dict[str, Any], goals: dict[str, tuple[str, float]], config: Any, out: str | None,
+           **extra: Any) -> dict[str, Any]:
+    """The shared end of every benchmark: goals, config and environment into the JSON, and a printed table."""
+    result = {
+        **metrics,
+        "goals": {k: f"{op} {target}" for k, (op, target) in goals.items()},
+        "goals_met": {k: goal_met(goals, k, metrics.get(k)) for k in goals},
+        **extra,
+        "config": dataclasses.asdict(config),
+        **environment(),
+    }
+    if out is not None:
+        write_json(out, result)
+    print_table(
+        [(k, "null" if metrics.get(k) is None else metrics[k], f"{goals[k][0]} {goals[k][1]}", result["goals_met"][k])
+         for k in goals]
+        + [(k, v, "", "") for k, v in metrics.items() if k not in goals and not isinstance(v, (list, dict))],
+        header=("metric", "value", "goal", "met"))
+    print(f"preset={getattr(config, 'preset', '?')}  device={result['device']}  jax={result['jax_version']}  "
+          f"load_1m={result.get('load_average_1m')}" + (f"  -> {out}" if out else ""))
+    return result
+
+
+def cli(doc: str, main: Callable[..., dict[str, Any]], quick: Any, full: Any, default_out: str,
+        argv: Sequence[str] | None = None, quick_help: str = "fewer repeats (CPU minutes)") -> dict[str, Any]:
+    """``--quick`` / ``--out`` for a benchmark module's ``main(config, out=...)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=default_out, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    return main(quick if args.quick else full, out=args.out)

@@ -20,7 +20,6 @@ Usage: ``python -m benchmarks.curvature [--quick] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import traceback
@@ -156,13 +155,6 @@ def bench_kfac_jax(apply, params, batch, layers: dict[str, str], ours_time_s: fl
                 f"{jax.__version__} at {where}: {type(e).__name__}: {str(e)[:300]}"}
 
 
-def _goal_met(key: str, value: float | None) -> bool | None:
-    if value is None:
-        return None
-    op, target = GOALS[key]
-    return value <= target if op == "<=" else value >= target
-
-
 def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:
     """Runs the benchmark, writes the JSON to ``out`` (unless None) and prints a table."""
     apply, params = _model(config)
@@ -172,34 +164,11 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
     metrics = bench_collection(apply, params, batch, config)
     layers = curvature.resolve_layers(apply, params, MLP_LAYERS)
     metrics.update(bench_kfac_jax(apply, params, batch, layers, metrics["collection_median_s"], config))
-    values = {k: metrics[k] for k in GOALS}
-    result = {
-        **metrics,
-        "goals": {k: f"{op} {target}" for k, (op, target) in GOALS.items()},
-        "goals_met": {k: _goal_met(k, v) for k, v in values.items()},
-        "fisher": "true",
-        "config": dataclasses.asdict(config),
-        "tokens_per_batch": config.batch * config.seq,
-        **_common.environment(),
-    }
-    if out is not None:
-        _common.write_json(out, result)
-    _common.print_table(
-        [(k, "null" if values[k] is None else values[k], f"{GOALS[k][0]} {GOALS[k][1]}", result["goals_met"][k])
-         for k in GOALS]
-        + [(k, v, "", "") for k, v in metrics.items() if k not in GOALS and not isinstance(v, list)],
-        header=("metric", "value", "goal", "met"))
-    print(f"preset={config.preset}  device={result['device']}  jax={result['jax_version']}"
-          + (f"  -> {out}" if out else ""))
-    return result
+    return _common.finish(metrics, GOALS, config, out, fisher="true", tokens_per_batch=config.batch * config.seq)
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (CPU minutes)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
-    args = parser.parse_args(argv)
-    return main(QUICK if args.quick else FULL, out=args.out)
+    return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv, quick_help="fewer repeats (CPU minutes)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Usage: ``python -m benchmarks.hooks [--quick] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from typing import Any
@@ -122,40 +121,15 @@ def bench_kv_cache(apply, params, config: Config) -> dict[str, Any]:
     }
 
 
-def _goal_met(key: str, value: float) -> bool:
-    op, target = GOALS[key]
-    return value <= target if op == "<=" else value >= target
-
-
 def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:
     """Runs both benchmarks, writes the JSON to ``out`` (unless None) and prints a table."""
     apply, params = _model(config)
     metrics = {**bench_capture(apply, params, config), **bench_kv_cache(apply, params, config)}
-    result = {
-        **metrics,
-        "goals": {k: f"{op} {target}" for k, (op, target) in GOALS.items()},
-        "goals_met": {k: _goal_met(k, metrics[k]) for k in GOALS},
-        "capture_sites": list(CAPTURE_SITES),
-        "config": dataclasses.asdict(config),
-        **_common.environment(),
-    }
-    if out is not None:
-        _common.write_json(out, result)
-    _common.print_table(
-        [(k, metrics[k], f"{GOALS[k][0]} {GOALS[k][1]}", result["goals_met"][k]) for k in GOALS]
-        + [(k, v, "", "") for k, v in metrics.items() if k not in GOALS],
-        header=("metric", "value", "goal", "met"))
-    print(f"preset={config.preset}  device={result['device']}  jax={result['jax_version']}"
-          + (f"  -> {out}" if out else ""))
-    return result
+    return _common.finish(metrics, GOALS, config, out, capture_sites=list(CAPTURE_SITES))
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, 64 new tokens (CPU minutes)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
-    args = parser.parse_args(argv)
-    return main(QUICK if args.quick else FULL, out=args.out)
+    return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv, quick_help="fewer repeats, 64 new tokens (CPU minutes)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Usage: ``python -m benchmarks.probes [--quick] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 import warnings
@@ -187,42 +186,18 @@ def bench_sweep(config: Config, acts: np.ndarray, labels: np.ndarray) -> dict[st
     }
 
 
-def _goal_met(key: str, value: float) -> bool:
-    op, target = GOALS[key]
-    return value <= target if op == "<=" else value >= target
-
-
 def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:
     """Runs both comparisons, writes the JSON to ``out`` (unless None) and prints a table."""
     acts, labels = make_data(config)
     metrics = {**bench_single(config, acts, labels), **bench_sweep(config, acts, labels)}
-    result = {
-        **metrics,
-        "goals": {k: f"{op} {target}" for k, (op, target) in GOALS.items()},
-        "goals_met": {k: _goal_met(k, metrics[k]) for k in GOALS},
-        "sizes": {"n_rows": config.n_rows, "n_fit": int(round(config.n_rows * (1 - config.test_fraction))),
-                  "dim": config.dim, "n_layers": config.n_layers, "dtype": "float32"},
-        "config": dataclasses.asdict(config),
-        "baseline": "sklearn StandardScaler + LogisticRegression(solver='lbfgs'), same C and tol",
-        **_common.environment(),
-    }
-    if out is not None:
-        _common.write_json(out, result)
-    _common.print_table(
-        [(k, metrics[k], f"{GOALS[k][0]} {GOALS[k][1]}", result["goals_met"][k]) for k in GOALS]
-        + [(k, v, "", "") for k, v in metrics.items() if k not in GOALS and not isinstance(v, list)],
-        header=("metric", "value", "goal", "met"))
-    print(f"preset={config.preset}  rows={config.n_rows}  dim={config.dim}  layers={config.n_layers}  "
-          f"device={result['device']}  jax={result['jax_version']}" + (f"  -> {out}" if out else ""))
-    return result
+    return _common.finish(metrics, GOALS, config, out,
+                          sizes={"n_rows": config.n_rows, "n_fit": int(round(config.n_rows * (1 - config.test_fraction))),
+                                 "dim": config.dim, "n_layers": config.n_layers, "dtype": "float32"},
+                          baseline="sklearn StandardScaler + LogisticRegression(solver='lbfgs'), same C and tol")
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20,000 rows instead of 100,000 (CPU minutes)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
-    args = parser.parse_args(argv)
-    return main(QUICK if args.quick else FULL, out=args.out)
+    return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv, quick_help="20,000 rows instead of 100,000 (CPU minutes)")
 
 
 if __name__ == "__main__":

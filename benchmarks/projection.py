@@ -17,13 +17,11 @@ Usage: ``python -m benchmarks.projection [--quick] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import idesign as ids
@@ -99,31 +97,11 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         "ratio_min": float(min(pair_ratios)),
         "ratio_max": float(max(pair_ratios)),
     }
-    result = {
-        **metrics,
-        "goals": {k: f"{op} {target}" for k, (op, target) in GOALS.items()},
-        "goals_met": {k: bool(metrics[k] <= target) for k, (op, target) in GOALS.items()},
-        "n_projected_kernels": parts["n_projected_kernels"],
-        "config": dataclasses.asdict(config),
-        **_common.environment(),
-    }
-    if out is not None:
-        _common.write_json(out, result)
-    _common.print_table(
-        [(k, metrics[k], f"{GOALS[k][0]} {GOALS[k][1]}", result["goals_met"][k]) for k in GOALS]
-        + [(k, v, "", "") for k, v in metrics.items() if k not in GOALS],
-        header=("metric", "value", "goal", "met"))
-    print(f"preset={config.preset}  device={result['device']}  jax={result['jax_version']}  "
-          f"load_1m={result['load_average_1m']}" + (f"  -> {out}" if out else ""))
-    return result
+    return _common.finish(metrics, GOALS, config, out, n_projected_kernels=parts["n_projected_kernels"])
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (CPU minutes)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
-    args = parser.parse_args(argv)
-    return main(QUICK if args.quick else FULL, out=args.out)
+    return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv, quick_help="fewer repeats (CPU minutes)")
 
 
 if __name__ == "__main__":

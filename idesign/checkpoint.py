@@ -44,6 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from idesign import tree as tree_lib
+
 __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
@@ -92,22 +94,10 @@ class CheckpointMismatchError(ValueError):
 # Pytree paths
 
 
-def _key_name(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
     # Orbax stores every dict key as a string and every NamedTuple as a dict of its fields,
     # so a path of key *names* is what a target and a checkpoint can be matched on.
-    return tuple(_key_name(k) for k in path)
+    return tuple(tree_lib.key_str(k) for k in path)
 
 
 def _dotted(names: tuple[str, ...]) -> str:

@@ -54,3 +54,23 @@ def build(config, seed: int = 0):
         apply, params = ids.init_transformer(config, seed)
         _BUILT[key] = (_Jitted(apply), params)
     return _BUILT[key]
+
+
+def run_with_8_devices(module: str | None = None, *, code: str | None = None, timeout: int = 600) -> dict:
+    """Runs ``python -m module`` (or ``python -c code``) with 8 simulated CPU devices; returns its last JSON line.
+
+    A separate process, because the device count is fixed when JAX initialises.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(root)}
+    args = ["-m", module] if module is not None else ["-c", code]
+    proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,9 +1,5 @@
 """Streaming activations equals one full forward; position selection, pooling, padding, sharding, errors."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -14,7 +10,7 @@ import pytest
 
 import idesign as ids
 from idesign import activations
-from tests.conftest import build, random_tokens
+from tests.conftest import run_with_8_devices, build, random_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 N, T = 10, 12
@@ -204,12 +200,7 @@ def test_bad_input_is_named(model, data):
 
 
 def test_eight_simulated_devices_match_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests._sharded_activation_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_with_8_devices("tests._sharded_activation_checks")
     assert report["params_sharded"] == "P(None, 'model')"
     for key in ("last_max_diff", "mask_max_diff"):
         assert report[key] < 1e-5, (key, report)

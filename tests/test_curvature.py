@@ -1,9 +1,5 @@
 """K-FAC factors against explicit per-token computations and the exact Fisher of small models."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -15,7 +11,7 @@ from flax import nnx
 
 import idesign as ids
 from idesign import curvature
-from tests.conftest import build
+from tests.conftest import run_with_8_devices, build
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("blocks.0.attn.q_proj", "blocks.1.mlp.down")
@@ -233,12 +229,7 @@ def test_bad_input_errors(tiny_config):
 
 @pytest.fixture(scope="module")
 def sharded_report():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests._sharded_curvature_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_with_8_devices("tests._sharded_curvature_checks")
 
 
 def test_factors_on_8_devices_equal_one_device(sharded_report):

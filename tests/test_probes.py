@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from idesign import probes
+from tests.conftest import run_with_8_devices
 
 N, D = 300, 8
 
@@ -442,18 +443,7 @@ print(json.dumps({"w": float(np.abs(np.asarray(one.w) - np.asarray(eight.w)).max
 
 
 def test_probes_fitted_on_sharded_rows_equal_unsharded():
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_with_8_devices(code=_SHARDED, timeout=300)
     assert report["input_devices"] == 8
     assert report["w"] < 1e-4 and report["b"] < 1e-4

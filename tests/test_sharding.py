@@ -1,26 +1,18 @@
 """Forward, capture, a train step and generation on 8 simulated CPU devices equal the 1-device results."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import idesign as ids
+from tests.conftest import run_with_8_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests._sharded_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_with_8_devices("tests._sharded_checks")
 
 
 def test_forward_and_capture_match_one_device(report):
@@ -44,7 +36,6 @@ def test_generation_matches_one_device(report):
 
 
 def test_indivisible_shapes_are_refused_with_the_path():
-    mesh = ids.sharding.make_mesh(data=1, model=1)
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
     fake = type("M", (), {"shape": {"data": 1, "model": 3}})()

@@ -2,8 +2,6 @@
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import idesign.circuits as circuits
 import idesign.optim as optim
 from idesign import tree
-from tests.conftest import build
+from tests.conftest import run_with_8_devices, build
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 200
@@ -174,12 +172,7 @@ def test_bad_masks_are_refused_with_the_path():
 
 @pytest.fixture(scope="module")
 def sharded_report():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests._sharded_freeze_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_with_8_devices("tests._sharded_freeze_checks")
 
 
 def test_freezing_and_attribution_on_8_devices_match_one_device(sharded_report):

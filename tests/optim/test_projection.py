@@ -1,10 +1,6 @@
 """Gradient-subspace projection: explicit projector matrices, properties, placement with AdamW,
 function preservation, conflicting-gradient projection, bad input, and 8 simulated devices."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,6 +14,7 @@ from hypothesis import strategies as st
 import idesign as ids
 from idesign import subspaces as sub
 from idesign.optim import projection
+from tests.conftest import run_with_8_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 # one block keeps compilation short; everything tested here happens in blocks.0
@@ -268,12 +265,7 @@ def test_bad_input_names_the_path_and_shapes(tiny_config):
 # --- 8 simulated devices -------------------------------------------------------------------------
 
 def test_projection_on_8_simulated_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests._sharded_projection_checks"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_with_8_devices("tests._sharded_projection_checks")
     assert report["kernel_spec"] == "P(None, 'model')"
     assert report["param_max_diff"] < 1e-5
     assert report["orthogonality_8"] < 1e-5
