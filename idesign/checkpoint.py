@@ -36,6 +36,7 @@ from __future__ import annotations
 import glob
 import itertools
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -343,12 +344,22 @@ def _sync(name: str) -> None:
     ocp.multihost.sync_global_processes(f"idesign_checkpoint_{name}_{next(_barrier_ids)}")
 
 
-def _remove_temporaries(parent: Path, name_glob: str = "*") -> None:
-    """Remove orbax's temporary (unfinished) checkpoint directories under ``parent``."""
+def _remove_temporaries(parent: Path, name_glob: str = "*", *, attempts: int = 100, pause_s: float = 0.05) -> None:
+    """Remove orbax's temporary (unfinished) checkpoint directories under ``parent``.
+
+    When an async save fails, orbax reports the error while other writers of that save may still
+    be flushing files into its temporary directory, so one ``rmtree`` can race with them and leave
+    the directory behind. Removal is therefore repeated until nothing is left (bounded: 5 s).
+    """
     if not _is_primary() or not parent.is_dir():
         return
-    for tmp in parent.glob(f"{name_glob}{_TMP_SUFFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    for _ in range(attempts):
+        leftovers = list(parent.glob(f"{name_glob}{_TMP_SUFFIX}*"))
+        if not leftovers:
+            return
+        for tmp in leftovers:
+            shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(pause_s)
 
 
 def _is_checkpoint(path: Path) -> bool:
