@@ -131,3 +131,11 @@ def cli(doc: str, main: Callable[..., dict[str, Any]], quick: Any, full: Any, de
     parser.add_argument("--out", default=default_out, help="where to write the JSON")
     args = parser.parse_args(argv)
     return main(quick if args.quick else full, out=args.out)
+
+
+def reference_model(config: Any, max_len: int) -> tuple[Any, Any]:
+    """The reference transformer every benchmark measures: ``config``'s size fields, ``max_len`` positions."""
+    import idesign as ids
+    model_config = ids.TransformerConfig(vocab_size=config.vocab_size, d_model=config.d_model,
+                                         n_layers=config.n_layers, n_heads=config.n_heads, max_len=max_len)
+    return ids.init_transformer(model_config, seed=config.seed)

@@ -58,10 +58,7 @@ QUICK = dataclasses.replace(FULL, repeats=5, preset="quick")
 
 
 def _model(config: Config):
-    model_config = ids.TransformerConfig(vocab_size=config.vocab_size, d_model=config.d_model,
-                                         n_layers=config.n_layers, n_heads=config.n_heads,
-                                         max_len=max(256, config.seq + 1))
-    return ids.init_transformer(model_config, seed=config.seed)
+    return _common.reference_model(config, max_len=max(256, config.seq + 1))
 
 
 def bench_collection(apply, params, batch, config: Config) -> dict[str, Any]:

@@ -61,10 +61,7 @@ QUICK = dataclasses.replace(FULL, forward_repeats=10, gen_new=64, gen_repeats=3,
 
 
 def _model(config: Config):
-    model_config = ids.TransformerConfig(vocab_size=config.vocab_size, d_model=config.d_model,
-                                         n_layers=config.n_layers, n_heads=config.n_heads,
-                                         max_len=max(256, config.forward_seq, config.gen_prompt + config.gen_new))
-    return ids.init_transformer(model_config, seed=config.seed)
+    return _common.reference_model(config, max_len=max(256, config.forward_seq, config.gen_prompt + config.gen_new))
 
 
 def bench_capture(apply, params, config: Config) -> dict[str, Any]:

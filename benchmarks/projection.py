@@ -58,10 +58,7 @@ def _random_subspace(key: jax.Array, dim: int, rank: int) -> subspaces.Subspace:
 
 def build(config: Config) -> dict[str, Any]:
     """The model, a batch, both optimizers and their jitted steps and initial states."""
-    model_config = ids.TransformerConfig(vocab_size=config.vocab_size, d_model=config.d_model,
-                                         n_layers=config.n_layers, n_heads=config.n_heads,
-                                         max_len=max(256, config.seq))
-    apply, params = ids.init_transformer(model_config, seed=config.seed)
+    apply, params = _common.reference_model(config, max_len=max(256, config.seq))
     shapes = ids.tree.named_leaves(params)
     keys = jax.random.split(jax.random.key(config.seed + 1), len(apply.dense_layers))
     spec = {}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import defaultdict
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,6 @@ Builders that choose a rank from data (an energy threshold) run eagerly on the h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax

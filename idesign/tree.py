@@ -253,30 +253,28 @@ def _xp(*leaves: Any):
     return jnp if any(isinstance(x, jax.Array) for x in leaves) else np
 
 
-def _union_leaf(*leaves: Any) -> Any:
-    if any(_is_scalar_bool(x) and x for x in leaves):
-        return True
+def _combine_leaves(leaves: tuple[Any, ...], absorbing: bool) -> Any:
+    """OR (``absorbing=True``) or AND (``absorbing=False``) of mask leaves; a scalar bool equal to
+    ``absorbing`` decides the result, the other scalar is the identity."""
+    if any(_is_scalar_bool(x) and bool(x) == absorbing for x in leaves):
+        return absorbing
     arrays = [x for x in leaves if not _is_scalar_bool(x)]
     if not arrays:
-        return False
+        return not absorbing
     xp = _xp(*arrays)
+    op = xp.logical_or if absorbing else xp.logical_and
     out = arrays[0]
     for x in arrays[1:]:
-        out = xp.logical_or(out, x)
+        out = op(out, x)
     return xp.asarray(out, bool)
+
+
+def _union_leaf(*leaves: Any) -> Any:
+    return _combine_leaves(leaves, absorbing=True)
 
 
 def _intersection_leaf(*leaves: Any) -> Any:
-    if any(_is_scalar_bool(x) and not x for x in leaves):
-        return False
-    arrays = [x for x in leaves if not _is_scalar_bool(x)]
-    if not arrays:
-        return True
-    xp = _xp(*arrays)
-    out = arrays[0]
-    for x in arrays[1:]:
-        out = xp.logical_and(out, x)
-    return xp.asarray(out, bool)
+    return _combine_leaves(leaves, absorbing=False)
 
 
 def _complement_leaf(x: Any) -> Any:
