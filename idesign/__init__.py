@@ -7,7 +7,8 @@ from idesign import activations, checkpoint, circuits, curvature, data, edit, ho
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstract_like, restore_checkpoint, save_checkpoint
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
-from idesign.models import KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer
+from idesign.models import (KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer,
+                            load_pretrained, load_tokenizer)
 
 from idesign.generate import (GenerateOutput, InjectAfterToken, Injection, Monitor, PromptInfo, SamplingConfig,
                               StepInfo, filter_logits, generate, sample_logits)

@@ -1,6 +1,9 @@
-"""Models: the reference transformer, its functional interface, and adaptors for other Flax models."""
+"""Models: the reference transformer, its functional interface, adaptors for other Flax models, importers."""
 
-from idesign.models.config import TransformerConfig
+from idesign.models.config import RopeScaling, TransformerConfig
 from idesign.models.functional import Params, TransformerApply, functional, init_transformer
-from idesign.models.transformer import KVCache, LayerCache, Transformer, dense_layer_names, rotary, site_names
+from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_layer_names, rope_frequencies,
+                                        rotary, site_names)
 from idesign.models.adaptors import LinenApply, NNXApply, from_linen, from_nnx
+from idesign.models.importers import (SUPPORTED_ARCHITECTURES, Tokenizer, config_from_hf, load_pretrained,
+                                      load_tokenizer)

@@ -11,6 +11,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rotary"]
 Mlp = Literal["standard", "gated"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+RopeKind = Literal["linear", "llama3"]
 
 _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
@@ -18,7 +19,41 @@ _CHOICES = {
     "mlp": ("standard", "gated"),
     "activation": ("gelu", "gelu_tanh", "silu", "relu"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16", "float16"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaled rotary frequencies for long contexts (Hugging Face's ``rope_scaling`` / ``rope_parameters``).
+
+    Attributes:
+      kind: ``'linear'`` (every frequency divided by ``factor``) or ``'llama3'`` (low frequencies
+        divided by ``factor``, high ones kept, a smooth blend between; Llama 3.1 and later).
+      factor: the context-extension factor.
+      low_freq_factor, high_freq_factor, original_max_len: the ``'llama3'`` band edges:
+        wavelengths above ``original_max_len / low_freq_factor`` are scaled, those below
+        ``original_max_len / high_freq_factor`` are not.
+
+    >>> import idesign as ids
+    >>> ids.models.RopeScaling("linear", factor=2.0).factor
+    2.0
+    """
+
+    kind: RopeKind
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"RopeScaling.kind={self.kind!r}; expected 'linear' or 'llama3'.")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor={self.factor!r}; expected a positive number.")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor > 0; got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +73,14 @@ class TransformerConfig:
       norm_eps: epsilon inside the norms.
       positions: ``'learned'`` absolute embeddings (GPT-2) or ``'rotary'`` (Llama).
       rope_theta: rotary base frequency.
+      rope_scaling: a :class:`RopeScaling` of the rotary frequencies, or ``None`` for plain rotary.
       mlp: ``'standard'`` (up, act, down) or ``'gated'`` (SwiGLU: act(gate) * up, down).
       activation: MLP nonlinearity.
       qkv_bias, out_bias, mlp_bias: biases on q/k/v projections, the attention output
         projection, and the MLP projections (GPT-2: all True; Llama: all False; Qwen2: qkv only).
       tie_embeddings: unembedding shares the token embedding matrix.
-      dtype: computation dtype (parameters are stored in float32; softmax and norms in float32).
+      dtype: computation dtype (softmax and norms always run in float32).
+      param_dtype: storage dtype of the parameters (``'bfloat16'`` halves the memory of an imported model).
 
     >>> import idesign as ids
     >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).head_dim
@@ -62,6 +99,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     positions: Positions = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     mlp: Mlp = "standard"
     activation: Activation = "gelu_tanh"
     qkv_bias: bool = True
@@ -69,6 +107,7 @@ class TransformerConfig:
     mlp_bias: bool = True
     tie_embeddings: bool = True
     dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
@@ -87,6 +126,9 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}; "
                 "grouped-query attention needs each key/value head to serve a whole group of query heads.")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"TransformerConfig.rope_scaling must be a RopeScaling or None; got "
+                            f"{type(self.rope_scaling).__name__}.")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"TransformerConfig: rotary positions need an even d_head, got {self.head_dim}.")
 
@@ -105,6 +147,10 @@ class TransformerConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)

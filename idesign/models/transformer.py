@@ -30,10 +30,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from idesign.hooks import SiteRunner
-from idesign.models.config import TransformerConfig
+from idesign.models.config import RopeScaling, TransformerConfig
 
 Array = jax.Array
 
@@ -118,22 +119,22 @@ class Norm(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.kind, self.eps, self.out_dtype = config.norm, config.norm_eps, config.compute_dtype
-        self.scale = nnx.Param(jnp.ones((config.d_model,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((config.d_model,), config.storage_dtype))
         if config.norm == "layernorm":
-            self.bias = nnx.Param(jnp.zeros((config.d_model,), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((config.d_model,), config.storage_dtype))
 
     def __call__(self, x: Array) -> Array:
         x = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...].astype(jnp.float32)
         if self.kind == "layernorm":
-            x = x + self.bias[...]
+            x = x + self.bias[...].astype(jnp.float32)
         return x.astype(self.out_dtype)
 
 
 def _dense(config: TransformerConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=config.compute_dtype, param_dtype=config.storage_dtype,
                       kernel_init=_init(std), rngs=rngs)
 
 
@@ -142,10 +143,47 @@ def _call_dense(layer: nnx.Linear, sites: SiteRunner, name: str, x: Array) -> Ar
     return sites(f"{name}.out", layer(x))
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """The ``head_dim // 2`` rotary angular frequencies ``theta ** (-2i / head_dim)``, rescaled by ``scaling``.
+
+    Args:
+      head_dim: per-head width (even).
+      theta: rotary base.
+      scaling: ``None``, or a :class:`RopeScaling` (``'linear'`` divides every frequency by the factor;
+        ``'llama3'`` divides the low ones, keeps the high ones and blends in between).
+
+    Returns:
+      float32 numpy array ``[head_dim // 2]`` (static: computed once when the model is traced).
+
+    >>> import idesign as ids
+    >>> ids.models.rope_frequencies(4, 100.0).tolist()
+    [1.0, 0.10000000149011612]
+    >>> ids.models.rope_frequencies(4, 100.0, ids.models.RopeScaling("linear", 2.0)).tolist()
+    [0.5, 0.05000000074505806]
+    """
+    half = head_dim // 2
+    freqs = 1.0 / theta ** (np.arange(half, dtype=np.float32) / half)  # float32, as Hugging Face computes it
+    if scaling is None:
+        return freqs.astype(np.float32)
+    if scaling.kind == "linear":
+        return (freqs / scaling.factor).astype(np.float32)
+    # llama3: long wavelengths (beyond the original context / low_freq_factor) are slowed by the factor,
+    # short ones (below original / high_freq_factor) kept, and the band between interpolated.
+    wavelen = 2 * np.pi / freqs
+    low_edge = scaling.original_max_len / scaling.low_freq_factor
+    high_edge = scaling.original_max_len / scaling.high_freq_factor
+    smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    out = np.where(wavelen > low_edge, freqs / scaling.factor, np.where(wavelen < high_edge, freqs, blended))
+    return out.astype(np.float32)
+
+
+def rotary(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
     """Rotary embedding in the rotate-half convention (as Hugging Face Llama). ``x``: [B, T, H, Dh].
 
-    Position 0 is the identity; norms are preserved.
+    Position 0 is the identity; norms are preserved. ``scaling`` rescales the frequencies
+    (see :func:`rope_frequencies`).
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> x = jnp.ones((1, 2, 1, 4))
@@ -154,7 +192,7 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     (True, True)
     """
     half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling))
     angles = positions.astype(jnp.float32)[..., None] * freqs            # [B, T, half]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
@@ -185,7 +223,7 @@ class Attention(nnx.Module):
         v = _call_dense(self.v_proj, sites, f"{prefix}.v_proj", x).reshape(B, T, K, Dh)
         q, k, v = sites(f"{prefix}.q", q), sites(f"{prefix}.k", k), sites(f"{prefix}.v", v)
         if c.positions == "rotary":
-            q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
+            q, k = rotary(q, positions, c.rope_theta, c.rope_scaling), rotary(k, positions, c.rope_theta, c.rope_scaling)
         if cache is not None:
             keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
             values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
@@ -273,10 +311,10 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.d_model, param_dtype=jnp.float32,
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, param_dtype=config.storage_dtype,
                                dtype=config.compute_dtype, embedding_init=_init(), rngs=rngs)
         if config.positions == "learned":
-            self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=jnp.float32,
+            self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=config.storage_dtype,
                                        dtype=config.compute_dtype, embedding_init=_init(0.01), rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.final_norm = Norm(config, rngs=rngs)

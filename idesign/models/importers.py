@@ -1,0 +1,635 @@
+"""Importers: Hugging Face GPT-2 and Llama-family checkpoints into the reference transformer.
+
+A checkpoint is a directory with ``config.json`` and one or more ``*.safetensors`` files (a
+sharded checkpoint's shards are found by their headers, so ``model.safetensors.index.json`` is
+optional), or a hub id such as ``"openai-community/gpt2"`` when the network allows. The result is
+the reference transformer's ``(apply, params)``, so every idesign site, hook and transform works
+on the imported model unchanged.
+
+Supported ``model_type`` values (``config.json``):
+
+- ``gpt2``: GPT-2 (LayerNorm, learned positions, GELU-tanh MLP, biases, tied embeddings). GPT-2's
+  ``Conv1D`` weights are already ``[d_in, d_out]``; the fused ``c_attn`` is split into q, k, v.
+- ``llama``, ``qwen2``, ``mistral``: the Llama family (RMSNorm, rotary positions with optional
+  linear / llama3 frequency scaling, SwiGLU, grouped-query attention). Llama, Llama 2/3, SmolLM,
+  TinyLlama and Qwen2 / Qwen2.5 checkpoints share this layout; Qwen2 adds q/k/v biases.
+  ``torch.nn.Linear`` weights ``[d_out, d_in]`` are transposed to Flax ``[d_in, d_out]`` kernels.
+
+With ``mesh=``, every tensor is read from disk straight into its ``NamedSharding`` (the rules of
+:mod:`idesign.sharding`): each device's block is read from the file on its own, so no device
+ever holds a whole sharded tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from idesign import sharding as sharding_lib
+from idesign import tree as tree_lib
+from idesign.models.config import RopeScaling, TransformerConfig
+from idesign.models.functional import Params, TransformerApply
+from idesign.models.transformer import Transformer
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "Tokenizer", "config_from_hf", "hub_reachable", "load_pretrained",
+           "load_tokenizer", "read_hf_config", "resolve_checkpoint", "weight_names"]
+
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM (Llama 1-3, SmolLM, TinyLlama, ...)",
+    "qwen2": "Qwen2ForCausalLM (Qwen2, Qwen2.5)",
+    "mistral": "MistralForCausalLM (without a sliding window)",
+}
+
+_DTYPES = ("float32", "bfloat16")
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                     "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+_LLAMA_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                      "gelu_new": "gelu_tanh", "relu": "relu"}
+# Files a hub download needs; weights in other formats (.bin, .h5, .msgpack) are never fetched.
+_HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def read_hf_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory (or hub id), as a dict.
+
+    Args:
+      checkpoint: a directory holding ``config.json``, or a hub id (see :func:`resolve_checkpoint`).
+
+    Returns:
+      The parsed JSON.
+
+    >>> import json, tempfile, pathlib, idesign as ids
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    >>> ids.models.importers.read_hf_config(d)["model_type"]
+    'gpt2'
+    """
+    path = resolve_checkpoint(checkpoint) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no config.json; a Hugging Face checkpoint directory holds "
+                                "config.json and *.safetensors (save one with model.save_pretrained(dir)).")
+    return json.loads(path.read_text())
+
+
+def config_from_hf(hf_config: Mapping[str, Any] | str | os.PathLike, *, dtype: str = "float32",
+                   max_len: int | None = None) -> TransformerConfig:
+    """The :class:`TransformerConfig` that holds a Hugging Face model's weights exactly.
+
+    Args:
+      hf_config: the ``config.json`` contents (a dict, e.g. ``transformers_config.to_dict()``), or a
+        checkpoint directory / hub id to read it from.
+      dtype: ``'float32'`` or ``'bfloat16'``: both the parameters' storage and the computation
+        (softmax and norms always run in float32).
+      max_len: the longest sequence to support; defaults to the checkpoint's
+        ``n_positions`` / ``max_position_embeddings``. With learned positions (GPT-2) it may only
+        shrink the table; with rotary positions it bounds nothing but KV caches.
+
+    Returns:
+      A :class:`TransformerConfig`.
+
+    Raises:
+      ValueError: for an unsupported ``model_type`` (the message lists the supported ones) or an
+        option of a supported one that the reference transformer does not implement.
+
+    >>> import idesign as ids
+    >>> cfg = ids.models.config_from_hf({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
+    ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    ...     "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0})
+    >>> cfg.norm, cfg.kv_heads, cfg.ff_dim, cfg.rope_theta, cfg.tie_embeddings
+    ('rmsnorm', 2, 64, 500000.0, False)
+    """
+    if not isinstance(hf_config, Mapping):
+        hf_config = read_hf_config(hf_config)
+    if dtype not in _DTYPES:
+        raise ValueError(f"config_from_hf: dtype={dtype!r}; expected one of {_DTYPES}.")
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        archs = hf_config.get("architectures") or []
+        supported = "; ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise ValueError(f"config_from_hf: unsupported architecture model_type={model_type!r}"
+                         + (f" ({', '.join(archs)})" if archs else "")
+                         + f". Supported model_type values: {supported}. Other Flax models can still use idesign "
+                         "through idesign.models.from_nnx / from_linen.")
+    fields = _gpt2_fields(hf_config) if model_type == "gpt2" else _llama_fields(hf_config, model_type)
+    if max_len is not None:
+        if fields["positions"] == "learned" and max_len > fields["max_len"]:
+            raise ValueError(f"config_from_hf: max_len={max_len} exceeds the checkpoint's {fields['max_len']} "
+                             "learned positions.")
+        fields["max_len"] = max_len
+    return TransformerConfig(dtype=dtype, param_dtype=dtype, **fields)
+
+
+def _require(hf: Mapping[str, Any], *keys: str) -> list[Any]:
+    missing = [k for k in keys if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config_from_hf: config.json of model_type={hf.get('model_type')!r} lacks {missing}.")
+    return [hf[k] for k in keys]
+
+
+def _activation(hf: Mapping[str, Any], key: str, table: Mapping[str, str], default: str) -> str:
+    name = hf.get(key, default)
+    if name not in table:
+        raise ValueError(f"config_from_hf: {key}={name!r} is not supported; expected one of {sorted(table)}.")
+    return table[name]
+
+
+def _gpt2_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    vocab, d, layers, heads, positions = _require(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+    for flag, wanted in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                         ("scale_attn_weights", True)):
+        if bool(hf.get(flag, wanted)) != wanted:
+            raise ValueError(f"config_from_hf: GPT-2 with {flag}={hf[flag]!r} is not supported "
+                             f"(the reference transformer implements {flag}={wanted}).")
+    return dict(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_ff=hf.get("n_inner") or 4 * d,
+                max_len=positions, norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                positions="learned", mlp="standard",
+                activation=_activation(hf, "activation_function", _GPT2_ACTIVATIONS, "gelu_new"),
+                qkv_bias=True, out_bias=True, mlp_bias=True,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers 5 keeps theta and scaling together in `rope_parameters`; earlier versions used
+    # a top-level `rope_theta` and an optional `rope_scaling` dict.
+    params = dict(hf.get("rope_parameters") or {})
+    params = {**(hf.get("rope_scaling") or {}), **params}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(params["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                                  float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+    raise ValueError(f"config_from_hf: rope scaling {kind!r} is not supported; expected 'default', 'linear' "
+                     "or 'llama3'.")
+
+
+def _llama_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    vocab, d, ff, layers, heads = _require(hf, "vocab_size", "hidden_size", "intermediate_size",
+                                           "num_hidden_layers", "num_attention_heads")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("config_from_hf: Qwen2 with use_sliding_window=True is not supported (full attention only).")
+    if model_type == "mistral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"config_from_hf: Mistral with sliding_window={hf['sliding_window']} is not supported "
+                         "(full attention only; later Mistral releases set sliding_window to null).")
+    theta, scaling = _rope(hf)
+    attention_bias = bool(hf.get("attention_bias", False))
+    qkv_bias = True if model_type == "qwen2" else attention_bias
+    out_bias = False if model_type == "qwen2" else attention_bias
+    return dict(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+                n_kv_heads=hf.get("num_key_value_heads") or heads, d_head=hf.get("head_dim") or d // heads,
+                d_ff=ff, max_len=int(hf.get("max_position_embeddings", 2048)), norm="rmsnorm",
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rotary", rope_theta=theta,
+                rope_scaling=scaling, mlp="gated", activation=_activation(hf, "hidden_act", _LLAMA_ACTIVATIONS, "silu"),
+                qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+# --------------------------------------------------------------------------- weight names
+
+
+class _Source(NamedTuple):
+    """Where one parameter comes from: a checkpoint tensor, maybe transposed, maybe a block of it.
+
+    ``block`` is a tuple of slices in *our* layout (after the transpose), e.g. GPT-2's q kernel is
+    ``c_attn.weight[:, 0:d]``.
+    """
+
+    name: str
+    shape: tuple[int, ...]  # the checkpoint tensor's expected shape
+    transpose: bool = False
+    block: tuple[slice, ...] | None = None
+
+
+def _gpt2_sources(c: TransformerConfig, prefix: str, n_positions: int) -> dict[str, _Source]:
+    d, f = c.d_model, c.ff_dim
+    out = {"embed.embedding": _Source(f"{prefix}wte.weight", (c.vocab_size, d)),
+           "pos_embed.embedding": _Source(f"{prefix}wpe.weight", (n_positions, d), block=(slice(0, c.max_len),)),
+           "final_norm.scale": _Source(f"{prefix}ln_f.weight", (d,)),
+           "final_norm.bias": _Source(f"{prefix}ln_f.bias", (d,))}
+    for i in range(c.n_layers):
+        h, b = f"{prefix}h.{i}", f"blocks.{i}"
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[f"{b}.{ours}.scale"] = _Source(f"{h}.{theirs}.weight", (d,))
+            out[f"{b}.{ours}.bias"] = _Source(f"{h}.{theirs}.bias", (d,))
+        for j, p in enumerate("qkv"):
+            cols = slice(j * d, (j + 1) * d)
+            out[f"{b}.attn.{p}_proj.kernel"] = _Source(f"{h}.attn.c_attn.weight", (d, 3 * d), block=(slice(None), cols))
+            out[f"{b}.attn.{p}_proj.bias"] = _Source(f"{h}.attn.c_attn.bias", (3 * d,), block=(cols,))
+        out[f"{b}.attn.o_proj.kernel"] = _Source(f"{h}.attn.c_proj.weight", (d, d))
+        out[f"{b}.attn.o_proj.bias"] = _Source(f"{h}.attn.c_proj.bias", (d,))
+        out[f"{b}.mlp.up.kernel"] = _Source(f"{h}.mlp.c_fc.weight", (d, f))
+        out[f"{b}.mlp.up.bias"] = _Source(f"{h}.mlp.c_fc.bias", (f,))
+        out[f"{b}.mlp.down.kernel"] = _Source(f"{h}.mlp.c_proj.weight", (f, d))
+        out[f"{b}.mlp.down.bias"] = _Source(f"{h}.mlp.c_proj.bias", (d,))
+    if not c.tie_embeddings:
+        out["unembed.kernel"] = _Source("lm_head.weight", (c.vocab_size, d), transpose=True)
+    return out
+
+
+def _linear(name: str, d_in: int, d_out: int) -> _Source:
+    return _Source(name, (d_out, d_in), transpose=True)
+
+
+def _llama_sources(c: TransformerConfig, prefix: str) -> dict[str, _Source]:
+    d, f, q, kv = c.d_model, c.ff_dim, c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    out = {"embed.embedding": _Source(f"{prefix}embed_tokens.weight", (c.vocab_size, d)),
+           "final_norm.scale": _Source(f"{prefix}norm.weight", (d,))}
+    for i in range(c.n_layers):
+        h, b = f"{prefix}layers.{i}", f"blocks.{i}"
+        out[f"{b}.ln1.scale"] = _Source(f"{h}.input_layernorm.weight", (d,))
+        out[f"{b}.ln2.scale"] = _Source(f"{h}.post_attention_layernorm.weight", (d,))
+        for p, width in (("q", q), ("k", kv), ("v", kv)):
+            out[f"{b}.attn.{p}_proj.kernel"] = _linear(f"{h}.self_attn.{p}_proj.weight", d, width)
+            if c.qkv_bias:
+                out[f"{b}.attn.{p}_proj.bias"] = _Source(f"{h}.self_attn.{p}_proj.bias", (width,))
+        out[f"{b}.attn.o_proj.kernel"] = _linear(f"{h}.self_attn.o_proj.weight", q, d)
+        if c.out_bias:
+            out[f"{b}.attn.o_proj.bias"] = _Source(f"{h}.self_attn.o_proj.bias", (d,))
+        for ours, theirs, d_in, d_out in (("up", "up_proj", d, f), ("gate", "gate_proj", d, f), ("down", "down_proj", f, d)):
+            out[f"{b}.mlp.{ours}.kernel"] = _linear(f"{h}.mlp.{theirs}.weight", d_in, d_out)
+            if c.mlp_bias:
+                out[f"{b}.mlp.{ours}.bias"] = _Source(f"{h}.mlp.{theirs}.bias", (d_out,))
+    if not c.tie_embeddings:
+        out["unembed.kernel"] = _linear("lm_head.weight", d, c.vocab_size)
+    return out
+
+
+def _prefix(names: Sequence[str], prefix: str, probe: str) -> str:
+    """``prefix`` if the checkpoint's names carry it (a ``*ForCausalLM`` save), else ``''`` (a bare base model)."""
+    return prefix if any(n.startswith(prefix + probe) for n in names) or not names else ""
+
+
+def _sources(config: TransformerConfig, hf: Mapping[str, Any], names: Sequence[str]) -> dict[str, _Source]:
+    if hf["model_type"] == "gpt2":
+        return _gpt2_sources(config, _prefix(names, "transformer.", "wte."), int(hf["n_positions"]))
+    return _llama_sources(config, _prefix(names, "model.", "embed_tokens."))
+
+
+def weight_names(hf_config: Mapping[str, Any], config: TransformerConfig | None = None) -> dict[str, str]:
+    """``{our parameter path: checkpoint tensor name}`` for a Hugging Face config.
+
+    Args:
+      hf_config: the ``config.json`` contents.
+      config: the matching :class:`TransformerConfig` (default: :func:`config_from_hf` of it).
+
+    Returns:
+      The mapping, for every parameter of the reference transformer (GPT-2's q, k and v kernels
+      all come from blocks of ``attn.c_attn.weight``).
+
+    >>> import idesign as ids
+    >>> names = ids.models.importers.weight_names({"model_type": "gpt2", "vocab_size": 10, "n_embd": 8,
+    ...                                           "n_layer": 1, "n_head": 2, "n_positions": 16})
+    >>> names["blocks.0.attn.k_proj.kernel"], names["embed.embedding"]
+    ('transformer.h.0.attn.c_attn.weight', 'transformer.wte.weight')
+    """
+    config = config or config_from_hf(hf_config)
+    return {path: s.name for path, s in _sources(config, hf_config, []).items()}
+
+
+def _ignorable(name: str) -> bool:
+    """Checkpoint entries that are buffers, not parameters (causal masks, cached rotary frequencies)."""
+    # GPT-2's causal-mask buffers are `h.{i}.attn.bias` / `.attn.masked_bias`; its real biases are `attn.c_*.bias`.
+    return name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False at once when ``HF_HUB_OFFLINE`` is set.
+
+    Args:
+      timeout: seconds to wait for a TCP connection.
+
+    Returns:
+      True if a connection to the hub opened within ``timeout``.
+
+    >>> import os, idesign as ids
+    >>> saved = os.environ.get("HF_HUB_OFFLINE"); os.environ["HF_HUB_OFFLINE"] = "1"
+    >>> ids.models.importers.hub_reachable()
+    False
+    >>> _ = os.environ.pop("HF_HUB_OFFLINE") if saved is None else os.environ.update(HF_HUB_OFFLINE=saved)
+    """
+    if _hub_offline():
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike, *, revision: str | None = None) -> pathlib.Path:
+    """A local directory for a checkpoint: the directory itself, or a hub snapshot (downloaded if needed).
+
+    Only the files an import needs are fetched (``config.json``, ``*.safetensors``, the tokenizer
+    files). With ``HF_HUB_OFFLINE=1`` only the local cache is consulted.
+
+    Args:
+      checkpoint: a local directory, or a hub id (``'openai-community/gpt2'``, ``'HuggingFaceTB/SmolLM-135M'``).
+      revision: a hub branch, tag or commit.
+
+    Returns:
+      The directory's path.
+
+    Raises:
+      FileNotFoundError: a local-looking path that does not exist.
+      OSError: a hub id that could not be fetched (offline, unknown id, no network); the message says which.
+
+    >>> import tempfile, idesign as ids
+    >>> d = tempfile.mkdtemp()
+    >>> str(ids.models.importers.resolve_checkpoint(d)) == d
+    True
+    """
+    path = pathlib.Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path
+    text = str(checkpoint)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise FileNotFoundError(f"checkpoint {text!r} is not a directory; expected a directory with config.json "
+                                "and *.safetensors, or a hub id such as 'openai-community/gpt2'.")
+    try:
+        from huggingface_hub import snapshot_download
+        return pathlib.Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES,
+                                              local_files_only=_hub_offline()))
+    except Exception as e:  # the hub client raises many kinds; all mean "could not get it"
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline()
+               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        raise OSError(f"could not get {text!r} from the Hugging Face hub ({why}). Pass a local directory with "
+                      "config.json and *.safetensors instead, or run where the hub is reachable.") from e
+
+
+class _Tensors:
+    """The tensors of every ``*.safetensors`` file in a directory, opened lazily (read by block)."""
+
+    def __init__(self, directory: pathlib.Path, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{directory} has no *.safetensors files; only safetensors checkpoints are "
+                                    "imported (convert with model.save_pretrained(dir, safe_serialization=True)).")
+        self.handles: dict[str, Any] = {}
+        for file in files:
+            handle = stack.enter_context(safe_open(str(file), framework="numpy"))
+            for name in handle.keys():
+                if name in self.handles:
+                    raise ValueError(f"tensor {name!r} appears in more than one file of {directory}.")
+                self.handles[name] = handle
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[name].get_slice(name).get_shape())
+
+    def read(self, source: _Source, index: tuple[slice, ...]) -> np.ndarray:
+        """The block ``index`` (our layout, within ``source.block``) of ``source``'s tensor."""
+        ndim = len(source.shape)
+        index = tuple(index) + (slice(None),) * (ndim - len(index))
+        if source.block is not None:
+            block = tuple(source.block) + (slice(None),) * (ndim - len(source.block))
+            index = tuple(_compose(outer, inner) for outer, inner in zip(block, index))
+        raw_index = index[::-1] if source.transpose else index
+        data = self.handles[source.name].get_slice(source.name)[raw_index]
+        return np.asarray(data).T if source.transpose else np.asarray(data)
+
+
+def _compose(outer: slice, inner: slice) -> slice:
+    """``x[outer][inner] == x[_compose(outer, inner)]`` for unit-step slices with non-negative bounds."""
+    start = outer.start or 0
+    inner_start = inner.start or 0
+    if inner.stop is None:
+        return slice(start + inner_start, outer.stop)
+    return slice(start + inner_start, start + inner.stop)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _abstract(config: TransformerConfig) -> tuple[TransformerApply, Params]:
+    """The functional model and its parameter shapes, without allocating (or initialising) any weights."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    shapes = nnx.to_pure_dict(state)
+    return TransformerApply(config, graphdef, shapes), shapes
+
+
+def _check_tensors(tensors: _Tensors, sources: Mapping[str, _Source], config: TransformerConfig,
+                   directory: pathlib.Path) -> None:
+    problems = []
+    for path, source in sources.items():
+        if source.name not in tensors.handles:
+            problems.append(f"missing tensor {source.name!r} (shape {source.shape}) for {path}")
+        elif tensors.shape(source.name) != source.shape:
+            problems.append(f"tensor {source.name!r} has shape {tensors.shape(source.name)} in the checkpoint but "
+                            f"config.json implies {source.shape} (for {path})")
+    used = {s.name for s in sources.values()}
+    # A tied checkpoint may still store the unembedding; it is the embedding, so it is not needed.
+    spare = {"lm_head.weight"} if config.tie_embeddings else set()
+    unused = sorted(n for n in tensors.handles if n not in used and n not in spare and not _ignorable(n))
+    if unused:
+        problems.append(f"{len(unused)} checkpoint tensors have no place in the model (a different architecture?): "
+                        + ", ".join(repr(n) for n in unused[:5]) + (" ..." if len(unused) > 5 else ""))
+    if problems:
+        raise ValueError(f"checkpoint {directory} does not fit its config.json: " + "; ".join(problems[:10])
+                         + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+
+
+def load_pretrained(checkpoint: str | os.PathLike, *, dtype: str = "float32", max_len: int | None = None,
+                    mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.TRANSFORMER_RULES,
+                    revision: str | None = None) -> tuple[TransformerApply, Params]:
+    """Imports a Hugging Face GPT-2 or Llama-family checkpoint as the reference transformer's ``(apply, params)``.
+
+    Args:
+      checkpoint: a directory with ``config.json`` and ``*.safetensors`` (sharded or not), or a hub id.
+      dtype: ``'float32'`` or ``'bfloat16'`` (parameters and computation; see :func:`config_from_hf`).
+      max_len: longest sequence; defaults to the checkpoint's.
+      mesh: place every parameter on this mesh as it is read, by ``rules``
+        (:data:`idesign.sharding.TRANSFORMER_RULES` by default); each device reads only its block.
+        ``None``: the default device.
+      rules: sharding rules for ``mesh``.
+      revision: hub revision, for a hub id.
+
+    Returns:
+      ``(apply, params)``: a :class:`~idesign.models.TransformerApply` and its plain-dict parameters.
+
+    Raises:
+      ValueError: unsupported architecture (lists the supported ones); a missing, extra or
+        mis-shaped tensor (names the tensor, the checkpoint's shape and the shape config.json implies).
+
+    >>> import json, tempfile, pathlib, numpy as np, jax.numpy as jnp, idesign as ids
+    >>> from safetensors.numpy import save_file
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> hf = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+    ...       "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": True}
+    >>> _ = (d / "config.json").write_text(json.dumps(hf))
+    >>> rng = np.random.default_rng(0)
+    >>> shapes = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,),
+    ...           "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
+    ...           **{f"model.layers.0.self_attn.{p}_proj.weight": (8, 8) for p in "qkvo"},
+    ...           "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
+    ...           "model.layers.0.mlp.down_proj.weight": (8, 16)}
+    >>> save_file({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}, str(d / "model.safetensors"))
+    >>> apply, params = ids.models.load_pretrained(d)
+    >>> params["blocks"][0]["mlp"]["down"]["kernel"].shape, apply(params, jnp.zeros((1, 3), jnp.int32))[0].shape
+    ((16, 8), (1, 3, 16))
+    """
+    directory = resolve_checkpoint(checkpoint, revision=revision)
+    hf = read_hf_config(directory)
+    config = config_from_hf(hf, dtype=dtype, max_len=max_len)
+    apply, shapes = _abstract(config)
+    specs = None if mesh is None else sharding_lib.param_specs(shapes, mesh, rules)
+    with contextlib.ExitStack() as stack:
+        tensors = _Tensors(directory, stack)
+        sources = _sources(config, hf, list(tensors.handles))
+        expected = tree_lib.named_leaves(shapes)
+        assert set(sources) == set(expected), sorted(set(sources) ^ set(expected))  # the tables above are complete
+        _check_tensors(tensors, sources, config, directory)
+
+        def load(path: str, shape: jax.ShapeDtypeStruct, spec: Any = None) -> jax.Array:
+            source = sources[path]
+            if spec is None:
+                return jnp.asarray(tensors.read(source, ()).astype(shape.dtype))
+            return jax.make_array_from_callback(
+                shape.shape, NamedSharding(mesh, spec), lambda index: tensors.read(source, index).astype(shape.dtype))
+
+        params = (tree_lib.map_with_path(load, shapes) if specs is None
+                  else tree_lib.map_with_path(load, shapes, specs))
+    return apply, params
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` (from ``tokenizer.json``) with the ids idesign's generation needs.
+
+    Attributes:
+      backend: the ``tokenizers.Tokenizer``.
+      eos_id: end-of-sequence id, or None if the checkpoint names none.
+      bos_id: beginning-of-sequence id, or None.
+      pad_id: id written into left padding (never attended to; defaults to ``eos_id``, else 0).
+
+    >>> import tokenizers, idesign as ids
+    >>> backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
+    >>> backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    >>> tok = ids.models.Tokenizer(backend, eos_id=0)
+    >>> tok.encode("a b a"), tok.decode([1, 2])
+    ([1, 2, 1], 'a b')
+    >>> tokens, valid = tok.batch(["a", "b a"])
+    >>> tokens.tolist(), valid.tolist()
+    ([[0, 1], [2, 1]], [[False, True], [True, True]])
+    """
+
+    backend: Any
+    eos_id: int | None = None
+    bos_id: int | None = None
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if self.pad_id is None:
+            object.__setattr__(self, "pad_id", self.eos_id if self.eos_id is not None else 0)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (added tokens included)."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``."""
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``."""
+        return self.backend.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
+
+    def batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [B, T] int32, valid [B, T] bool)``, left-padded with ``pad_id`` (as :func:`idesign.generate` wants)."""
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        width = max(1, max((len(r) for r in rows), default=1))
+        tokens = np.full((len(rows), width), self.pad_id, np.int32)
+        valid = np.zeros((len(rows), width), bool)
+        for i, r in enumerate(rows):
+            if r:
+                tokens[i, width - len(r):], valid[i, width - len(r):] = r, True
+        return tokens, valid
+
+
+def _special_id(backend: Any, value: Any) -> int | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        return backend.token_to_id(value)
+    return None
+
+
+def load_tokenizer(checkpoint: str | os.PathLike, *, vocab_size: int | None = None,
+                   revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (its ``tokenizer.json``) or hub id, checked against the model.
+
+    Args:
+      checkpoint: a directory with ``tokenizer.json`` (and optionally ``tokenizer_config.json`` and
+        ``config.json``, for the special ids), or a hub id.
+      vocab_size: the model's vocabulary size; defaults to ``config.json``'s when present. Every id
+        the tokenizer can produce must be below it (models may pad their vocabulary, so it may be larger).
+      revision: hub revision, for a hub id.
+
+    Returns:
+      A :class:`Tokenizer`.
+
+    Raises:
+      ValueError: the tokenizer produces ids the model's embedding does not have.
+
+    >>> import tempfile, pathlib, tokenizers, idesign as ids
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(d / "tokenizer.json"))
+    >>> ids.models.load_tokenizer(d, vocab_size=8).vocab_size
+    2
+    """
+    import tokenizers
+
+    directory = resolve_checkpoint(checkpoint, revision=revision)
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json (the `tokenizers` library's format; "
+                                "save one with tokenizer.save_pretrained(dir) from a fast tokenizer).")
+    backend = tokenizers.Tokenizer.from_file(str(file))
+    hf = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    extra = (json.loads((directory / "tokenizer_config.json").read_text())
+             if (directory / "tokenizer_config.json").is_file() else {})
+    tokenizer = Tokenizer(backend, eos_id=_special_id(backend, hf.get("eos_token_id", extra.get("eos_token"))),
+                          bos_id=_special_id(backend, hf.get("bos_token_id", extra.get("bos_token"))),
+                          pad_id=_special_id(backend, extra.get("pad_token")))
+    vocab_size = vocab_size if vocab_size is not None else hf.get("vocab_size")
+    if vocab_size is not None:
+        largest = max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
+        if largest >= vocab_size:
+            raise ValueError(f"tokenizer {file} does not match the model: it has {tokenizer.vocab_size} tokens with "
+                             f"ids up to {largest}, but the model's vocab_size is {vocab_size} (ids >= {vocab_size} "
+                             "have no embedding). Load the tokenizer that was saved with this model.")
+    return tokenizer
