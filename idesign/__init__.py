@@ -3,8 +3,8 @@
 Users write ``import idesign as ids``.
 """
 
-from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, hooks, metrics, models, optim,
-                     probes, sae, sharding, subspaces, train, tree)
+from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, hooks, metrics, models, monitoring,
+                     optim, probes, rl, sae, sharding, subspaces, train, tree)
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstract_like, restore_checkpoint, save_checkpoint
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
@@ -13,6 +13,7 @@ from idesign.models import (KVCache, Transformer, TransformerApply, TransformerC
 
 from idesign.generate import (GenerateOutput, InjectAfterToken, Injection, Monitor, PromptInfo, SamplingConfig,
                               StepInfo, filter_logits, generate, sample_logits)
+from idesign.monitoring import ProbeMonitor, ProbeMonitorState
 from idesign.train import TrainState, init_train_state, lm_loss, make_train_step
 
 __version__ = "0.1.0"

@@ -1,0 +1,146 @@
+"""A hallucination monitor: a frozen teacher decodes in lockstep with the policy and a probe reads it.
+
+:class:`ProbeMonitor` is an :class:`idesign.Monitor` for :func:`idesign.generate`. It keeps the
+*teacher's* own KV cache: the prompt is prefilled into it (``prefill``) and every token the policy
+emits, sampled or injected, is fed to the teacher in the same decode step (``step``). A token-level
+probe scores the teacher's activation at ``site`` for each token that can belong to an answer
+span (``span_tokens``); a span is a maximal run of such tokens that the policy *sampled*, and its
+score is the running max of the token logits (the span-max rule of Obeso et al. 2025). When a
+span's probability first exceeds ``threshold``, the monitor injects ``inject_ids`` (e.g. the
+``<retract>`` marker) right after that token, at most ``max_events`` times per row; the policy
+then continues from the injected context (maintain, correct or abstain) — RLFR's "inline" runtime
+token injection (Prasad et al. 2026, arXiv 2602.10067).
+
+Reading the teacher, not the policy, is the point: a policy that has been trained against the
+probe cannot move the activations the monitor reads.
+
+The final state (:class:`ProbeMonitorState`) logs the probe logit of every generated token
+(``scores``, ``-inf`` outside spans) and where the monitor fired (``fired``), so precision and
+recall of the monitor can be computed against ground truth afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
+from idesign.hooks import Capture
+from idesign.probes import score as probe_score
+
+Array = jax.Array
+PyTree = Any
+
+
+class ProbeMonitorState(NamedTuple):
+    """The state :class:`ProbeMonitor` carries through generation.
+
+    Attributes:
+      cache: the teacher's :class:`idesign.KVCache` (None before ``prefill``).
+      span_max: ``[B]`` running max probe logit of the current span (``-inf`` outside a span).
+      span_fired: ``[B]`` bool, whether the current span has already triggered an injection.
+      events: ``[B]`` int32, injections requested so far.
+      scores: ``[B, max_steps]`` probe logit of each generated span token (``-inf`` elsewhere).
+      fired: ``[B, max_steps]`` bool, True at the generated token after which an injection was requested.
+    """
+
+    cache: Any
+    span_max: Array
+    span_fired: Array
+    events: Array
+    scores: Array
+    fired: Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProbeMonitor(Monitor):
+    """Runs a frozen teacher in lockstep with generation; injects tokens when a probe fires (module docstring).
+
+    Attributes:
+      teacher_apply: the teacher's functional model (static; needs ``forward`` and ``init_cache``).
+      site: the activation site the probe reads, e.g. ``"blocks.1.resid_post"`` (static).
+      max_steps: the ``max_new_tokens`` of the generation it monitors (static; sizes the logs).
+      teacher_params: the teacher's parameters (leaves: swapping them never recompiles).
+      probe: a token-level probe (:class:`idesign.probes.LogisticProbe` or ``MassMeanProbe``).
+      span_tokens: ``[V]`` bool, which token ids can be part of an answer span.
+      inject_ids: ``[L]`` int32, the tokens injected when the probe fires.
+      threshold: probability above which a span fires (0.7 in RLFR).
+      max_events: at most this many injections per row.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> from idesign import probes
+    >>> from idesign.monitoring import ProbeMonitor
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=37, d_model=32, n_heads=4))
+    >>> always = probes.LogisticProbe(jnp.zeros(32), jnp.array(5.0), jnp.zeros(32), jnp.ones(32))  # p = 0.99
+    >>> monitor = ProbeMonitor(apply, "blocks.1.resid_post", 4, params, always, jnp.ones(37, bool),
+    ...                        inject_ids=jnp.array([4]), threshold=0.7, max_events=1)
+    >>> out = ids.generate(apply, params, jnp.array([[1, 2, 3]]), max_new_tokens=4,
+    ...                    sampling=ids.SamplingConfig(temperature=0.0), monitor=monitor)
+    >>> out.tokens[0, 1].item(), out.injected[0].tolist(), out.monitor_state.fired[0].tolist()
+    (4, [False, True, False, False], [True, False, False, False])
+    """
+
+    teacher_apply: Any = dataclasses.field(metadata=dict(static=True))
+    site: str = dataclasses.field(metadata=dict(static=True))
+    max_steps: int = dataclasses.field(metadata=dict(static=True))
+    teacher_params: PyTree = None
+    probe: Any = None
+    span_tokens: Array = None
+    inject_ids: Array = None
+    threshold: Array | float = 0.7
+    max_events: Array | int = 1
+
+    sites = ()  # reads no activations of the policy: the teacher computes its own
+
+    def __post_init__(self):
+        if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1:
+            raise ValueError(f"ProbeMonitor.max_steps={self.max_steps!r}; expected the generation's "
+                             "max_new_tokens (a positive integer).")
+        arrays = (np.ndarray, jax.Array)  # pytree unflattening may pass placeholders: check arrays only
+        if isinstance(self.inject_ids, arrays) and np.ndim(self.inject_ids) != 1:
+            raise ValueError(f"ProbeMonitor.inject_ids must be [L] token ids; got shape {np.shape(self.inject_ids)}.")
+        if isinstance(self.span_tokens, arrays) and np.ndim(self.span_tokens) != 1:
+            raise ValueError(f"ProbeMonitor.span_tokens must be a [vocab_size] bool mask; got shape "
+                             f"{np.shape(self.span_tokens)}.")
+
+    @property
+    def max_inject(self) -> int:  # type: ignore[override]
+        return int(np.shape(self.inject_ids)[-1])
+
+    def init(self, batch_size: int) -> ProbeMonitorState:
+        """An empty state; the teacher's cache is made in :meth:`prefill`, once the prompt length is known."""
+        B, N = batch_size, self.max_steps
+        return ProbeMonitorState(None, jnp.full((B,), -jnp.inf), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
+                                 jnp.full((B, N), -jnp.inf), jnp.zeros((B, N), bool))
+
+    def prefill(self, state: ProbeMonitorState, info: PromptInfo) -> ProbeMonitorState:
+        """Prefills the prompts into a fresh teacher cache of ``P + max_steps`` slots."""
+        B, P = info.tokens.shape
+        cache = self.teacher_apply.init_cache(B, P + self.max_steps)
+        _, _, cache = self.teacher_apply.forward(self.teacher_params, info.tokens, valid=info.valid, cache=cache)
+        return state._replace(cache=cache)
+
+    def step(self, state: ProbeMonitorState, info: StepInfo) -> tuple[ProbeMonitorState, Injection]:
+        """Feeds the token to the teacher, scores it, and requests an injection when its span fires."""
+        _, captured, cache = self.teacher_apply.forward(self.teacher_params, info.token[:, None],
+                                                        hooks={self.site: Capture()}, valid=info.valid[:, None],
+                                                        cache=state.cache)
+        z = probe_score(self.probe, captured[self.site][:, 0].astype(jnp.float32))
+        in_span = jnp.asarray(self.span_tokens, bool)[info.token] & info.valid & ~info.injected
+        starts = in_span & ~jnp.isfinite(state.span_max)
+        span_max = jnp.where(in_span, jnp.maximum(jnp.where(starts, -jnp.inf, state.span_max), z), -jnp.inf)
+        span_fired = jnp.where(starts, False, state.span_fired) & in_span
+        fire = (in_span & ~span_fired & (jax.nn.sigmoid(span_max) > self.threshold)
+                & (state.events < self.max_events))
+        B = info.token.shape[0]
+        new_state = ProbeMonitorState(
+            cache, span_max, span_fired | fire, state.events + fire.astype(jnp.int32),
+            state.scores.at[:, info.step].set(jnp.where(in_span, z, -jnp.inf)),
+            state.fired.at[:, info.step].set(fire))
+        tokens = jnp.broadcast_to(jnp.asarray(self.inject_ids, jnp.int32), (B, self.max_inject))
+        return new_state, Injection(tokens, jnp.where(fire, self.max_inject, 0).astype(jnp.int32))

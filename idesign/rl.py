@@ -1,0 +1,340 @@
+"""Policy-gradient steps with group-normalised advantages, and probe rewards read on a frozen teacher.
+
+The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067) in pure functions:
+
+* three weight sets start equal: the **student** (trained), a KL **reference**, and a **frozen
+  teacher**. :func:`probe_scores` prefills the student's completion through the *teacher's*
+  parameters and reads a probe there; ``stop_gradient`` on the teacher and the probe means no
+  gradient ever reaches them (the reward is a constant to the policy gradient anyway).
+* :func:`group_advantages`: ``A = (r - mean_group) / (std_group + eps)`` over the samples of one
+  prompt; groups whose rewards are all equal carry no signal and are dropped (``keep`` False).
+* :func:`grpo_loss` / :func:`make_grpo_step`: the CISPO-style surrogate
+  ``-sg(clip(rho, 1 - eps, 1 + eps)) * A * log pi`` per generated token (``rho = pi / pi_old``),
+  plus ``kl_coef`` times the k3 estimator of ``KL(pi || pi_ref)``, averaged over action tokens.
+  Tokens a monitor injected are not the policy's actions: leave them out of ``action_mask``.
+* :class:`LagrangeState` / :func:`lagrange_update`: a multiplier ``lam`` on a rate constraint
+  (e.g. "abstain on about a share ``target`` of prompts"), ``lam <- lam + lr * (rate - target)``
+  from online statistics; subtract ``lam`` from the reward of the constrained action.
+* :func:`format_penalty`: a fixed reward for malformed completions.
+
+Example (a GRPO step on a tiny model):
+
+>>> import jax, jax.numpy as jnp, optax, idesign as ids
+>>> from idesign import rl
+>>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+>>> tokens = jnp.array([[1, 2, 3, 4], [1, 2, 5, 6]], jnp.int32)
+>>> valid = jnp.ones_like(tokens, bool)
+>>> actions = jnp.array([[0, 1, 1], [0, 1, 1]], bool)       # aligned with tokens[:, 1:]
+>>> old = rl.token_logprobs(apply, params, tokens, valid)
+>>> adv, keep = rl.group_advantages(jnp.array([1.0, 0.0]), group_size=2)
+>>> batch = rl.RLBatch(tokens, valid, actions & keep[:, None], adv, old, old)
+>>> opt = optax.adam(1e-2)
+>>> step = rl.make_grpo_step(apply, opt, rl.GRPOConfig())
+>>> state, metrics = step(ids.init_train_state(params, opt), batch)
+>>> int(state.step), round(float(metrics["kl"]), 6)
+(1, 0.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from idesign.hooks import Capture
+from idesign.probes import score as probe_score
+from idesign.train import TrainState
+
+Array = jax.Array
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: Array, group_size: int, *, eps: float = 1e-6,
+                     min_std: float = 1e-6) -> tuple[Array, Array]:
+    """Group-normalised advantages for rewards laid out as consecutive groups of ``group_size``.
+
+    Args:
+      rewards: ``[G * group_size]`` rewards; rows ``g * group_size ... (g + 1) * group_size - 1``
+        are the samples of prompt ``g``.
+      group_size: samples per prompt (``M``).
+      eps: added to the group's standard deviation (population std, ``ddof=0``).
+      min_std: a group whose std is at most this has no signal: it is dropped.
+
+    Returns:
+      ``(advantages [G * M], keep [G * M] bool)``; dropped groups have advantage 0 and keep False.
+
+    >>> import jax.numpy as jnp
+    >>> from idesign import rl
+    >>> adv, keep = rl.group_advantages(jnp.array([1.0, 0.0, 2.0, 2.0]), group_size=2)
+    >>> adv.round(3).tolist(), keep.tolist()
+    ([1.0, -1.0, 0.0, 0.0], [True, True, False, False])
+    """
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.ndim != 1 or group_size < 1 or r.shape[0] % group_size:
+        raise ValueError(f"group_advantages: rewards must be [G * group_size] with group_size={group_size}; "
+                         f"got shape {tuple(r.shape)}.")
+    groups = r.reshape(-1, group_size)
+    mean = groups.mean(1, keepdims=True)
+    std = groups.std(1, keepdims=True)
+    keep = jnp.broadcast_to(std > min_std, groups.shape)
+    adv = jnp.where(keep, (groups - mean) / (std + eps), 0.0)
+    return adv.reshape(-1), keep.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy-gradient loss and step
+
+
+class RLBatch(NamedTuple):
+    """One batch of sampled completions for :func:`grpo_loss`.
+
+    Attributes:
+      tokens: ``[B, T]`` int32 prompt + completion (left-padded prompts, as :func:`idesign.generate`'s
+        ``GenerateOutput.sequences()``).
+      valid: ``[B, T]`` bool, real tokens.
+      action_mask: ``[B, T - 1]`` bool, aligned with ``tokens[:, 1:]``: True where that token was
+        *sampled by the policy* (not prompt, padding or injected tokens) and its row is kept.
+      advantages: ``[B]`` float, one per completion (see :func:`group_advantages`).
+      old_logprobs: ``[B, T - 1]`` log-probabilities of ``tokens[:, 1:]`` under the sampling policy.
+      ref_logprobs: ``[B, T - 1]`` the same under the KL reference.
+    """
+
+    tokens: Array
+    valid: Array
+    action_mask: Array
+    advantages: Array
+    old_logprobs: Array
+    ref_logprobs: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Hyper-parameters of :func:`grpo_loss` (hashable: static in compiled code).
+
+    Attributes:
+      clip_eps: importance weights are clipped to ``[1 - clip_eps, 1 + clip_eps]`` (and never
+        differentiated), as in CISPO.
+      kl_coef: weight of the k3 estimate of ``KL(pi || pi_ref)`` per action token (0.02 in RLFR).
+
+    >>> from idesign import rl
+    >>> rl.GRPOConfig(kl_coef=0.05).clip_eps
+    0.2
+    """
+
+    clip_eps: float = 0.2
+    kl_coef: float = 0.02
+
+    def __post_init__(self):
+        if not 0 <= self.clip_eps < 1:
+            raise ValueError(f"GRPOConfig.clip_eps={self.clip_eps!r}; expected a number in [0, 1).")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"GRPOConfig.kl_coef={self.kl_coef!r}; expected a number >= 0.")
+
+
+def token_logprobs(apply: Callable, params: PyTree, tokens: Array, valid: Array | None = None) -> Array:
+    """``[B, T - 1]``: ``log pi(tokens[:, t + 1] | tokens[:, :t + 1])`` under ``apply(params, ...)``.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> from idesign import rl
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> rl.token_logprobs(apply, params, jnp.ones((2, 4), jnp.int32)).shape
+    (2, 3)
+    """
+    kwargs = {} if valid is None else {"valid": valid}
+    logits, _ = apply(params, tokens, **kwargs)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
+              config: GRPOConfig = GRPOConfig()) -> tuple[Array, dict[str, Array]]:
+    """The clipped importance-weighted policy-gradient loss with a KL penalty (module docstring).
+
+    Args:
+      params: the student's parameters (the only thing differentiated).
+      batch: an :class:`RLBatch`.
+      apply: the functional model.
+      config: :class:`GRPOConfig`.
+
+    Returns:
+      ``(loss, metrics)`` with metrics ``pg_loss``, ``kl`` (mean k3 estimate over action tokens),
+      ``clip_frac`` (share of action tokens whose weight was clipped) and ``n_actions``.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> from idesign import rl
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> t = jnp.array([[1, 2, 3]], jnp.int32); v = jnp.ones_like(t, bool)
+    >>> lp = rl.token_logprobs(apply, params, t, v)
+    >>> loss, m = rl.grpo_loss(params, rl.RLBatch(t, v, jnp.array([[False, True]]), jnp.array([1.0]), lp, lp), apply=apply)
+    >>> bool(jnp.isclose(loss, -lp[0, 1]))
+    True
+    """
+    logp = token_logprobs(apply, params, batch.tokens, batch.valid)
+    mask = jnp.asarray(batch.action_mask, jnp.float32)
+    if mask.shape != logp.shape:
+        raise ValueError(f"grpo_loss: action_mask has shape {tuple(mask.shape)}; expected {tuple(logp.shape)} "
+                         "(aligned with tokens[:, 1:]).")
+    count = jnp.maximum(mask.sum(), 1.0)
+    # Masked positions may hold -inf log-probs (padding); keep them out of exp() and the gradient.
+    old = jnp.where(mask > 0, batch.old_logprobs, logp)
+    ref = jnp.where(mask > 0, batch.ref_logprobs, logp)
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(old))
+    weight = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps))
+    adv = jnp.asarray(batch.advantages, jnp.float32)[:, None]
+    pg = -(weight * adv * logp * mask).sum() / count
+    log_ratio_ref = jax.lax.stop_gradient(ref) - logp
+    kl = ((jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0) * mask).sum() / count
+    clipped = (jnp.abs(ratio - jax.lax.stop_gradient(weight)) > 0) & (mask > 0)
+    loss = pg + config.kl_coef * kl
+    return loss, {"pg_loss": pg, "kl": kl, "clip_frac": clipped.sum() / count, "n_actions": mask.sum()}
+
+
+def make_grpo_step(apply: Callable, optimizer: optax.GradientTransformation,
+                   config: GRPOConfig = GRPOConfig(), *, jit: bool = True
+                   ) -> Callable[[TrainState, RLBatch], tuple[TrainState, dict[str, Array]]]:
+    """``step(state, batch) -> (state, metrics)``: one optimizer update on :func:`grpo_loss`.
+
+    Args:
+      apply: the functional model.
+      optimizer: any optax transform (e.g. ``optax.adamw(1e-4)``).
+      config: :class:`GRPOConfig`.
+      jit: compile the step (one compilation per batch shape).
+
+    Returns:
+      The step function; ``metrics`` adds ``loss`` and ``grad_norm`` to :func:`grpo_loss`'s.
+
+    See the module docstring for an example.
+    """
+    def step(state: TrainState, batch: RLBatch) -> tuple[TrainState, dict[str, Array]]:
+        (loss, aux), grads = jax.value_and_grad(grpo_loss, has_aux=True)(state.params, batch, apply=apply,
+                                                                          config=config)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step) if jit else step
+
+
+# ----------------------------------------------------------------------------------------------
+# Rate constraints
+
+
+class LagrangeState(NamedTuple):
+    """A Lagrange multiplier on a rate constraint and the online estimate of the rate.
+
+    Attributes:
+      lam: ``[]`` the multiplier; subtract it from the reward of the constrained action.
+      rate: ``[]`` exponential moving average of the observed rate (what ``lam`` is updated from).
+    """
+
+    lam: Array
+    rate: Array
+
+
+def lagrange_init(lam: float = 0.0, rate: float = 0.0) -> LagrangeState:
+    """A fresh :class:`LagrangeState`.
+
+    >>> from idesign import rl
+    >>> float(rl.lagrange_init(0.5).lam)
+    0.5
+    """
+    return LagrangeState(jnp.asarray(lam, jnp.float32), jnp.asarray(rate, jnp.float32))
+
+
+def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, target: float, lr: float = 0.2,
+                    ema: float = 0.0, bounds: tuple[float | None, float | None] | None = None) -> LagrangeState:
+    """``rate <- ema * rate + (1 - ema) * observed``; ``lam <- lam + lr * (rate - target)`` (pure, jittable).
+
+    A rate above ``target`` raises ``lam``, which lowers the reward of the constrained action and so
+    its rate; below, ``lam`` falls. RLFR uses ``lr = 0.2`` on the retraction rate.
+
+    Args:
+      state: the current :class:`LagrangeState`.
+      observed_rate: this step's rate (e.g. the share of sampled completions that abstained).
+      target: the rate to hold.
+      lr: step size of the multiplier.
+      ema: smoothing of the rate estimate (0: use this step's rate as is).
+      bounds: optional ``(low, high)`` clip of ``lam`` (either may be None); ``(0.0, None)`` for an
+        inequality constraint such as "at most ``target``".
+
+    Returns:
+      The new :class:`LagrangeState`.
+
+    >>> from idesign import rl
+    >>> s = rl.lagrange_update(rl.lagrange_init(), 0.6, target=0.4, lr=0.5)
+    >>> round(float(s.lam), 3), round(float(s.rate), 3)
+    (0.1, 0.6)
+    """
+    if not 0 <= ema < 1:
+        raise ValueError(f"lagrange_update: ema={ema!r}; expected a number in [0, 1).")
+    rate = ema * state.rate + (1.0 - ema) * jnp.asarray(observed_rate, jnp.float32)
+    lam = state.lam + lr * (rate - target)
+    if bounds is not None:
+        lam = jnp.clip(lam, *bounds)
+    return LagrangeState(lam, rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+
+
+def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, site: str, tokens: Array,
+                 valid: Array, span_mask: Array) -> Array:
+    """``[B]`` probe probability of each row's span, read on the *teacher's* activations (no gradient).
+
+    The completion is prefilled through ``teacher_params`` (not the student's); the token-level
+    probe scores every token at ``site`` and a row's score is ``sigmoid`` of the max logit over its
+    span (the span-max rule of Obeso et al.). Rows with an empty span score 0. Both the teacher's
+    parameters and the probe are wrapped in ``stop_gradient``, so ``jax.grad`` of anything built on
+    these scores is zero with respect to them.
+
+    Args:
+      teacher_apply: the teacher's functional model.
+      teacher_params: its (frozen) parameters. Pass the student's to read the student's own
+        activations instead (the "live probe" control).
+      probe: a token-level probe (e.g. from :func:`idesign.probes.fit_span_probe`).
+      site: the activation site the probe was fitted on, e.g. ``"blocks.1.resid_post"``.
+      tokens, valid: ``[B, T]`` prompt + completion.
+      span_mask: ``[B, T]`` bool, the tokens of the span to score.
+
+    Returns:
+      ``[B]`` float32 in ``[0, 1]``.
+
+    >>> import jax, jax.numpy as jnp, idesign as ids
+    >>> from idesign import rl, probes
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> probe = probes.LogisticProbe(jnp.zeros(8), jnp.array(0.0), jnp.zeros(8), jnp.ones(8))
+    >>> t = jnp.ones((2, 4), jnp.int32)
+    >>> rl.probe_scores(apply, params, probe, "blocks.0.resid_post", t, t > 0, jnp.array([[0, 0, 1, 0], [0] * 4], bool)).tolist()
+    [0.5, 0.0]
+    """
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    probe = jax.lax.stop_gradient(probe)
+    _, captured = teacher_apply(teacher_params, tokens, hooks={site: Capture()}, valid=valid)
+    if site not in captured:
+        raise ValueError(f"probe_scores: site {site!r} was not captured; sites are e.g. 'blocks.0.resid_post'.")
+    z = probe_score(probe, captured[site].astype(jnp.float32))
+    span = jnp.asarray(span_mask, bool)
+    if span.shape != z.shape:
+        raise ValueError(f"probe_scores: span_mask has shape {tuple(span.shape)}; expected {tuple(z.shape)}.")
+    zmax = jnp.max(jnp.where(span, z, -jnp.inf), axis=1)
+    return jnp.where(span.any(1), jax.nn.sigmoid(zmax), 0.0)
+
+
+def format_penalty(malformed: Array, penalty: float = -0.2) -> Array:
+    """``penalty`` where a completion is malformed, 0 elsewhere (RLFR uses -0.2).
+
+    >>> import jax.numpy as jnp
+    >>> from idesign import rl
+    >>> rl.format_penalty(jnp.array([True, False]), -0.5).tolist()
+    [-0.5, 0.0]
+    """
+    return jnp.where(jnp.asarray(malformed, bool), jnp.float32(penalty), jnp.float32(0.0))

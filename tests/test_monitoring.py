@@ -1,0 +1,122 @@
+"""Tests of idesign.monitoring.ProbeMonitor: the teacher decodes in lockstep (its logged scores equal a
+full recomputation), injections land where the monitor asked, at most K per row, and a silent monitor
+leaves generation unchanged."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import idesign as ids
+from idesign import probes
+from idesign.monitoring import ProbeMonitor
+
+VOCAB, D, N = 23, 16, 8
+SITE = "blocks.1.resid_post"
+RETRACT = 4
+
+
+@functools.cache
+def models():
+    config = ids.TransformerConfig(vocab_size=VOCAB, d_model=D, n_heads=2, n_layers=2)
+    apply, policy = ids.init_transformer(config, seed=0)
+    _, teacher = ids.init_transformer(config, seed=1)   # a different teacher: lockstep must use *its* cache
+    return apply, policy, teacher
+
+
+def prompts():
+    tokens = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]], np.int32)
+    return jnp.asarray(tokens), jnp.asarray(tokens > 0)
+
+
+def make_monitor(probe, span_tokens, *, threshold=0.7, max_events=1, inject=(RETRACT,)):
+    apply, _, teacher = models()
+    return ProbeMonitor(apply, SITE, N, teacher, probe, jnp.asarray(span_tokens), jnp.asarray(inject, jnp.int32),
+                        threshold=threshold, max_events=max_events)
+
+
+def random_probe(seed=0, bias=0.0):
+    rng = np.random.default_rng(seed)
+    return probes.LogisticProbe(jnp.asarray(rng.normal(size=D), jnp.float32), jnp.float32(bias),
+                                jnp.zeros(D, jnp.float32), jnp.ones(D, jnp.float32))
+
+
+def run(monitor, key=0):
+    apply, policy, _ = models()
+    tokens, valid = prompts()
+    return ids.generate(apply, policy, tokens, prompt_valid=valid, max_new_tokens=N, key=jax.random.key(key),
+                        sampling=ids.SamplingConfig(temperature=1.0), monitor=monitor)
+
+
+def test_logged_scores_equal_the_teacher_recomputed_on_the_whole_sequence():
+    apply, _, teacher = models()
+    probe = random_probe(1)
+    span_tokens = np.arange(VOCAB) % 2 == 1
+    out = run(make_monitor(probe, span_tokens, threshold=0.5, max_events=3))
+    tokens, valid = out.sequences()
+    acts = apply(teacher, tokens, hooks=ids.capture(SITE), valid=valid)[1][SITE]
+    expected = np.asarray(probes.score(probe, acts))[:, -N:]
+    in_span = span_tokens[np.asarray(out.tokens)] & np.asarray(out.valid) & ~np.asarray(out.injected)
+    got = np.asarray(out.monitor_state.scores)
+    assert in_span.any()
+    np.testing.assert_allclose(got[in_span], expected[in_span], rtol=1e-4, atol=1e-4)
+    assert np.all(np.isneginf(got[~in_span]))
+
+
+def _replay(tokens, injected, scores, span_tokens, threshold, max_events, n_inject):
+    """Where injections must land, replaying the monitor's rule on an emitted row."""
+    want, remaining, events, span_max, fired_span = [], 0, 0, -np.inf, False
+    for t, token in enumerate(tokens):
+        now = remaining > 0
+        remaining -= now
+        want.append(now)
+        in_span = span_tokens[token] and not now
+        if not in_span:
+            span_max, fired_span = -np.inf, False
+            continue
+        span_max = max(span_max, scores[t])
+        if not fired_span and 1 / (1 + np.exp(-span_max)) > threshold and events < max_events and remaining == 0:
+            events, remaining, fired_span = events + 1, n_inject, True
+    return np.array(want)
+
+
+@pytest.mark.parametrize("max_events", [1, 2])
+def test_injections_land_right_after_the_token_that_fired(max_events):
+    probe = random_probe(2)
+    span_tokens = np.arange(VOCAB) >= 6
+    inject = (RETRACT, 5)
+    for key in range(3):
+        out = run(make_monitor(probe, span_tokens, threshold=0.5, max_events=max_events, inject=inject), key=key)
+        tokens, injected = np.asarray(out.tokens), np.asarray(out.injected)
+        scores, fired = np.asarray(out.monitor_state.scores), np.asarray(out.monitor_state.fired)
+        for b in range(tokens.shape[0]):
+            np.testing.assert_array_equal(injected[b], _replay(tokens[b], injected[b], scores[b], span_tokens, 0.5,
+                                                               max_events, len(inject)))
+            for t in np.flatnonzero(fired[b]):
+                if t + 2 < N:
+                    assert tokens[b, t + 1:t + 3].tolist() == list(inject) and injected[b, t + 1:t + 3].all()
+        assert (np.asarray(out.monitor_state.events) <= max_events).all()
+        assert np.asarray(out.monitor_state.events).sum() == fired.sum() > 0
+
+
+def test_a_monitor_that_never_fires_leaves_generation_unchanged():
+    apply, policy, _ = models()
+    silent = make_monitor(random_probe(3, bias=-50.0), np.ones(VOCAB, bool))
+    tokens, valid = prompts()
+    plain = ids.generate(apply, policy, tokens, prompt_valid=valid, max_new_tokens=N, key=jax.random.key(0),
+                         sampling=ids.SamplingConfig(temperature=1.0))
+    watched = run(silent)
+    np.testing.assert_array_equal(plain.tokens, watched.tokens)
+    assert not np.asarray(watched.injected).any() and not np.asarray(watched.monitor_state.fired).any()
+
+
+def test_bad_configuration_is_refused():
+    apply, _, teacher = models()
+    with pytest.raises(ValueError, match="max_steps"):
+        ProbeMonitor(apply, SITE, 0, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([RETRACT]))
+    with pytest.raises(ValueError, match="inject_ids"):
+        ProbeMonitor(apply, SITE, N, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([[RETRACT]]))
