@@ -122,7 +122,7 @@ class Ablate(Intervention):
         if basis.ndim != 2 or basis.shape[-1] != h.shape[-1]:
             raise ValueError(
                 f"Ablate at site {site!r}: basis has shape {basis.shape}; expected [k, {h.shape[-1]}] "
-                f"(k orthonormal rows in the site's last dimension {h.shape[-1]}).")
+                f"(k orthonormal rows in the last dimension of the site's activation, shape {tuple(h.shape)}).")
         basis = basis.astype(h.dtype)
         return h - (h @ basis.T) @ basis
 
@@ -174,6 +174,26 @@ class Route(Intervention):
 Hooks = Mapping[str, "Intervention | Sequence[Intervention]"]
 
 
+class TrainingOnly:
+    """Base class of hook collections that only a training loss may apply (:class:`idesign.shaping.TrainingHooks`).
+
+    Every consumer of hooks normalises them through :func:`merge_hooks`, which refuses these with a
+    ``TypeError``; a training loss (``idesign.train.lm_loss``) calls :meth:`resolve` for each batch instead.
+    """
+
+    def resolve(self, batch: Any) -> dict[str, tuple[Intervention, ...]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _training_only_error(where: str) -> TypeError:
+    return TypeError(
+        f"{where} is a TrainingHooks (idesign.shaping: caft, preventative_steering, gradient_routing, combine): "
+        "these interventions are training-only and are refused at inference (apply, generate, "
+        "collect_activations). Use them through the training loss, ids.train.lm_loss(apply, hooks=training_hooks); "
+        "run inference without them, or call training_hooks.resolve(batch) explicitly if you really want the "
+        "training-time forward pass.")
+
+
 def capture(*sites: str) -> dict[str, Capture]:
     """``{site: Capture()}`` for each name or glob pattern.
 
@@ -187,6 +207,8 @@ def capture(*sites: str) -> dict[str, Capture]:
 def _as_chain(value: Any, key: str) -> tuple[Intervention, ...]:
     chain = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     for item in chain:
+        if isinstance(item, TrainingOnly):
+            raise _training_only_error(f"hooks[{key!r}]")
         if not isinstance(item, Intervention):
             raise TypeError(
                 f"hooks[{key!r}] holds {type(item).__name__}; expected an intervention "
@@ -206,6 +228,8 @@ def merge_hooks(*hooks: Hooks | None) -> dict[str, tuple[Intervention, ...]]:
     """
     out: dict[str, tuple[Intervention, ...]] = {}
     for h in hooks:
+        if isinstance(h, TrainingOnly):
+            raise _training_only_error("hooks")
         for key, value in (h or {}).items():
             out[key] = out.get(key, ()) + _as_chain(value, key)
     return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
+
+from idesign.hooks import TrainingOnly
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -54,9 +57,10 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
     """Next-token cross-entropy for ``apply(params, tokens, hooks=...)``, averaged over predicted tokens.
 
     The batch holds ``tokens`` [B, T] and optionally ``loss_mask`` [B, T] (1 where the token at that
-    position should be *predicted*; position 0 is never predicted). ``hooks`` is a hooks dict, or a
-    function ``batch -> hooks`` for data-dependent interventions (gradient routing masks, steering
-    during fine-tuning).
+    position should be *predicted*; position 0 is never predicted). ``hooks`` is a hooks dict, a
+    function ``batch -> hooks`` for data-dependent interventions, or an
+    :class:`idesign.shaping.TrainingHooks` (CAFT, preventative steering, gradient routing), resolved
+    for each batch. Training hooks belong to the *training* loss only: evaluate with ``lm_loss(apply)``.
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
@@ -70,7 +74,9 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
         mask = batch.get("loss_mask")
         mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
         valid = batch.get("valid")
-        h = hooks(batch) if callable(hooks) else hooks
+        h = hooks(batch) if callable(hooks) and not isinstance(hooks, TrainingOnly) else hooks
+        if isinstance(h, TrainingOnly):  # also when a batch -> hooks function returns TrainingHooks
+            h = h.resolve(batch)
         kwargs = {} if valid is None else {"valid": valid[:, :-1]}
         logits, _ = apply(params, tokens[:, :-1], hooks=h, **kwargs)
         targets, weights = tokens[:, 1:], mask[:, 1:]
@@ -80,6 +86,7 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
         acc = ((logits.argmax(-1) == targets) * weights).sum() / count
         return loss, {"loss": loss, "accuracy": acc, "tokens": weights.sum()}
 
+    loss_fn.training_only = isinstance(hooks, TrainingOnly)  # read by make_eval_step
     return loss_fn
 
 
@@ -121,6 +128,10 @@ def make_eval_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[[Any, Batch
     >>> sorted(ids.train.make_eval_step(ids.lm_loss(apply))(params, {'tokens': jnp.ones((2, 4), jnp.int32)}))
     ['accuracy', 'loss', 'tokens']
     """
+    if getattr(loss_fn, "training_only", False):
+        warnings.warn("make_eval_step: this loss applies training-only hooks (idesign.shaping.TrainingHooks), so "
+                      "it does not measure the model used at inference; evaluate with lm_loss(apply) instead.",
+                      UserWarning, stacklevel=2)
     fn = lambda params, batch: loss_fn(params, batch)[1]
     return jax.jit(fn) if jit else fn
 
@@ -216,13 +227,17 @@ class MetricsLog:
 def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num_steps: int,
           log_every: int = 50, eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
           eval_every: int | None = None, log: MetricsLog | None = None,
-          checkpoints: Any = None, progress: bool = True, desc: str = "train") -> tuple[TrainState, MetricsLog]:
+          checkpoints: Any = None, progress: bool = True, desc: str = "train",
+          callbacks: Sequence[Callable[[int, TrainState, Mapping[str, Array]], Any]] = ()
+          ) -> tuple[TrainState, MetricsLog]:
     """Runs ``num_steps`` steps of ``step_fn`` over ``batches`` with a progress bar and logging.
 
     Training metrics are averaged over each ``log_every`` window (fetched from the device once per
     window, not per step). ``eval_fn(params) -> metrics`` runs every ``eval_every`` steps and at the
     end, logged with an ``eval_`` prefix. ``checkpoints`` is an object with
-    ``save(step, state) -> bool`` (e.g. :class:`idesign.checkpoint.CheckpointManager`).
+    ``save(step, state) -> bool`` (e.g. :class:`idesign.checkpoint.CheckpointManager`). Each of
+    ``callbacks`` is called as ``callback(step, state, metrics)`` after every step, with the step's
+    device-side metrics (e.g. :class:`idesign.optim.ConceptLog`, which reads the optimizer state).
 
     >>> import optax, jax.numpy as jnp, numpy as np, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
@@ -249,6 +264,8 @@ def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num
         state, metrics = step_fn(state, batch)
         window.append(metrics)
         step = start_step + i
+        for callback in callbacks:
+            callback(step, state, metrics)
         if i % log_every == 0 or i == num_steps:
             host = jax.device_get(window)
             row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}

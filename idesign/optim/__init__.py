@@ -1,4 +1,5 @@
-"""optax transforms for training-time shaping: element-level freezing (and, later, gradient projection).
+"""optax transforms for training-time shaping and observation: element-level freezing, gradient projection,
+and the decomposition of each update onto concept directions.
 
 Each transform is an ``optax.GradientTransformation`` that drops into ``optax.chain`` next to the
 user's optimizer; users write ``ids.optim.freeze(mask)``.
@@ -9,3 +10,7 @@ from idesign.optim.freeze import (FrozenState, freeze, frozen_state_savings, opt
 from idesign.optim import projection
 from idesign.optim.projection import (ConflictState, ProjectedState, ProjectionState, apply_projection, check_subspaces,
                                       project_conflicting, project_onto, project_out, projected, subspaces_for)
+from idesign.optim import decomposition
+from idesign.optim.decomposition import (ConceptLog, Concepts, ObserveConceptsState, ObservedState, check_concepts,
+                                         concepts_for, decompose_update, find_observations, observe_concepts, observed,
+                                         plot_concept_log)

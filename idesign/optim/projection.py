@@ -213,7 +213,8 @@ def _projection(subspaces: PyTree, onto: bool, others: Others) -> optax.Gradient
 
     def init_fn(params):
         check_subspaces(subspaces, params)
-        return ProjectionState(subspaces)
+        # copies: a train step that donates its state must not delete the caller's basis arrays
+        return ProjectionState(jax.tree_util.tree_map(jnp.copy, subspaces))
 
     def update_fn(updates, state, params=None):
         del params

@@ -270,3 +270,13 @@ def test_projection_on_8_simulated_devices_matches_one_device():
     assert report["param_max_diff"] < 1e-5
     assert report["orthogonality_8"] < 1e-5
     assert report["updated_kernel_spec"] == "P(None, 'model')"
+
+
+def test_a_donating_train_step_leaves_the_callers_subspaces_alive():
+    params = {"w": jnp.ones((3, 2))}
+    u = sub.Subspace(jnp.eye(3)[:1])
+    opt = projection.projected(optax.sgd(0.1), {"w": u})
+    step = ids.make_train_step(lambda p, b: ((p["w"] ** 2).sum(), {}), opt, donate=True)
+    state, _ = step(ids.init_train_state(jax.tree_util.tree_map(jnp.copy, params), opt), {})
+    np.testing.assert_array_equal(u.basis, np.eye(3)[:1])  # not deleted by the donation
+    np.testing.assert_array_equal(state.params["w"][0], 1.0)
