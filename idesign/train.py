@@ -57,7 +57,8 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
     """Next-token cross-entropy for ``apply(params, tokens, hooks=...)``, averaged over predicted tokens.
 
     The batch holds ``tokens`` [B, T] and optionally ``loss_mask`` [B, T] (1 where the token at that
-    position should be *predicted*; position 0 is never predicted). ``hooks`` is a hooks dict, a
+    position should be *predicted*; position 0 is never predicted) and ``valid`` [B, T] for padded
+    rows (padded slots are neither attended to nor predicted). ``hooks`` is a hooks dict, a
     function ``batch -> hooks`` for data-dependent interventions, or an
     :class:`idesign.shaping.TrainingHooks` (CAFT, preventative steering, gradient routing), resolved
     for each batch. Training hooks belong to the *training* loss only: evaluate with ``lm_loss(apply)``.
@@ -80,6 +81,9 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
         kwargs = {} if valid is None else {"valid": valid[:, :-1]}
         logits, _ = apply(params, tokens[:, :-1], hooks=h, **kwargs)
         targets, weights = tokens[:, 1:], mask[:, 1:]
+        if valid is not None:  # a padded slot is never a target, nor the position predicting one
+            real = jnp.asarray(valid, bool)
+            weights = weights * (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         count = jnp.maximum(weights.sum(), 1.0)
         loss = (nll * weights).sum() / count

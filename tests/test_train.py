@@ -71,3 +71,16 @@ def test_train_reports_when_batches_run_out(tiny_config):
     with pytest.raises(ValueError, match="batches ran out after 1 of 5 steps"):
         ids.train.train(ids.init_train_state(params, opt), step, [{"tokens": jnp.ones((1, 3), jnp.int32)}],
                         num_steps=5, progress=False)
+
+
+def test_lm_loss_never_counts_padded_targets():
+    # Left padding: the loss of a padded row must equal the loss of the unpadded row alone.
+    apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    row = jnp.array([[3, 4, 5, 6]], jnp.int32)
+    padded = jnp.array([[0, 0, 3, 4, 5, 6]], jnp.int32)
+    valid = jnp.array([[False, False, True, True, True, True]])
+    loss_fn = ids.train.lm_loss(apply)
+    loss_row, aux_row = loss_fn(params, {"tokens": row})
+    loss_pad, aux_pad = loss_fn(params, {"tokens": padded, "valid": valid})
+    assert int(aux_pad["tokens"]) == int(aux_row["tokens"]) == 3
+    np.testing.assert_allclose(loss_pad, loss_row, rtol=1e-5, atol=1e-6)
