@@ -18,6 +18,19 @@ for an unknown entity is a hallucination); ``unknown`` or a bare retraction is a
 anything else is *malformed*. Entities are split in half: probe fitting and RL prompts use one
 half, every reported number the other (held out).
 
+Where the probe reads. A token-level probe reads each answer's *span*; which positions make up the
+span is the ``reading`` (:func:`idesign.rl.read_span`): ``"prediction"``, the position the answer was
+predicted from (the token before it, e.g. ``:`` of ``... a :``), or ``"both"``, span-max over that
+position and the answer token. (Reading the answer token alone, ``"answer"``, as the first version
+of this experiment did, left the probe far below the entropy and max-prob baselines; the diagnosis
+is that in a shallow model the residual stream at the answer token is dominated by that word's own
+embedding. It is still fitted and reported, ``probe.auc_answer_only``, as a diagnostic, but never
+chosen.) The reading and the layer are chosen together by validation AUC on the probe
+half's own split, and that one reading is used everywhere the probe is applied: the RL rewards
+(:func:`idesign.rl.probe_scores`), the live-probe arm and the monitor (whose teacher keeps the
+prediction position's activation from the previous decode step, or from ``prefill`` for the first
+generated token).
+
 Arms (each evaluated greedily on the held-out queries):
 - ``base``: the pretrained model.
 - ``base_monitor``: base + :class:`idesign.monitoring.ProbeMonitor`: the frozen teacher decodes in
@@ -36,9 +49,14 @@ target: the probe's estimate of how often the base model's greedy answer to a tr
 hallucination (no ground truth used). The live arm reads *everything* on the student.
 
 Metrics (``results/hallucination/metrics.json``; every key also with ``_std`` over seeds, and ``n_seeds``):
-  probe.auc                 span-max token probe (chosen layer) on held-out base samples, teacher activations
+  probe.auc                 span-max token probe (chosen reading and layer) on held-out base samples, teacher activations
   probe.layer               the layer chosen by the sweep (validation AUC on the probe half's own split)
-  probe.val_auc_layer<i>    validation AUC of each layer in the sweep
+  probe.reading             the reading chosen with it, as an index into ``idesign.rl.READINGS``
+                            (1 = "prediction", 2 = "both")
+  probe.val_auc_<reading>_layer<i>   validation AUC of each (reading, layer) in the sweep, for
+                            reading in answer / prediction / both (answer: diagnostic only, never chosen)
+  probe.auc_answer_only     held-out AUC of the answer-token-only probe at its own best validation layer
+                            (the first version's probe; a diagnostic, not used anywhere)
   probe.attention_auc       attention probe over the whole sequence at the chosen layer, same rows
   baselines.entropy_auc     predictive entropy of the answer distribution, same rows
   baselines.maxprob_auc     1 - max probability of the answer distribution, same rows
@@ -242,15 +260,19 @@ class Runtime:
         self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
-        self._scores = jax.jit(lambda p, probe, t, v, s, site: rl.probe_scores(apply, p, probe, site, t, v, s),
-                               static_argnames="site")
+        self._scores = jax.jit(lambda p, probe, t, v, s, site, reading: rl.probe_scores(apply, p, probe, site, t, v, s,
+                                                                                        reading=reading),
+                               static_argnames=("site", "reading"))
 
-    def scores(self, params, probe, tokens, valid, span, *, site: str) -> np.ndarray:
-        """:func:`idesign.rl.probe_scores` in chunks of ``gen_batch`` rows (padded: one compiled shape)."""
+    def scores(self, params, probe, tokens, valid, span, *, site: str, reading: str) -> np.ndarray:
+        """:func:`idesign.rl.probe_scores` in chunks of ``gen_batch`` rows (padded: one compiled shape).
+
+        ``span`` marks the answer tokens; ``reading`` says where they are read (:func:`idesign.rl.read_span`).
+        """
         G, n, out = self.config.gen_batch, tokens.shape[0], []
         for i in range(0, n, G):
             chunk = [_pad_rows(jnp.asarray(x[i:i + G]), G) for x in (tokens, valid, span)]
-            out.append(np.asarray(self._scores(params, probe, *chunk, site=site))[: min(G, n - i)])
+            out.append(np.asarray(self._scores(params, probe, *chunk, site=site, reading=reading))[: min(G, n - i)])
         return np.concatenate(out)
 
     def init_params(self, seed: int):
@@ -286,10 +308,11 @@ class Runtime:
         mask[b, P + answers.position[b]] = True
         return jnp.asarray(mask)
 
-    def probe_estimates(self, params, probe, site: str, task: Task, rows: np.ndarray, gen, answers) -> np.ndarray:
+    def probe_estimates(self, params, probe, site: str, reading: str, task: Task, rows: np.ndarray, gen,
+                        answers) -> np.ndarray:
         """P(hallucinated) of each row's asserted answer read on ``params``' activations (0 if none)."""
         tokens, valid = self.sequences(task, rows, gen)
-        return self.scores(params, probe, tokens, valid, self.span_mask(task, answers), site=site)
+        return self.scores(params, probe, tokens, valid, self.span_mask(task, answers), site=site, reading=reading)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -313,7 +336,7 @@ def auc(labels, scores) -> float:
 
 
 def fit_probes(rt: Runtime, config: Config, params, task: Task, probe_rows, eval_rows, seed: int, out: dict):
-    """Samples labelled base completions, sweeps layers with the span-max probe, fits the attention probe."""
+    """Samples labelled base completions, sweeps (reading, layer) with the span-max probe, fits the attention probe."""
     rows = np.repeat(np.concatenate([probe_rows, eval_rows]), config.probe_samples)
     gen = rt.generate(params, task, rows, key=jax.random.key(seed + 100))
     answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
@@ -345,22 +368,36 @@ def fit_probes(rt: Runtime, config: Config, params, task: Task, probe_rows, eval
     real = np.arange(len(fit_rows)) < fit.sum()
     mask = np.asarray(valid)
 
-    def span_auc(probe, site, sel):
-        return auc(labels[sel], probes.span_scores(probe, acts[site][sel], span_ids[sel], 1)[:, 0])
+    # The same read positions rl.probe_scores and the monitor use, as span ids for fitting.
+    read_ids = {r: np.asarray(rl.read_span(span_ids > 0, valid, r)).astype(np.int32) for r in rl.READINGS}
 
-    val_aucs, fitted = [], []
-    for i, site in enumerate(rt.sites):
-        fitted.append(probes.fit_span_probe(acts[site][fit_rows], span_ids[fit_rows] * real[:, None],
-                                            labels[fit_rows, None], mask=mask[fit_rows] & real[:, None],
-                                            num_steps=config.probe_steps, batch_size=64, seed=seed, progress=False))
-        val_aucs.append(span_auc(fitted[-1], site, val))
-        out[f"probe.val_auc_layer{i}"] = val_aucs[-1]
-    # Obeso et al.'s default layer when the validation split cannot rank layers (a single class in it).
-    layer = int(np.nanargmax(val_aucs)) if np.isfinite(val_aucs).any() else min(int(0.95 * len(rt.sites)),
-                                                                                len(rt.sites) - 1)
-    site, probe = rt.sites[layer], fitted[layer]
+    def span_auc(probe, site, reading, sel):
+        return auc(labels[sel], probes.span_scores(probe, acts[site][sel], read_ids[reading][sel], 1)[:, 0])
+
+    val_aucs, fitted = {}, {}
+    for reading in rl.READINGS:
+        for i, site in enumerate(rt.sites):
+            fitted[reading, i] = probes.fit_span_probe(
+                acts[site][fit_rows], read_ids[reading][fit_rows] * real[:, None], labels[fit_rows, None],
+                mask=mask[fit_rows] & real[:, None], num_steps=config.probe_steps, batch_size=64, seed=seed,
+                progress=False)
+            val_aucs[reading, i] = span_auc(fitted[reading, i], site, reading, val)
+            out[f"probe.val_auc_{reading}_layer{i}"] = val_aucs[reading, i]
+
+    def best(candidates):
+        finite = [c for c in candidates if np.isfinite(val_aucs[c])]
+        # Obeso et al.'s default layer when the validation split cannot rank them (a single class in it).
+        fallback = min(int(0.95 * len(rt.sites)), len(rt.sites) - 1)
+        return max(finite, key=lambda c: val_aucs[c]) if finite else (candidates[0][0], fallback)
+
+    # The answer-only reading is the diagnosed failure: measured, never chosen.
+    reading, layer = best([(r, i) for r in ("prediction", "both") for i in range(len(rt.sites))])
+    site, probe = rt.sites[layer], fitted[reading, layer]
     out["probe.layer"] = float(layer)
-    out["probe.auc"] = span_auc(probe, site, test)
+    out["probe.reading"] = float(rl.READINGS.index(reading))
+    out["probe.auc"] = span_auc(probe, site, reading, test)
+    answer_layer = best([("answer", i) for i in range(len(rt.sites))])[1]
+    out["probe.auc_answer_only"] = span_auc(fitted["answer", answer_layer], rt.sites[answer_layer], "answer", test)
     attention = probes.fit_attention_probe(acts[site][fit_rows], labels[fit_rows], mask[fit_rows], n_heads=2,
                                            num_steps=config.attention_steps, batch_size=64, class_weight="balanced",
                                            sample_weight=real.astype(np.float32), seed=seed, progress=False)
@@ -368,7 +405,7 @@ def fit_probes(rt: Runtime, config: Config, params, task: Task, probe_rows, eval
     out["baselines.entropy_auc"] = auc(labels[test], ids.metrics.predictive_entropy(logits0[test]))
     out["baselines.maxprob_auc"] = auc(labels[test], -ids.metrics.max_probability(logits0[test]))
     held_out = (tokens[test], valid[test], span_ids[test] > 0, labels[test])
-    return probe, site, held_out
+    return probe, site, reading, held_out
 
 
 class Reference(NamedTuple):
@@ -385,18 +422,19 @@ class Reference(NamedTuple):
         return float(self.p_hall.mean())
 
 
-def reference_answers(rt: Runtime, base, probe, site: str, task: Task, rows: np.ndarray) -> Reference:
+def reference_answers(rt: Runtime, base, probe, site: str, reading: str, task: Task, rows: np.ndarray) -> Reference:
     gen = rt.generate(base, task, rows)
     answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
-    p = rt.probe_estimates(base, probe, site, task, rows, gen, answers)
+    p = rt.probe_estimates(base, probe, site, reading, task, rows, gen, answers)
     return Reference(rows, gen, answers, np.where(answers.kind == ASSERT, p, 0.0))
 
 
-def evaluate(rt: Runtime, arm: str, params, teacher, read_params, probe, site, task: Task, rows, *, monitor=None):
+def evaluate(rt: Runtime, arm: str, params, teacher, read_params, probe, site, reading, task: Task, rows, *,
+             monitor=None):
     gen = rt.generate(params, task, rows, monitor=monitor)
     answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
-    p_read = rt.probe_estimates(read_params, probe, site, task, rows, gen, answers)
-    p_teacher = rt.probe_estimates(teacher, probe, site, task, rows, gen, answers)
+    p_read = rt.probe_estimates(read_params, probe, site, reading, task, rows, gen, answers)
+    p_teacher = rt.probe_estimates(teacher, probe, site, reading, task, rows, gen, answers)
     unknown = task.unknown[rows]
     assert_ = answers.kind == ASSERT
     m = {
@@ -421,8 +459,8 @@ def evaluate(rt: Runtime, arm: str, params, teacher, read_params, probe, site, t
     return {k: float(v) for k, v in m.items()}
 
 
-def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, task: Task, ref: Reference, seed: int,
-             progress: bool):
+def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, reading, task: Task, ref: Reference,
+             seed: int, progress: bool):
     """GRPO from the base model; returns the student and per-step logs (reward, true rate, abstain rate, lam)."""
     state = ids.init_train_state(base, rt.rl_opt)
     lagrange = rl.lagrange_init()
@@ -440,7 +478,8 @@ def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, task: Tas
             p_hall = answers.hallucinated.astype(np.float32)
         else:
             reader = state.params if arm == "rl_live_probe" else base
-            p_hall = np.asarray(rt.scores(reader, probe, tokens, valid, rt.span_mask(task, answers), site=site))
+            p_hall = np.asarray(rt.scores(reader, probe, tokens, valid, rt.span_mask(task, answers), site=site,
+                                          reading=reading))
         # Abstaining is worth what the same reader says of the base model's own answer to this prompt
         # (RLFR's "P(correct retraction)"), minus the multiplier.
         if arm == "rl_oracle":
@@ -452,7 +491,8 @@ def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, task: Tas
             ref_ans = Answers(*(a[at] for a in ref.answers))
             ref_tokens, ref_valid = rt.sequences(task, batch_rows, ref_gen)
             abstain_worth = np.where(ref_ans.kind == ASSERT, rt.scores(state.params, probe, ref_tokens, ref_valid,
-                                                                       rt.span_mask(task, ref_ans), site=site), 0.0)
+                                                                       rt.span_mask(task, ref_ans), site=site,
+                                                                       reading=reading), 0.0)
         lam = float(lagrange.lam)
         rewards = np.where(answers.kind == ASSERT, 1.0 - p_hall,
                            np.where(answers.kind == ABSTAIN, abstain_worth - lam, 0.0))
@@ -489,28 +529,30 @@ def run_seed(rt: Runtime, config: Config, seed: int, progress: bool):
     probe_rows = np.flatnonzero(np.isin(task.entity, probe_entities))
     eval_rows = np.flatnonzero(~np.isin(task.entity, probe_entities))
     out: dict[str, float] = {"pretrain_loss": float(loss)}
-    probe, site, held_out = fit_probes(rt, config, base, task, probe_rows, eval_rows, seed, out)
+    probe, site, reading, held_out = fit_probes(rt, config, base, task, probe_rows, eval_rows, seed, out)
 
-    ref = reference_answers(rt, base, probe, site, task, probe_rows)
+    ref = reference_answers(rt, base, probe, site, reading, task, probe_rows)
     out["abstain_target"] = ref.abstain_target
 
     # The teacher is the base model itself; any attribute value can start an answer span.
     monitor = ProbeMonitor(rt.apply, site, config.max_new_tokens, base, probe, jnp.asarray(task.allowed.any(0)),
-                           jnp.array([RETRACT_ID], jnp.int32), threshold=config.threshold, max_events=config.max_events)
+                           jnp.array([RETRACT_ID], jnp.int32), threshold=config.threshold, max_events=config.max_events,
+                           reading=reading)
 
-    out.update(evaluate(rt, "base", base, base, base, probe, site, task, eval_rows))
-    m = evaluate(rt, "base_monitor", base, base, base, probe, site, task, eval_rows, monitor=monitor)
+    out.update(evaluate(rt, "base", base, base, base, probe, site, reading, task, eval_rows))
+    m = evaluate(rt, "base_monitor", base, base, base, probe, site, reading, task, eval_rows, monitor=monitor)
     out["monitor.precision"], out["monitor.recall"] = m.pop("_precision"), m.pop("_recall")
     out.update(m)
     histories = {}
     tokens, valid, span, labels = held_out
     for arm in RL_ARMS:
-        student, histories[arm] = train_rl(rt, config, arm, base, probe, site, task, ref, seed, progress)
+        student, histories[arm] = train_rl(rt, config, arm, base, probe, site, reading, task, ref, seed, progress)
         reader = student if arm == "rl_live_probe" else base
-        out.update(evaluate(rt, arm, student, base, reader, probe, site, task, eval_rows))
-        out[f"{arm}.probe_auc_on_student"] = auc(labels, rt.scores(student, probe, tokens, valid, span, site=site))
+        out.update(evaluate(rt, arm, student, base, reader, probe, site, reading, task, eval_rows))
+        out[f"{arm}.probe_auc_on_student"] = auc(labels, rt.scores(student, probe, tokens, valid, span, site=site,
+                                                                   reading=reading))
         if arm == "rl_frozen_probe":
-            m = evaluate(rt, "rl_frozen_probe_monitor", student, base, base, probe, site, task, eval_rows,
+            m = evaluate(rt, "rl_frozen_probe_monitor", student, base, base, probe, site, reading, task, eval_rows,
                          monitor=monitor)
             m.pop("_precision"), m.pop("_recall")
             out.update(m)
@@ -565,6 +607,10 @@ def conclusions(metrics: dict[str, float]) -> list[str]:
                  f"{metrics['baselines.maxprob_auc']:.3f}: the probe is "
                  f"{'better than' if metrics['probe.auc'] > max(metrics['baselines.entropy_auc'], metrics['baselines.maxprob_auc']) else 'not better than'}"
                  " both baselines (means over seeds).")
+    lines.append(f"Where the probe reads: {metrics['probe.auc']:.3f} held-out AUC with the prediction position in the "
+                 f"span (reading index {metrics['probe.reading']:.2f} over seeds, 1 = prediction alone, 2 = both; "
+                 f"layer {metrics['probe.layer']:.2f}) vs {metrics['probe.auc_answer_only']:.3f} reading the answer "
+                 "token alone.")
     lines.append(f"rl_frozen_probe changed the true hallucination rate from {base:.3f} to {rate('rl_frozen_probe'):.3f} "
                  f"({100 * red:.0f}% relative reduction) with known accuracy {100 * acc_change:+.1f} points: the target "
                  f"(>= 40% reduction, accuracy within 5 points) was {'met' if met else 'not met'}.")
@@ -600,7 +646,8 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     rows = [(arm, _common.pm(metrics, f"{arm}.hallucination_rate"), _common.pm(metrics, f"{arm}.known_acc"),
              _common.pm(metrics, f"{arm}.abstain_rate"), _common.pm(metrics, f"{arm}.probe_estimated_rate"))
             for arm in ARMS]
-    probe_rows = [(k, _common.pm(metrics, k)) for k in ("probe.auc", "probe.attention_auc", "baselines.entropy_auc",
+    probe_rows = [(k, _common.pm(metrics, k)) for k in ("probe.auc", "probe.auc_answer_only", "probe.attention_auc",
+                                                        "baselines.entropy_auc",
                                                         "baselines.maxprob_auc", "monitor.precision", "monitor.recall")]
     _common.write_readme(NAME, f"""
 ## Hallucination: probe rewards on a frozen teacher, and runtime injection ({len(config.seeds)} seeds, {metrics['minutes']:.1f} min)

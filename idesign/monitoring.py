@@ -5,7 +5,12 @@
 emits, sampled or injected, is fed to the teacher in the same decode step (``step``). A token-level
 probe scores the teacher's activation at ``site`` for each token that can belong to an answer
 span (``span_tokens``); a span is a maximal run of such tokens that the policy *sampled*, and its
-score is the running max of the token logits (the span-max rule of Obeso et al. 2025). When a
+score is the running max of the token logits (the span-max rule of Obeso et al. 2025), read where
+``reading`` says (:func:`idesign.rl.read_span`): at the token itself (``"answer"``), at the position
+it was predicted from (``"prediction"``: the teacher's activation at the previous real token, which
+for the first generated token is the last prompt token, captured during ``prefill``), or the max of
+both (``"both"``). The monitor therefore reads exactly what :func:`idesign.rl.probe_scores` reads on
+the finished sequence with the same ``reading``. When a
 span's probability first exceeds ``threshold``, the monitor injects ``inject_ids`` (e.g. the
 ``<retract>`` marker) right after that token, at most ``max_events`` times per row; the policy
 then continues from the injected context (maintain, correct or abstain) — RLFR's "inline" runtime
@@ -31,6 +36,7 @@ import numpy as np
 from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
 from idesign.hooks import Capture
 from idesign.probes import score as probe_score
+from idesign.rl import READINGS
 
 Array = jax.Array
 PyTree = Any
@@ -44,7 +50,10 @@ class ProbeMonitorState(NamedTuple):
       span_max: ``[B]`` running max probe logit of the current span (``-inf`` outside a span).
       span_fired: ``[B]`` bool, whether the current span has already triggered an injection.
       events: ``[B]`` int32, injections requested so far.
-      scores: ``[B, max_steps]`` probe logit of each generated span token (``-inf`` elsewhere).
+      scores: ``[B, max_steps]`` probe logit of each generated span token as read under the
+        monitor's ``reading`` (``-inf`` elsewhere); a span's score is the max over its tokens.
+      previous: ``[B]`` teacher probe logit at the last real token fed so far (the prompt's last
+        token after ``prefill``): the prediction position of the next token.
       fired: ``[B, max_steps]`` bool, True at the generated token after which an injection was requested.
     """
 
@@ -54,6 +63,7 @@ class ProbeMonitorState(NamedTuple):
     events: Array
     scores: Array
     fired: Array
+    previous: Array
 
 
 @jax.tree_util.register_dataclass
@@ -71,6 +81,8 @@ class ProbeMonitor(Monitor):
       inject_ids: ``[L]`` int32, the tokens injected when the probe fires.
       threshold: probability above which a span fires (0.7 in RLFR).
       max_events: at most this many injections per row.
+      reading: where a span token is read, ``"answer"``, ``"prediction"`` or ``"both"``
+        (:func:`idesign.rl.read_span`; static).
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> from idesign import probes
@@ -94,6 +106,7 @@ class ProbeMonitor(Monitor):
     inject_ids: Array = None
     threshold: Array | float = 0.7
     max_events: Array | int = 1
+    reading: str = dataclasses.field(default="answer", metadata=dict(static=True))
 
     sites = ()  # reads no activations of the policy: the teacher computes its own
 
@@ -101,6 +114,8 @@ class ProbeMonitor(Monitor):
         if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1:
             raise ValueError(f"ProbeMonitor.max_steps={self.max_steps!r}; expected the generation's "
                              "max_new_tokens (a positive integer).")
+        if self.reading not in READINGS:
+            raise ValueError(f"ProbeMonitor.reading={self.reading!r}; expected one of {READINGS}.")
         arrays = (np.ndarray, jax.Array)  # pytree unflattening may pass placeholders: check arrays only
         if isinstance(self.inject_ids, arrays) and np.ndim(self.inject_ids) != 1:
             raise ValueError(f"ProbeMonitor.inject_ids must be [L] token ids; got shape {np.shape(self.inject_ids)}.")
@@ -116,21 +131,30 @@ class ProbeMonitor(Monitor):
         """An empty state; the teacher's cache is made in :meth:`prefill`, once the prompt length is known."""
         B, N = batch_size, self.max_steps
         return ProbeMonitorState(None, jnp.full((B,), -jnp.inf), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
-                                 jnp.full((B, N), -jnp.inf), jnp.zeros((B, N), bool))
+                                 jnp.full((B, N), -jnp.inf), jnp.zeros((B, N), bool), jnp.full((B,), -jnp.inf))
 
     def prefill(self, state: ProbeMonitorState, info: PromptInfo) -> ProbeMonitorState:
-        """Prefills the prompts into a fresh teacher cache of ``P + max_steps`` slots."""
+        """Prefills the prompts into a fresh teacher cache of ``P + max_steps`` slots.
+
+        The probe logit at each prompt's last real token is kept: it is the prediction position of
+        the first generated token.
+        """
         B, P = info.tokens.shape
         cache = self.teacher_apply.init_cache(B, P + self.max_steps)
-        _, _, cache = self.teacher_apply.forward(self.teacher_params, info.tokens, valid=info.valid, cache=cache)
-        return state._replace(cache=cache)
+        _, captured, cache = self.teacher_apply.forward(self.teacher_params, info.tokens, hooks={self.site: Capture()},
+                                                        valid=info.valid, cache=cache)
+        last = jnp.max(jnp.where(info.valid, jnp.arange(P), -1), axis=1)
+        acts = captured[self.site][jnp.arange(B), jnp.maximum(last, 0)].astype(jnp.float32)
+        previous = jnp.where(last >= 0, probe_score(self.probe, acts), -jnp.inf)
+        return state._replace(cache=cache, previous=previous)
 
     def step(self, state: ProbeMonitorState, info: StepInfo) -> tuple[ProbeMonitorState, Injection]:
         """Feeds the token to the teacher, scores it, and requests an injection when its span fires."""
         _, captured, cache = self.teacher_apply.forward(self.teacher_params, info.token[:, None],
                                                         hooks={self.site: Capture()}, valid=info.valid[:, None],
                                                         cache=state.cache)
-        z = probe_score(self.probe, captured[self.site][:, 0].astype(jnp.float32))
+        own = probe_score(self.probe, captured[self.site][:, 0].astype(jnp.float32))
+        z = {"answer": own, "prediction": state.previous, "both": jnp.maximum(own, state.previous)}[self.reading]
         in_span = jnp.asarray(self.span_tokens, bool)[info.token] & info.valid & ~info.injected
         starts = in_span & ~jnp.isfinite(state.span_max)
         span_max = jnp.where(in_span, jnp.maximum(jnp.where(starts, -jnp.inf, state.span_max), z), -jnp.inf)
@@ -141,6 +165,6 @@ class ProbeMonitor(Monitor):
         new_state = ProbeMonitorState(
             cache, span_max, span_fired | fire, state.events + fire.astype(jnp.int32),
             state.scores.at[:, info.step].set(jnp.where(in_span, z, -jnp.inf)),
-            state.fired.at[:, info.step].set(fire))
+            state.fired.at[:, info.step].set(fire), jnp.where(info.valid, own, state.previous))
         tokens = jnp.broadcast_to(jnp.asarray(self.inject_ids, jnp.int32), (B, self.max_inject))
         return new_state, Injection(tokens, jnp.where(fire, self.max_inject, 0).astype(jnp.int32))

@@ -6,6 +6,11 @@ The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067)
   teacher**. :func:`probe_scores` prefills the student's completion through the *teacher's*
   parameters and reads a probe there; ``stop_gradient`` on the teacher and the probe means no
   gradient ever reaches them (the reward is a constant to the policy gradient anyway).
+  :func:`read_span` says *where* a span is read: at its tokens (``"answer"``), at the position
+  each token was predicted from (``"prediction"``: the nearest real token before it, e.g. the
+  last prompt token for the first answer token), or both (``"both"``). In a shallow model the
+  residual stream at an answer token is dominated by that token's own embedding; the
+  knowledge-vs-guess signal lives where the answer is predicted.
 * :func:`group_advantages`: ``A = (r - mean_group) / (std_group + eps)`` over the samples of one
   prompt; groups whose rewards are all equal carry no signal and are dropped (``keep`` False).
 * :func:`grpo_loss` / :func:`make_grpo_step`: the CISPO-style surrogate
@@ -286,13 +291,59 @@ def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, targe
 # Rewards
 
 
+READINGS = ("answer", "prediction", "both")
+
+
+def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
+    """``[B, T]`` bool: the positions a probe reads for the span ``span_mask`` under ``reading``.
+
+    The *prediction position* of a span token is the nearest real (``valid``) position before it:
+    the activation there is the one the token was sampled from. ``"answer"`` reads the span's
+    tokens, ``"prediction"`` their prediction positions, ``"both"`` the union (for a contiguous
+    span: the position before it plus its tokens). A span token with no real token before it has
+    no prediction position.
+
+    Args:
+      span_mask: ``[B, T]`` bool, the span's tokens.
+      valid: ``[B, T]`` bool, real tokens (padding is skipped when looking back).
+      reading: one of :data:`READINGS`.
+
+    Returns:
+      ``[B, T]`` bool.
+
+    >>> import jax.numpy as jnp
+    >>> from idesign import rl
+    >>> span = jnp.array([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], bool)
+    >>> valid = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], bool)   # row 1: a hole before its span
+    >>> rl.read_span(span, valid, "prediction").astype(int).tolist()
+    [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+    >>> rl.read_span(span, valid, "both").astype(int).tolist()
+    [[0, 0, 1, 1, 1], [0, 1, 0, 1, 0]]
+    """
+    if reading not in READINGS:
+        raise ValueError(f"read_span: reading={reading!r}; expected one of {READINGS}.")
+    span = jnp.asarray(span_mask, bool)
+    if reading == "answer":
+        return span
+    valid = jnp.asarray(valid, bool)
+    if span.ndim != 2 or valid.shape != span.shape:
+        raise ValueError(f"read_span: span_mask {tuple(span.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
+    B, T = span.shape
+    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
+    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
+    hit = (span & (before >= 0)).astype(jnp.int32)
+    predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
+    return predicted_from if reading == "prediction" else predicted_from | span
+
+
 def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, site: str, tokens: Array,
-                 valid: Array, span_mask: Array) -> Array:
+                 valid: Array, span_mask: Array, *, reading: str = "answer") -> Array:
     """``[B]`` probe probability of each row's span, read on the *teacher's* activations (no gradient).
 
     The completion is prefilled through ``teacher_params`` (not the student's); the token-level
     probe scores every token at ``site`` and a row's score is ``sigmoid`` of the max logit over its
-    span (the span-max rule of Obeso et al.). Rows with an empty span score 0. Both the teacher's
+    span's read positions (:func:`read_span`; the span-max rule of Obeso et al.). Rows with an
+    empty span score 0. Both the teacher's
     parameters and the probe are wrapped in ``stop_gradient``, so ``jax.grad`` of anything built on
     these scores is zero with respect to them.
 
@@ -304,6 +355,7 @@ def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, si
       site: the activation site the probe was fitted on, e.g. ``"blocks.1.resid_post"``.
       tokens, valid: ``[B, T]`` prompt + completion.
       span_mask: ``[B, T]`` bool, the tokens of the span to score.
+      reading: where the span is read (:func:`read_span`): ``"answer"``, ``"prediction"`` or ``"both"``.
 
     Returns:
       ``[B]`` float32 in ``[0, 1]``.
@@ -325,6 +377,7 @@ def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, si
     span = jnp.asarray(span_mask, bool)
     if span.shape != z.shape:
         raise ValueError(f"probe_scores: span_mask has shape {tuple(span.shape)}; expected {tuple(z.shape)}.")
+    span = read_span(span, valid, reading)
     zmax = jnp.max(jnp.where(span, z, -jnp.inf), axis=1)
     return jnp.where(span.any(1), jax.nn.sigmoid(zmax), 0.0)
 

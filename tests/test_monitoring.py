@@ -4,6 +4,7 @@ leaves generation unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import idesign as ids
-from idesign import probes
+from idesign import probes, rl
 from idesign.monitoring import ProbeMonitor
 
 VOCAB, D, N = 23, 16, 8
@@ -52,19 +53,34 @@ def run(monitor, key=0):
                         sampling=ids.SamplingConfig(temperature=1.0), monitor=monitor)
 
 
-def test_logged_scores_equal_the_teacher_recomputed_on_the_whole_sequence():
+@pytest.mark.parametrize("reading", ["answer", "prediction", "both"])
+def test_logged_scores_equal_the_teacher_recomputed_on_the_whole_sequence(reading):
     apply, _, teacher = models()
     probe = random_probe(1)
     span_tokens = np.arange(VOCAB) % 2 == 1
-    out = run(make_monitor(probe, span_tokens, threshold=0.5, max_events=3))
+    monitor = dataclasses.replace(make_monitor(probe, span_tokens, threshold=0.5, max_events=3), reading=reading)
+    out = run(monitor)
     tokens, valid = out.sequences()
     acts = apply(teacher, tokens, hooks=ids.capture(SITE), valid=valid)[1][SITE]
-    expected = np.asarray(probes.score(probe, acts))[:, -N:]
+    z = np.asarray(probes.score(probe, acts))
+    # Recomputed by hand: a generated token's prediction position is the previous real token (the
+    # prompt's last token for the first one; prompts are left-padded, so that is column P - 1).
+    own, before = z[:, -N:], z[:, -N - 1:-1]
+    expected = {"answer": own, "prediction": before, "both": np.maximum(own, before)}[reading]
     in_span = span_tokens[np.asarray(out.tokens)] & np.asarray(out.valid) & ~np.asarray(out.injected)
     got = np.asarray(out.monitor_state.scores)
     assert in_span.any()
     np.testing.assert_allclose(got[in_span], expected[in_span], rtol=1e-4, atol=1e-4)
     assert np.all(np.isneginf(got[~in_span]))
+    # And span by span: the lockstep span-max is rl.probe_scores (the RL reward) on the finished sequence.
+    P = tokens.shape[1] - N
+    for b in range(in_span.shape[0]):
+        runs = np.split(np.flatnonzero(in_span[b]), np.flatnonzero(np.diff(np.flatnonzero(in_span[b])) > 1) + 1)
+        for span in (r for r in runs if len(r)):
+            mask = np.zeros(tokens.shape, bool)
+            mask[b, P + span] = True
+            full = rl.probe_scores(apply, teacher, probe, SITE, tokens, valid, jnp.asarray(mask), reading=reading)[b]
+            np.testing.assert_allclose(float(full), float(jax.nn.sigmoid(got[b, span].max())), rtol=1e-4, atol=1e-5)
 
 
 def _replay(tokens, injected, scores, span_tokens, threshold, max_events, n_inject):
@@ -118,5 +134,8 @@ def test_bad_configuration_is_refused():
     apply, _, teacher = models()
     with pytest.raises(ValueError, match="max_steps"):
         ProbeMonitor(apply, SITE, 0, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([RETRACT]))
+    with pytest.raises(ValueError, match="reading"):
+        ProbeMonitor(apply, SITE, N, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([RETRACT]),
+                     reading="after")
     with pytest.raises(ValueError, match="inject_ids"):
         ProbeMonitor(apply, SITE, N, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([[RETRACT]]))

@@ -175,6 +175,17 @@ def test_probe_scores_are_the_span_max_of_token_probabilities():
     p = np.asarray(jax.nn.sigmoid(probes.score(probe, acts)))
     np.testing.assert_allclose(got[:3], p[:3, 3:5].max(1), rtol=1e-5)
     assert float(got[3]) == 0.0
+    # Read where the span was predicted from: the real token before each span token.
+    before = np.asarray(rl.probe_scores(apply, teacher, probe, SITE, tokens, valid, jnp.asarray(span),
+                                        reading="prediction"))
+    both = np.asarray(rl.probe_scores(apply, teacher, probe, SITE, tokens, valid, jnp.asarray(span), reading="both"))
+    v = np.asarray(valid)
+    for b in range(3):
+        reals = np.flatnonzero(v[b])
+        prev = [reals[reals < t].max() for t in (3, 4) if (reals < t).any()]
+        np.testing.assert_allclose(before[b], p[b, prev].max(), rtol=1e-5)
+        np.testing.assert_allclose(both[b], p[b, prev + [3, 4]].max(), rtol=1e-5)
+    assert float(before[3]) == float(both[3]) == 0.0
 
 
 def test_frozen_teacher_is_bit_identical_after_rl():

@@ -30,6 +30,10 @@ def test_main_writes_every_documented_metric(results):
         for key in ("hallucination_rate", "known_acc", "abstain_rate", "probe_estimated_rate", "malformed_rate"):
             value = metrics[f"{arm}.{key}"]
             assert 0.0 <= value <= 1.0, (arm, key, value)
+    assert 0.0 <= metrics["probe.auc_answer_only"] <= 1.0
+    assert metrics["probe.reading"] in (1.0, 2.0)  # the prediction position is always read
+    for reading in ("answer", "prediction", "both"):
+        assert f"probe.val_auc_{reading}_layer0" in metrics
     for arm in hallucination.RL_ARMS:
         assert f"{arm}.probe_auc_on_student" in metrics
     assert metrics["base.relative_reduction"] == 0.0 and metrics["n_seeds"] == 1
