@@ -78,7 +78,8 @@ def test_ragged_batches_and_datasets_give_the_same_sums(tiny_config):
     assert list(whole) == ["blocks.0.mlp.up", "blocks.1.mlp.up"]
     for layer in whole:
         for a, b in zip(whole[layer], streamed[layer]):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            # float32 sums in another order: entries that nearly cancel are exact only to the matrix's scale.
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(np.asarray(a)).max()))
 
 
 # --- a single dense layer + softmax, where the exact Fisher is computable --------------------------

@@ -117,7 +117,13 @@ def test_wrapped_equals_chained_when_the_optimizer_is_elementwise():
 
     chained, wrapped = run(params)
     for path in ("a", "b"):
-        np.testing.assert_array_equal(bits(chained[path]), bits(wrapped[path]))
+        frozen = np.broadcast_to(mask[path], params[path].shape)
+        # Frozen elements: bit-identical to the start in both placements.
+        np.testing.assert_array_equal(bits(chained[path])[frozen], bits(params[path])[frozen])
+        np.testing.assert_array_equal(bits(wrapped[path])[frozen], bits(params[path])[frozen])
+        # Trained elements: the same arithmetic, but XLA may fuse the two graphs differently (seen: 1 ulp
+        # after 50 steps with optax 0.2.8), so equal to float32 rounding rather than bit for bit.
+        np.testing.assert_allclose(chained[path], wrapped[path], rtol=1e-6, atol=1e-7)
 
 
 def test_fully_frozen_leaves_keep_no_optimizer_state(tiny_config):
