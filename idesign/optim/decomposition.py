@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
 PyTree = Any
@@ -390,18 +391,7 @@ def observed(optimizer: optax.GradientTransformation, concepts: Concepts) -> opt
     >>> state.observation.coefficients['w'].round(3).tolist()   # Adam's first step: sign-like, half along row 1
     [-0.5]
     """
-    inner = optax.with_extra_args_support(optimizer)
-    observer = observe_concepts(concepts)
-
-    def init_fn(params):
-        return ObservedState(inner.init(params), observer.init(params))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        updates, observation = observer.update(updates, state.observation, params)
-        return updates, ObservedState(inner_state, observation)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return then_on_final_update(optimizer, observe_concepts(concepts), ObservedState)
 
 
 def find_observations(opt_state: PyTree) -> list[ObserveConceptsState]:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from idesign import tree as tree_lib
+from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
 PyTree = Any
@@ -286,18 +287,7 @@ def projected(optimizer: optax.GradientTransformation, subspaces: PyTree, *, ont
     >>> updates['w'][0].tolist()   # no change along the protected input direction
     [0.0, 0.0]
     """
-    inner = optax.with_extra_args_support(optimizer)
-    projection = _projection(subspaces, onto, others)
-
-    def init_fn(params):
-        return ProjectedState(inner.init(params), projection.init(params))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        updates, proj_state = projection.update(updates, state.projection, params)
-        return updates, ProjectedState(inner_state, proj_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return then_on_final_update(optimizer, _projection(subspaces, onto, others), ProjectedState)
 
 
 def project_conflicting(mode: Literal["pcgrad", "orthogonal"] = "pcgrad", *,
