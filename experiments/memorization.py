@@ -373,6 +373,8 @@ def plot(config: Config, cls_curves: list[dict], lm_curves: list[dict], metrics:
         for s in skills.SKILLS:
             ret = np.array([[c["curves"][method][i][s] / c["before_sweep"][s] if c["before_sweep"][s] > 0 else np.nan
                              for i in range(len(rhos))] for c in lm_curves])
+            if np.isnan(ret).all(0).any():  # a skill no seed learned has no retention to plot at some rho
+                continue
             ax.errorbar(rhos, np.nanmean(ret, 0), yerr=np.nanstd(ret, 0), marker="o", ms=3, capsize=2, label=s)
         ppl = np.array([[c["curves"][method][i]["ppl"] / c["before_sweep"]["ppl"] for i in range(len(rhos))]
                         for c in lm_curves])

@@ -3,20 +3,13 @@
 import dataclasses
 import json
 
-import pytest
 
-from experiments import _common, biomarkers, run_all
+from experiments import biomarkers, run_all
 
 TINY = dataclasses.replace(biomarkers.QUICK, n_train=80, n_discovery=40, n_heldout=40, min_fragments=16,
                            max_fragments=32, d_hidden=8, d_embed=4, steps=40, batch_size=16, sae_features=8,
                            sae_k=2, sae_steps=60, n_motifs=4, n_permutations=1000, seeds=(0, 1), null_seeds=(0, 1),
                            alt_seeds=(0,))
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
 
 
 def test_biomarkers_main_job_writes_metrics_plots_and_report(results, monkeypatch):

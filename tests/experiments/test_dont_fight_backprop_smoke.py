@@ -13,17 +13,11 @@ import json
 import numpy as np
 import pytest
 
-from experiments import _common, _spurious, dont_fight_backprop as dfb
+from experiments import _spurious, dont_fight_backprop as dfb
 
 TINY = dataclasses.replace(dfb.QUICK, n_body=5, n_class_tokens=2, n_train=256, n_test=128, n_concept=128, d_model=16,
                            n_layers=1, n_heads=2, batch_size=32, steps=12, reestimate_every=6, continual_steps=8,
                            seeds=(0, 1))
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
 
 
 def test_rows_follow_the_task_definition():

@@ -5,20 +5,13 @@ import json
 import math
 
 import numpy as np
-import pytest
 
-from experiments import _common, hallucination
+from experiments import hallucination
 from idesign.data.tokenizer import ABSTAIN_ID, EOS_ID, RETRACT_ID
 
 TINY = dataclasses.replace(hallucination.QUICK, n_known=30, n_unknown=10, n_documents=600, d_model=32, n_layers=1,
                            n_heads=2, pretrain_steps=200, warmup=10, probe_samples=2, probe_steps=30,
                            attention_steps=20, rl_steps=2, prompts_per_step=8, group_size=4, gen_batch=32, seeds=(0,))
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
 
 
 def test_main_writes_every_documented_metric(results):

@@ -11,12 +11,6 @@ TINY = dataclasses.replace(knowledge_lm.QUICK, n_known=20, n_unknown=5, n_docume
                            n_heads=2, seq_len=64, batch_size=8, steps=20, log_every=10, warmup=5, seeds=(0, 1))
 
 
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
-
-
 def test_main_job_writes_metrics_plots_and_report(results, monkeypatch):
     monkeypatch.setattr(knowledge_lm, "QUICK", TINY)
     assert run_all.main(["--quick", "--only", "knowledge_lm"]) == 0

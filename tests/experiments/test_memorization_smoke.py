@@ -4,9 +4,8 @@ import dataclasses
 import json
 import math
 
-import pytest
 
-from experiments import _common, memorization
+from experiments import memorization
 from idesign.data import skills
 
 TINY = dataclasses.replace(
@@ -17,12 +16,6 @@ TINY = dataclasses.replace(
     d_model=16, n_layers=1, n_heads=2, lm_layers=("blocks.0.mlp.up",), batch_size=16, steps=30,
     warmup=5, kfac_batch_size=128,
     rhos=(0.5, 0.9), n_bands=4, seeds=(0, 1))
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
 
 
 def test_main_writes_every_documented_key_with_sane_values(results):

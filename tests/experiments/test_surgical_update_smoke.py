@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 
 import idesign as ids
-from experiments import _common, surgical_update as su
+from experiments import surgical_update as su
 
 TINY = dataclasses.replace(su.QUICK, t1="copy", t2="lookup", t3="reverse", length=3, n_symbols=4, n_train=64,
                            n_eval=32, n_attribution=32, d_model=16, n_layers=1, n_heads=2, batch_size=16,
                            pretrain_steps=30, warmup=5, finetune_steps=5, budget=0.1, budgets=(0.1, 0.5), seeds=(0, 1))
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
 
 
 def test_main_writes_every_arm_budget_and_target(results):
