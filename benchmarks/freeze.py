@@ -1,13 +1,13 @@
-"""Optimizer-state memory saved by ``idesign.optim.with_frozen`` against plain ``optax.adamw``.
+"""Optimizer-state memory saved by ``idesign.optim.frozen`` against plain ``optax.adamw``.
 
 The baseline is ``optax.adamw`` on every parameter (what ``optax.chain(adamw, ids.optim.freeze(mask))``
-also holds: freezing last changes updates, not state). ``with_frozen(adamw, mask)`` partitions out
+also holds: freezing last changes updates, not state). ``frozen(adamw, freeze_mask=mask)`` partitions out
 the leaves a mask freezes *entirely*, so Adam keeps no ``mu``/``nu`` for them; a leaf frozen only in
 part (a head inside a fused kernel) still needs its full state. The scenarios show both:
 
 * ``circuit``: 10% of the heads and 2% of the neurons of every layer frozen (element-level; no savings expected);
 * ``freeze_bottom_half``: embeddings and the first half of the blocks frozen;
-* ``train_last_block``: everything frozen but the last block (``with_train_only``).
+* ``train_last_block``: everything frozen but the last block (``frozen(adamw, train_mask=...)``).
 
 Bytes are computed from shapes with ``jax.eval_shape`` (exact, nothing allocated), so the full preset
 measures a GPT-2-small-shaped model (124M parameters) on any machine. The quick preset also initialises
@@ -88,7 +88,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         entry = {**saving, "frozen_fraction": tree.mask_size_report(frozen, params).fraction,
                  "mask_host_bytes": mask_host_bytes(frozen)}
         if config.allocate:
-            real = optim.with_frozen(adamw, frozen).init(params)
+            real = optim.frozen(adamw, freeze_mask=frozen).init(params)
             entry["allocated_bytes_with"] = int(sum(x.nbytes for x in jax.tree.leaves(real)))
             entry["allocated_matches_shapes"] = entry["allocated_bytes_with"] == saving["bytes_with"]
         result.update({f"{name}.{k}": v for k, v in entry.items()})
@@ -97,7 +97,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
     result.update({"config": dataclasses.asdict(config), **_common.environment()})
     if out is not None:
         _common.write_json(out, result)
-    _common.print_table(rows, header=("scenario", "frozen frac", "adamw MiB", "with_frozen MiB", "saved frac",
+    _common.print_table(rows, header=("scenario", "frozen frac", "adamw MiB", "frozen MiB", "saved frac",
                                       "mask MiB"))
     print(f"preset={config.preset}  params={result['n_params']:,}" + (f"  -> {out}" if out else ""))
     return result

@@ -4,7 +4,7 @@ Hypothesis. A reference transformer trained on two synthetic sequence tasks T1 a
 :mod:`idesign.data.sequence_tasks`) forgets them when fine-tuned on a third task T3 alone. Freezing
 the *T1 circuit* — the attention heads and MLP neurons that gradient × weight attribution on T1 data
 ranks highest, a budget of k% of the parameters, frozen element by element with
-``ids.optim.with_frozen`` — keeps T1 (target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of
+``ids.optim.frozen`` — keeps T1 (target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of
 full fine-tuning, and it does so better than a random mask of the same size.
 
 Arms (fine-tuning on T3 only, from the same pretrained weights, on the same batches):
@@ -224,16 +224,16 @@ def dense(mask: Any, params: Any) -> Any:
 
 
 def frozen_by_argument(optimizer: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``with_frozen(optimizer, frozen)`` with the mask given to ``update`` as ``frozen=``.
+    """``frozen(optimizer, freeze_mask=frozen)`` with the mask given to ``update`` as ``frozen=``.
 
     A traced mask freezes exactly as a static one does (it only keeps state for every leaf), and one
     compiled step then serves every arm: the arms are vmapped over their masks and parameters.
     """
     def init_fn(params):
-        return ids.optim.with_frozen(optimizer, ids.tree.full_mask(params, False)).init(params)
+        return ids.optim.frozen(optimizer, freeze_mask=ids.tree.full_mask(params, False)).init(params)
 
     def update_fn(updates, state, params=None, *, frozen, **extra):
-        return ids.optim.with_frozen(optimizer, frozen).update(updates, state, params, **extra)
+        return ids.optim.frozen(optimizer, freeze_mask=frozen).update(updates, state, params, **extra)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -42,8 +42,8 @@ def main() -> None:
 
     # SGD with momentum keeps the comparison linear in the gradient (Adam's first step g/|g| amplifies
     # reduction-order noise); weight decay and clipping still act on frozen elements if misplaced.
-    opt = optim.with_frozen(optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(0.1),
-                                        optax.sgd(optax.linear_schedule(0.5, 0.1, 3), momentum=0.9)), mask)
+    opt = optim.frozen(optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(0.1),
+                                   optax.sgd(optax.linear_schedule(0.5, 0.1, 3), momentum=0.9)), freeze_mask=mask)
     step = ids.make_train_step(ids.lm_loss(apply), opt, jit=False)
     # Three steps inside one compiled loop: one compilation per layout.
     train = jax.jit(lambda state, b: jax.lax.fori_loop(0, 3, lambda _, s: step(s, b)[0], state))

@@ -1,7 +1,7 @@
 """Models: the reference transformer, its functional interface, adaptors for other Flax models, importers."""
 
 from idesign.models.config import RopeScaling, TransformerConfig
-from idesign.models.functional import Params, TransformerApply, functional, init_transformer
+from idesign.models._functional import Params, TransformerApply, functional, init_transformer
 from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_layer_names, rope_frequencies,
                                         rotary, site_names)
 from idesign.models.adaptors import LinenApply, NNXApply, from_linen, from_nnx

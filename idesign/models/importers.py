@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from idesign import sharding as sharding_lib
 from idesign import tree as tree_lib
 from idesign.models.config import RopeScaling, TransformerConfig
-from idesign.models.functional import Params, TransformerApply
+from idesign.models._functional import Params, TransformerApply
 from idesign.models.transformer import Transformer
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Tokenizer", "config_from_hf", "hub_reachable", "load_pretrained",

@@ -2,11 +2,11 @@
 and the decomposition of each update onto concept directions.
 
 Each transform is an ``optax.GradientTransformation`` that drops into ``optax.chain`` next to the
-user's optimizer; users write ``ids.optim.freeze(mask)``.
+user's optimizer (``ids.optim.freeze(mask)``), or wrap an optimizer (``ids.optim.frozen(adamw, freeze_mask=mask)``,
+``ids.optim.projected(adamw, subspaces)``, ``ids.optim.observed(adamw, concepts)``).
 """
 
-from idesign.optim.freeze import (FrozenState, freeze, frozen_state_savings, opt_state_nbytes, train_only,
-                                  with_frozen, with_train_only)
+from idesign.optim._freezing import FrozenState, freeze, frozen, frozen_state_savings, opt_state_nbytes
 from idesign.optim import projection
 from idesign.optim.projection import (ConflictState, ProjectedState, ProjectionState, apply_projection, check_subspaces,
                                       project_conflicting, project_onto, project_out, projected, subspaces_for)

@@ -328,7 +328,7 @@ def test_projection_and_freezing_on_an_imported_model(checkpoints):
     basis = ids.subspaces.from_activations(np.asarray(captured["blocks.0.mlp.down.in"]).reshape(-1, 64), rank=8)
     mask = ids.circuits.heads_mask(params, apply.config, [(0, 1), (1, 3)])
     optimizer = optax.chain(
-        ids.optim.with_frozen(optax.sgd(0.1), mask),
+        ids.optim.frozen(optax.sgd(0.1), freeze_mask=mask),
         ids.optim.project_out(ids.optim.subspaces_for(params, {"blocks.0.mlp.down.kernel": basis})))
     step = ids.make_train_step(ids.lm_loss(apply), optimizer)
     state, _ = step(ids.init_train_state(params, optimizer), batch)

@@ -45,7 +45,7 @@ def train_three_ways(params, targets, partial_masks, kinds):
     mask = [k if k is not None else m for k, m in zip(kinds, partial_masks)]
     opts = {
         "chained": optax.chain(schedule_adamw(), optim.freeze(mask)),
-        "wrapped": optim.with_frozen(schedule_adamw(), mask),
+        "wrapped": optim.frozen(schedule_adamw(), freeze_mask=mask),
         "reference": optax.chain(optim.freeze(mask), schedule_adamw(), optim.freeze(mask)),
     }
     out = {}
@@ -107,7 +107,7 @@ def test_wrapped_equals_chained_when_the_optimizer_is_elementwise():
     @jax.jit
     def run(params):
         outs = []
-        for opt in (optax.chain(adamw, optim.freeze(mask)), optim.with_frozen(adamw, mask)):
+        for opt in (optax.chain(adamw, optim.freeze(mask)), optim.frozen(adamw, freeze_mask=mask)):
             def step(_, carry, opt=opt):
                 p, s = carry
                 updates, s = opt.update(jax.grad(loss)(p, targets), s, p)
@@ -130,7 +130,7 @@ def test_fully_frozen_leaves_keep_no_optimizer_state(tiny_config):
     _, params = build(tiny_config)
     mask = tree.mask_union(circuits.paths_mask(params, ["embed.*", "pos_embed.*", "blocks.0.*"]),
                            circuits.heads_mask(params, tiny_config, [(1, 2)]))
-    opt = optim.with_frozen(optax.adamw(1e-3), mask)
+    opt = optim.frozen(optax.adamw(1e-3), freeze_mask=mask)
     state = opt.init(params)
     assert isinstance(state, optim.FrozenState)
     adam_state = state.inner_state.inner_states["train"].inner_state[0]
@@ -147,19 +147,24 @@ def test_fully_frozen_leaves_keep_no_optimizer_state(tiny_config):
     assert 0.3 < savings["fraction_saved"] < 0.9
 
 
-def test_train_only_is_freeze_of_the_complement():
+def test_train_mask_is_the_freeze_mask_complement():
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
     grads = jax.tree.map(jnp.ones_like, params)
     keep = {"w": np.array([[True, False, True], [False, False, True]]), "b": False}
-    a, _ = optim.train_only(keep).update(grads, optim.train_only(keep).init(params))
-    b, _ = optim.freeze(tree.mask_complement(keep)).update(grads, optax.EmptyState())
+    by_train = optim.frozen(optax.sgd(1.0), train_mask=keep)
+    by_freeze = optim.frozen(optax.sgd(1.0), freeze_mask=tree.mask_complement(keep))
+    a, _ = by_train.update(grads, by_train.init(params), params)
+    b, _ = by_freeze.update(grads, by_freeze.init(params), params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(bits(x), bits(y))
     np.testing.assert_array_equal(a["w"] != 0, keep["w"])
     np.testing.assert_array_equal(a["b"], 0.0)
-    sgd = optim.with_train_only(optax.sgd(1.0), keep)
-    updates, _ = sgd.update(grads, sgd.init(params), params)
-    np.testing.assert_array_equal(updates["w"] != 0, keep["w"])
+
+
+@pytest.mark.parametrize("masks", [{}, {"freeze_mask": {"w": True}, "train_mask": {"w": False}}])
+def test_frozen_needs_exactly_one_mask(masks):
+    with pytest.raises(TypeError, match="exactly one of freeze_mask= .* and train_mask="):
+        optim.frozen(optax.sgd(1.0), **masks)
 
 
 def test_bad_masks_are_refused_with_the_path():
@@ -167,11 +172,11 @@ def test_bad_masks_are_refused_with_the_path():
     with pytest.raises(TypeError, match="mask leaf w has float32"):
         optim.freeze({"w": np.ones((2, 3), np.float32), "b": False})
     with pytest.raises(TypeError, match="mask leaf w has float32"):
-        optim.with_frozen(optax.sgd(1.0), {"w": np.ones((2, 3), np.float32), "b": False})
+        optim.frozen(optax.sgd(1.0), freeze_mask={"w": np.ones((2, 3), np.float32), "b": False})
     with pytest.raises(ValueError, match=r"mask leaf w has shape \(3, 2\)"):
         optim.freeze({"w": np.ones((3, 2), bool), "b": False}).init(params)
     with pytest.raises(ValueError, match=r"missing \['b'\]"):
-        optim.with_frozen(optax.sgd(1.0), {"w": True}).init(params)
+        optim.frozen(optax.sgd(1.0), freeze_mask={"w": True}).init(params)
     with pytest.raises(ValueError, match=r"mask leaf w has shape \(3, 2\) but the update has shape \(2, 3\)"):
         optim.freeze({"w": np.ones((3, 2), bool), "b": False}).update(params, optax.EmptyState())
 

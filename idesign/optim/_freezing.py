@@ -8,8 +8,10 @@ Placement matters: anything after the freezing step (weight decay, a learning-ra
 ``scale``) would move frozen elements again. So either
 
 * chain :func:`freeze` *last*: ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr), freeze(mask))``, or
-* wrap the optimizer: ``with_frozen(optimizer, mask)``, which cannot be mis-placed and also drops the
-  optimizer state of leaves that are frozen entirely (via ``optax.partition``).
+* wrap the optimizer: ``frozen(optimizer, freeze_mask=mask)`` (or ``train_mask=`` for the complement), which
+  cannot be mis-placed and also drops the optimizer state of leaves that are frozen entirely (via
+  ``optax.partition``). The names follow optax: ``optax.freeze`` is a plain transform,
+  ``optax.transforms.selective_transform(opt, freeze_mask=)`` a wrapper.
 
 Frozen updates are set to ``-0.0``, not ``+0.0``: ``p + (-0.0) == p`` bit for bit for every float
 ``p`` including ``-0.0``, while ``-0.0 + 0.0`` is ``+0.0``.
@@ -17,7 +19,7 @@ Frozen updates are set to ``-0.0``, not ``+0.0``: ``p + (-0.0) == p`` bit for bi
 The mask is static data, like optax's masks: closed over, not part of the optimizer state, so its arrays
 become constants of the compiled step. Compact masks (``(1, d_out)`` column flags, as
 :func:`idesign.circuits.heads_mask` makes) keep those constants small; a mask passed in as a traced
-argument also works (it freezes exactly, but ``with_frozen`` cannot then drop state for it).
+argument also works (it freezes exactly, but ``frozen`` cannot then drop state for it).
 """
 
 from __future__ import annotations
@@ -97,21 +99,18 @@ def freeze(mask: Mask) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def train_only(mask: Mask) -> optax.GradientTransformation:
-    """The opposite of :func:`freeze`: only the masked elements (``True``) are updated; chain it last.
-
-    >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
-    >>> params = {'w': jnp.ones(2), 'b': jnp.ones(2)}
-    >>> opt = optax.chain(optax.sgd(0.5), ids.optim.train_only({'w': np.array([True, False]), 'b': False}))
-    >>> optax.apply_updates(params, opt.update({'w': jnp.ones(2), 'b': jnp.ones(2)}, opt.init(params))[0])
-    {'b': Array([1., 1.], dtype=float32), 'w': Array([0.5, 1. ], dtype=float32)}
-    """
+def _one_mask(freeze_mask: Mask | None, train_mask: Mask | None) -> Mask:
+    """The freeze mask (``True`` = frozen) from exactly one of the two spellings."""
+    if (freeze_mask is None) == (train_mask is None):
+        raise TypeError("give exactly one of freeze_mask= (True = frozen) and train_mask= (True = trained); got "
+                        f"{'both' if freeze_mask is not None else 'neither'}.")
+    mask = freeze_mask if freeze_mask is not None else train_mask
     _check_dtype(mask)
-    return freeze(tree_lib.mask_complement(mask))
+    return mask if freeze_mask is not None else tree_lib.mask_complement(mask)
 
 
 class FrozenState(NamedTuple):
-    """State of :func:`with_frozen`: the wrapped optimizer's state, partitioned so that leaves frozen
+    """State of :func:`frozen`: the wrapped optimizer's state, partitioned so that leaves frozen
     entirely hold none (``optax.MaskedNode`` in their place)."""
 
     inner_state: Any
@@ -123,7 +122,8 @@ def _fully_frozen(leaf: Any) -> bool:
     return bool(np.all(np.asarray(leaf)))
 
 
-def with_frozen(optimizer: optax.GradientTransformation, mask: Mask) -> optax.GradientTransformationExtraArgs:
+def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None = None,
+           train_mask: Mask | None = None) -> optax.GradientTransformationExtraArgs:
     """Wraps any optax optimizer so the masked elements (``True``) never change, and keep no state where possible.
 
     Per step: the frozen elements' gradients are zeroed, the optimizer runs on what remains, and the
@@ -139,7 +139,8 @@ def with_frozen(optimizer: optax.GradientTransformation, mask: Mask) -> optax.Gr
 
     Args:
       optimizer: any ``optax.GradientTransformation`` (extra arguments are passed through).
-      mask: element mask, ``True`` = frozen.
+      freeze_mask: element mask, ``True`` = frozen. Give exactly one of ``freeze_mask`` and ``train_mask``.
+      train_mask: element mask, ``True`` = trained (everything else is frozen).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`FrozenState`.
@@ -147,15 +148,22 @@ def with_frozen(optimizer: optax.GradientTransformation, mask: Mask) -> optax.Gr
     >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
     >>> params = {'embed': jnp.ones((4, 2)), 'w': jnp.ones(3)}
     >>> mask = {'embed': True, 'w': np.array([False, True, False])}
-    >>> opt = ids.optim.with_frozen(optax.adamw(0.1), mask)
+    >>> opt = ids.optim.frozen(optax.adamw(0.1), freeze_mask=mask)
     >>> state = opt.init(params)
     >>> updates, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params)
     >>> np.asarray(optax.apply_updates(params, updates)['w']).round(3)
     array([0.9, 1. , 0.9], dtype=float32)
     >>> ids.optim.opt_state_nbytes(state) < ids.optim.opt_state_nbytes(optax.adamw(0.1).init(params))
     True
+
+    The complement, training only the masked elements:
+
+    >>> sgd = ids.optim.frozen(optax.sgd(1.0), train_mask={'a': np.array([True, False]), 'b': False})
+    >>> p = {'a': jnp.ones(2), 'b': jnp.ones(2)}
+    >>> optax.apply_updates(p, sgd.update({'a': jnp.ones(2), 'b': jnp.ones(2)}, sgd.init(p))[0])
+    {'a': Array([0., 1.], dtype=float32), 'b': Array([1., 1.], dtype=float32)}
     """
-    _check_dtype(mask)
+    mask = _one_mask(freeze_mask, train_mask)
     labels = jax.tree_util.tree_map(lambda m: "frozen" if _fully_frozen(m) else "train", mask)
     inner = optax.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
@@ -171,19 +179,6 @@ def with_frozen(optimizer: optax.GradientTransformation, mask: Mask) -> optax.Gr
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def with_train_only(optimizer: optax.GradientTransformation, mask: Mask) -> optax.GradientTransformationExtraArgs:
-    """:func:`with_frozen` with the complement: only the masked elements (``True``) are trained.
-
-    >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
-    >>> params = {'a': jnp.ones(2), 'b': jnp.ones(2)}
-    >>> opt = ids.optim.with_train_only(optax.sgd(1.0), {'a': np.array([True, False]), 'b': False})
-    >>> optax.apply_updates(params, opt.update({'a': jnp.ones(2), 'b': jnp.ones(2)}, opt.init(params))[0])
-    {'a': Array([0., 1.], dtype=float32), 'b': Array([1., 1.], dtype=float32)}
-    """
-    _check_dtype(mask)
-    return with_frozen(optimizer, tree_lib.mask_complement(mask))
-
-
 def opt_state_nbytes(opt_state: PyTree) -> int:
     """Bytes held by the arrays of an optimizer state (or any pytree of arrays or ``ShapeDtypeStruct``).
 
@@ -196,7 +191,7 @@ def opt_state_nbytes(opt_state: PyTree) -> int:
 
 
 def frozen_state_savings(optimizer: optax.GradientTransformation, params: PyTree, mask: Mask) -> dict[str, float]:
-    """Optimizer-state memory of ``optimizer`` vs ``with_frozen(optimizer, mask)``, computed from shapes only.
+    """Optimizer-state memory of ``optimizer`` vs ``frozen(optimizer, freeze_mask=mask)``, from shapes only.
 
     Returns ``{'bytes_without': ..., 'bytes_with': ..., 'bytes_saved': ..., 'fraction_saved': ...}``;
     nothing is allocated (``jax.eval_shape``).
@@ -207,6 +202,6 @@ def frozen_state_savings(optimizer: optax.GradientTransformation, params: PyTree
     6400
     """
     without = opt_state_nbytes(jax.eval_shape(optimizer.init, params))
-    with_ = opt_state_nbytes(jax.eval_shape(with_frozen(optimizer, mask).init, params))
+    with_ = opt_state_nbytes(jax.eval_shape(frozen(optimizer, freeze_mask=mask).init, params))
     return {"bytes_without": without, "bytes_with": with_, "bytes_saved": without - with_,
             "fraction_saved": (without - with_) / without if without else 0.0}
