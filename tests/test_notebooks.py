@@ -3,7 +3,7 @@
 Static rules, checked on every notebook: the first cell is the install cell below, identical everywhere
 (the repository's address comes from ``[project.urls] Repository`` in pyproject.toml, its one home); no
 other cell installs anything; no cell imports ``experiments`` (not installed: study code a notebook needs
-lives in the library).
+lives in the library); the README links every notebook to Colab.
 
 Execution: each notebook runs top to bottom in small mode (``IDESIGN_SMALL=1``) in a fresh kernel whose
 working directory is a temporary folder outside the repository and whose ``PYTHONPATH`` does not point at
@@ -64,6 +64,18 @@ def test_notebook_follows_the_colab_rules(path):
     imports = [i for i, src in _code(nb) if re.search(r"^\s*(from|import)\s+experiments\b", src, re.M)]
     assert not imports, (f"{path.name}: cells {imports} import `experiments`, which is not installed "
                          "(Colab, a fresh kernel outside the repository); move what they need into idesign")
+
+
+def colab_link(path: Path) -> str:
+    """The "Open in Colab" address of a notebook on the repository's main branch."""
+    github = repository_url().removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{github}/blob/main/colab/{path.name}"
+
+
+def test_readme_links_every_notebook_to_colab():
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.name for p in NOTEBOOKS if colab_link(p) not in readme]
+    assert not missing, f"README.md: no Open-in-Colab link for {missing} (expected e.g. {colab_link(NOTEBOOKS[0])})"
 
 
 def _installed_idesign_is_this_checkout() -> bool:
