@@ -21,7 +21,7 @@ import idesign as ids
 from idesign.models import importers
 from tests.conftest import run_with_8_devices
 
-torch = pytest.importorskip("torch", reason="the importer tests compare against transformers (the test extra)")
+torch = pytest.importorskip("torch", reason="the importer tests compare against transformers: pip install -e '.[compare]' (torch + transformers)")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
