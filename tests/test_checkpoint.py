@@ -143,7 +143,7 @@ def test_overwrite_rules(tmp_path):
 
 
 def test_unsavable_values_name_their_path(tmp_path):
-    with pytest.raises(TypeError, match=r"blocks\.0\.name .*str"):
+    with pytest.raises(TypeError, match=r"blocks\.0\.name: .*str"):
         save_checkpoint(tmp_path / "a", {"blocks": {0: {"name": "x", "w": jnp.ones(1)}}})
     with pytest.raises(TypeError, match=r"metadata\.cfg\.fn"):
         save_checkpoint(tmp_path / "b", {"w": jnp.ones(1)}, metadata={"cfg": {"fn": print}})
@@ -192,7 +192,7 @@ def test_mismatch_wrong_shape_names_dotted_path_and_both_shapes(tmp_path):
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert "params.blocks.0.attn.q_proj.kernel: shape mismatch" in message
-    assert "target expects (4, 16), checkpoint has (4, 8)" in message
+    assert "expected (4, 16), checkpoint has (4, 8)" in message
     # NamedTuple fields render by name, sequence entries by index.
     assert "opt_state.0.mu.blocks.1.attn.q_proj.kernel" in message
     assert len(info.value.problems) == 6  # params, mu and nu of both blocks
@@ -213,13 +213,13 @@ def test_mismatch_missing_and_unexpected_leaves(tmp_path):
     with pytest.raises(CheckpointMismatchError) as info:
         restore_checkpoint(tmp_path, state._replace(params=params))
     message = str(info.value)
-    assert "params.embed: unexpected leaf in checkpoint" in message
+    assert "params.embed: unexpected in checkpoint" in message
     assert "bfloat16 array of shape (5, 4)" in message
 
 
 def test_mismatch_dtype(tmp_path):
     save_checkpoint(tmp_path, {"w": jnp.zeros((2,), jnp.float32)})
-    with pytest.raises(CheckpointMismatchError, match="w: dtype mismatch: target expects bfloat16"):
+    with pytest.raises(CheckpointMismatchError, match="w: dtype mismatch: expected bfloat16"):
         restore_checkpoint(tmp_path, {"w": jnp.zeros((2,), jnp.bfloat16)})
 
 
@@ -381,7 +381,7 @@ def test_failed_async_save_in_manager_is_not_listed(tmp_path, monkeypatch):
 
 def test_unsupported_leaf_fails_before_writing(tmp_path):
     with CheckpointManager(tmp_path) as manager:
-        with pytest.raises(TypeError, match=r"params\.0\.f .*object"):
+        with pytest.raises(TypeError, match=r"params\.0\.f: .*object"):
             manager.save(1, {"params": {0: {"f": object()}}})
         assert manager.all_steps() == []
     assert _entries(tmp_path) == []
