@@ -187,9 +187,9 @@ def _fingerprint(leaf: Any) -> dict[str, Any] | None:
             return None
         if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
-    array = np.ascontiguousarray(np.asarray(leaf))
+    array = np.asarray(leaf)
     return {"dtype": str(array.dtype), "shape": list(array.shape),
-            "xxh3_64": xxhash.xxh3_64_hexdigest(array.reshape(-1).view(np.uint8))}
+            "xxh3_64": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(array.reshape(-1)).view(np.uint8))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,9 +323,14 @@ def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: 
         saved_specs = jax.tree.map(_saved_spec, saved)
     except Exception as e:  # noqa: BLE001
         raise corrupt(f"{_STATE}/ tree metadata", f"unreadable ({_first_line(e)})") from e
+    if checksums is not None:  # the tree metadata must describe the leaves that were hashed
+        hashed = {n: _Spec(None, None) if c is None else _Spec(tuple(c["shape"]), np.dtype(c["dtype"]))
+                  for n, c in checksums["leaves"].items()}
+        if diff := _structure_diff(hashed, saved_specs, what="the tree metadata"):
+            raise corrupt(f"{_STATE}/ tree metadata", f"disagrees with the checksums: {'; '.join(diff[:3])}")
     if target is not None:
-        specs = {name: _target_spec(leaf, name) for name, leaf in _named(target).items()}
-        problems = _structure_diff(specs, _named(saved_specs), what="checkpoint")
+        specs = jax.tree_util.tree_map_with_path(lambda p, leaf: _target_spec(leaf, _dotted(p)), target)
+        problems = _structure_diff(specs, saved_specs, what="checkpoint")  # in the target's order
         if problems:
             lines = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
                                                if len(problems) > _MAX_LISTED else [])
