@@ -635,7 +635,8 @@ class CheckpointManager:
         """Blocks until pending saves are written (raising the error of a failed one), then deletes
         the checkpoints beyond ``keep``."""
         try:
-            self._checkpointer.wait_until_finished()
+            if isinstance(self._checkpointer, ocp.AsyncCheckpointer):
+                self._checkpointer.wait_until_finished()
         except BaseException:
             _remove_temporaries(self._directory)
             raise
