@@ -252,6 +252,10 @@ def _is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def _sync() -> None:
+    ocp.multihost.sync_global_processes(f"idesign_checkpoint_{next(_barrier_ids)}")
+
+
 def _remove_temporaries(parent: Path, name_glob: str = "*") -> None:
     """Removes orbax's unfinished checkpoint directories under ``parent``.
 
@@ -449,18 +453,18 @@ def save_checkpoint(directory: PathLike, tree: PyTree, *, step: int | None = Non
         raise ValueError(f"step must be non-negative, got {step}.")
     root = Path(directory).absolute()
     final = root if step is None else root / str(int(step))
-    write_to = final
-    if final.exists():
-        if final.is_dir() and not any(final.iterdir()):
-            if _is_primary():
-                final.rmdir()  # an empty directory (e.g. from tempfile) holds nothing to lose
-        elif not (final / _STATE).is_dir():
+    write_to, empty = final, final.is_dir() and not any(final.iterdir())
+    if final.exists() and not empty:
+        if not (final / _STATE).is_dir():
             raise FileExistsError(f"{final} exists and is not a checkpoint; refusing to write over it.")
         elif not overwrite:
             raise FileExistsError(f"A checkpoint already exists at {final}; pass overwrite=True to replace it.")
         else:
             write_to = final.with_name(final.name + ".idesign-staging")
+    _sync()  # every process has looked before the primary changes anything
     if _is_primary():
+        if empty:
+            final.rmdir()  # an empty directory (e.g. from tempfile) holds nothing to lose
         final.parent.mkdir(parents=True, exist_ok=True)
     checkpointer = _checkpointer()
     try:
@@ -473,7 +477,7 @@ def save_checkpoint(directory: PathLike, tree: PyTree, *, step: int | None = Non
         final.rename(old)
         write_to.rename(final)
         shutil.rmtree(old)
-    ocp.multihost.sync_global_processes(f"idesign_checkpoint_saved_{next(_barrier_ids)}")
+    _sync()
     return final
 
 
@@ -564,6 +568,7 @@ class CheckpointManager:
         if _is_primary():
             self._directory.mkdir(parents=True, exist_ok=True)
         _remove_temporaries(self._directory)  # unfinished saves of an earlier (killed) run
+        _sync()
         self._checkpointer = _checkpointer(async_save)
 
     @property
@@ -643,6 +648,7 @@ class CheckpointManager:
         if self.keep is not None and _is_primary():
             for old in _steps(self._directory)[:-self.keep]:
                 shutil.rmtree(self._directory / str(old), ignore_errors=True)
+        _sync()  # all processes list the same steps afterwards
 
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's resources."""
