@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from idesign import distributed
 from idesign import sharding as sharding_lib
 from idesign import tree as tree_lib
 from idesign.hooks import Capture, Hooks, merge_hooks
@@ -380,7 +381,7 @@ def _stream(source: _Source, params: Any, out_columns: list[str], static: dict, 
             placed = _place(device, mesh, flat=selection.mode == "flat")
             acts = _forward(params, placed["tokens"], placed["valid"], placed["index"], placed["mask"], chains,
                             mode=selection.mode, **static)
-            acts = jax.device_get(acts)
+            acts = distributed.to_host(acts)   # a plain device_get, or a gather when rows live on other processes
             keep = selection.count if selection.mode == "flat" else rows
             out = {site: np.asarray(x)[:keep] for site, x in acts.items()}
             out.update(_columns_for(batch, out_columns, selection, start, seq_len, rows))

@@ -46,6 +46,12 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
         data = len(devices) // model
     if data * model > len(devices):
         raise ValueError(f"make_mesh: data={data} x model={model} needs {data * model} devices; {len(devices)} available.")
+    if jax.process_count() > 1 and data * model != len(devices):
+        # On several processes every one must hold a part of the mesh, or some would wait forever in collectives.
+        raise ValueError(f"make_mesh: data={data} x model={model} = {data * model} devices, but the {jax.process_count()} "
+                         f"processes have {len(devices)} devices in all ({jax.local_device_count()} each); a "
+                         "multi-process mesh must use every device. Choose data x model = "
+                         f"{len(devices)}, or leave data=None.")
     return Mesh(np.asarray(devices[:data * model]).reshape(data, model), ("data", "model"))
 
 

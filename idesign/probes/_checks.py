@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign.distributed import to_host
+
 Array = jax.Array
 _SHOWN = 10  # how many offending rows a message lists
 
@@ -65,7 +67,7 @@ def check_finite(x: Array, *, fn: str, name: str, axes: Sequence[str]) -> None:
     if isinstance(x, jax.Array):
         if int(_nonfinite_count(x)) == 0:
             return
-        x = np.asarray(x)
+        x = to_host(x)
     bad = ~np.isfinite(x)
     n_bad = int(bad.sum())
     if n_bad == 0:
@@ -105,7 +107,7 @@ def class_labels(labels: Any, *, fn: str, name: str = "labels", n_classes: int |
         raise TypeError(f"{fn}: {name}{target} must hold integer class ids, got dtype {dtype}.")
     if not is_concrete(labels):
         return jnp.asarray(labels).astype(jnp.int32), (2 if binary else int(n_classes or 2))
-    values = np.asarray(labels)
+    values = to_host(labels)   # labels may be a global array spread over several processes
     if jnp.issubdtype(dtype, jnp.floating):
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
             raise ValueError(f"{fn}: {name}{target} must be integer class ids; got non-integral or non-finite values.")
@@ -137,7 +139,7 @@ def sample_weights(weights: Any, n_rows: int, *, fn: str, name: str = "sample_we
     if tuple(w.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have shape {shape} (one weight per row), got {tuple(w.shape)}.")
     if is_concrete(w):
-        host = np.asarray(w)
+        host = to_host(w)
         if not np.all(np.isfinite(host)) or np.any(host < 0):
             bad = np.argwhere(~np.isfinite(host) | (host < 0))[:_SHOWN].tolist()
             raise ValueError(f"{fn}: {name} must be finite and non-negative; bad entries at {bad}.")

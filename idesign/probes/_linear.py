@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign.distributed import to_host
 from idesign.probes import _checks
 
 Array = jax.Array
@@ -407,7 +408,7 @@ def _fold_ids(cv: int | Any, labels: np.ndarray | Array, seed: int, fn: str) -> 
     if isinstance(cv, (int, np.integer)):
         if cv < 2:
             raise ValueError(f"{fn}: cv must be at least 2 folds, got {cv}.")
-        host = np.asarray(labels)
+        host = to_host(labels)
         return int(cv), np.stack([stratified_folds(host[k], int(cv), seed) for k in range(K)])
     ids = np.asarray(cv)
     if ids.shape != (n_rows,) or not np.issubdtype(ids.dtype, np.integer):
