@@ -291,7 +291,7 @@ def _leaf_in_error(error: BaseException, location: Path) -> str | None:
     # Orbax's read errors quote the TensorStore spec, whose innermost kvstore 'path' is the leaf's
     # name inside the checkpoint (keys joined by '.'); the other 'path's are directories.
     text = "\n".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
-    names = [p.rstrip("/") for p in re.findall(r"""['"]path['"]:\s*\\?['"]([^'"\\]+)""", text)]
+    names = [p.rstrip("/") for p in re.findall(r"""\\?['"]path\\?['"]:\s*\\?['"]([^'"\\]+)""", text)]
     names = [n for n in names if n and not n.startswith("/") and "://" not in n and str(location) not in n]
     return names[-1] if names else None
 
