@@ -1,36 +1,26 @@
-"""Checkpoints for training-state pytrees, on top of orbax-checkpoint, with per-leaf checksums.
+"""Checkpoints for training-state pytrees on orbax-checkpoint, with per-leaf checksums.
 
-:func:`save_checkpoint` / :func:`restore_checkpoint` save and restore one pytree (parameters or a
-whole training state) with a JSON metadata dict; :class:`CheckpointManager` saves every
-``save_every`` steps (asynchronously), keeps the newest ``keep`` and restores the latest intact one.
-Both go through one orbax path (a ``CompositeCheckpointHandler``, synchronous for the one-shot
-functions) and write one layout::
+:func:`save_checkpoint` / :func:`restore_checkpoint` save and restore one pytree with a JSON metadata
+dict; :class:`CheckpointManager` saves every ``save_every`` steps (asynchronously), keeps the newest
+``keep`` and restores the latest (intact) one. Both use one orbax path (a ``CompositeCheckpointHandler``,
+synchronous for the one-shot functions) and one layout: ``<checkpoint>/state/`` (the pytree),
+``metadata/`` (the caller's JSON) and ``checksums/`` (per leaf: dtype, shape, xxh3-64 of its bytes), where
+``<checkpoint>`` is ``<directory>/<step>``, or ``directory`` for ``save_checkpoint`` without a step.
 
-    <checkpoint>/state/      the pytree (orbax ``StandardCheckpointHandler``)
-    <checkpoint>/metadata/   the caller's JSON metadata
-    <checkpoint>/checksums/  per leaf: dtype, shape and an xxh3-64 hash of its bytes
+**Restoring** goes into a *target* (arrays or ``jax.ShapeDtypeStruct``s, see :func:`abstract_like`),
+compared with the checkpoint before any read: a difference raises :class:`CheckpointMismatchError`
+naming every dotted path, in the target's order (parameters before optimizer state). The result has the
+target's exact structure (int dict keys, NamedTuples) and shardings.
 
-where ``<checkpoint>`` is ``<directory>/<step>`` (or ``directory`` itself for ``save_checkpoint``
-without a ``step``).
+**Corruption** raises :class:`CheckpointCorruptError` naming the step, the leaf (or file) and what failed.
+Detected: any change of a leaf's bytes, dtype or shape after saving (flipped bits; truncated, deleted or
+rewritten array files, including changes orbax reads back silently) and unreadable state, metadata or
+checksum files. Not detected: a checkpoint replaced whole by another consistent one; leaves not fully
+addressable from one process (multi-host shardings); checkpoints written before checksums existed
+(restored unchecked). xxh3 detects accidents, not tampering.
 
-**Restoring** goes into a *target* with the structure the caller expects (arrays,
-``jax.ShapeDtypeStruct``s: see :func:`abstract_like`). It is compared with the checkpoint before any
-array is read; a difference raises :class:`CheckpointMismatchError` naming every offending dotted
-path (parameters before optimizer state for a :class:`~idesign.train.TrainState`). The result has
-the target's exact pytree structure (int dict keys, NamedTuples) and its shardings.
-
-**Corruption** raises :class:`CheckpointCorruptError` naming the step, the leaf (or file) and what
-failed. Detected: any change of a leaf's bytes, dtype or shape after saving (a flipped bit, a
-truncated, deleted or rewritten array file, including silent changes that orbax reads back without
-error), an unreadable state, metadata or checksum file. Not detected: a checkpoint replaced as a
-whole by another consistent one; leaves of arrays not fully addressable from one process
-(multi-host shardings), whose hash would need every host's bytes; checkpoints written before
-checksums existed (they restore unchecked). xxh3 is not a cryptographic hash: it detects accidents,
-not tampering. Hashing runs at ~25 GB/s on one core; the cost is the host copy of device arrays.
-
-**Atomicity**: orbax writes into ``<name>.orbax-checkpoint-tmp`` and renames at the end, so an
-interrupted save (even ``kill -9``) leaves no final directory; leftovers are removed on failure and
-when a manager opens the directory.
+**Atomicity**: orbax writes into ``<name>.orbax-checkpoint-tmp`` and renames at the end, so an interrupted
+save (even ``kill -9``) leaves no final directory; leftovers are removed on failure and when a manager opens.
 """
 
 from __future__ import annotations
