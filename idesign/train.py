@@ -183,6 +183,8 @@ class BatchIterator:
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0,
                  epochs: int | None = None, shuffle: bool = True, drop_remainder: bool = True, start: int = 0):
         self.n = len(next(iter(arrays.values())))
+        if self.n == 0:
+            raise ValueError("iterate_batches: the data has no rows.")
         if batch_size < 1 or (batch_size > self.n and drop_remainder):
             raise ValueError(f"batch_size={batch_size} must be >= 1 and, with drop_remainder=True, at most the "
                              f"dataset's {self.n} rows.")

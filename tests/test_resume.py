@@ -39,6 +39,8 @@ def test_batch_iterator_resumes_at_any_batch():
     assert [next(it)["x"].tolist() for _ in range(5)] == first[2:]
     with pytest.raises(ValueError, match="start"):
         ids.train.iterate_batches(data, 4, start=-1)
+    with pytest.raises(ValueError, match="no rows"):
+        ids.train.iterate_batches({"x": np.zeros(0)}, 4, drop_remainder=False)
 
 
 @pytest.fixture(scope="module")
