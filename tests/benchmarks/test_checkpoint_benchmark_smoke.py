@@ -24,7 +24,7 @@ def test_checkpoint_benchmark_writes_its_metrics(tmp_path):
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     for key in ("save_time_ratio", "restore_time_ratio", "save_checked_median_s", "restore_unchecked_median_s",
-                "hash_gb_per_s", "goals", "goals_met", "config", "jax_version", "device"):
+                "hash_gb_per_s", "async_save_blocking_ratio", "goals", "goals_met", "config", "jax_version", "device"):
         assert key in written, key
     assert set(written["goals_met"]) == {"save_time_ratio", "restore_time_ratio"}
     assert written["n_params"] == 4096 and written["state_bytes"] == 4 * 4096
