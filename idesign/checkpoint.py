@@ -96,10 +96,6 @@ class CheckpointCorruptError(Exception):
         self.step, self.where, self.reason = step, where, reason
 
 
-# --------------------------------------------------------------------------------------------
-# Structure comparison, leaf specs, checksums
-
-
 def _dotted(path: Sequence[Any]) -> str:
     # Orbax stores dict keys as strings and NamedTuples as dicts of fields: match on key *names*.
     return ".".join(tree_lib.key_str(k) for k in path) or "<root>"
@@ -119,11 +115,8 @@ class _Spec:  # a pytree leaf (a NamedTuple would be flattened)
 
 
 def _structure_diff(expected: PyTree, got: PyTree, *, what: str) -> list[str]:
-    """One line per leaf where ``got`` differs from ``expected``: paths missing from ``got``, paths
-    only in ``got``, and ``shape`` / ``dtype`` mismatches where both sides have them. Lines start
-    with the dotted path, in ``expected``'s leaf order, then ``got``'s unexpected paths.
-
-    (Stand-in for ``idesign.tree.structure_diff``, which another branch adds; same signature.)
+    """One line per leaf where ``got`` differs from ``expected`` (missing, unexpected, shape or dtype),
+    each starting with the dotted path, in ``expected``'s order. Stand-in for ``tree.structure_diff``.
 
     >>> _structure_diff({'a': np.zeros(2), 'b': np.zeros(1)}, {'a': np.zeros(3), 'c': 1.0}, what='x')
     ['a: shape mismatch: expected (2,), x has (3,)', 'b: missing from x (expected float64 array of shape (1,))', 'c: unexpected in x (float)']
@@ -144,12 +137,8 @@ def _structure_diff(expected: PyTree, got: PyTree, *, what: str) -> list[str]:
     return lines + [f"{name}: unexpected in {what} ({describe(g)})" for name, g in have.items() if name not in want]
 
 
-def _is_python_scalar(x: Any) -> bool:
-    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
-
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+_is_python_scalar = lambda x: isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)  # noqa: E731
+_is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
 
 
 def _target_spec(leaf: Any, name: str) -> _Spec:
@@ -164,7 +153,7 @@ def _target_spec(leaf: Any, name: str) -> _Spec:
 
 
 def _saved_spec(meta: Any) -> _Spec:
-    if isinstance(meta, ocp.metadata.ScalarMetadata):
+    if isinstance(meta, ocp.metadata.ScalarMetadata):  # a Python scalar: its dtype is not pinned down
         return _Spec((), None)
     shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
     return _Spec(None if shape is None else tuple(shape), None if dtype is None else np.dtype(dtype))
@@ -180,10 +169,6 @@ def _fingerprint(leaf: Any) -> dict[str, Any] | None:
     array = np.asarray(leaf)
     return {"dtype": str(array.dtype), "shape": list(array.shape),
             "xxh3_64": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(array.reshape(-1)).view(np.uint8))}
-
-
-# --------------------------------------------------------------------------------------------
-# What can be saved
 
 
 def _check_savable(tree: PyTree) -> None:
@@ -220,10 +205,6 @@ def _jsonable(value: Any, where: str) -> Any:
                     "metadata must hold dicts, lists, strings, numbers, booleans, None or small arrays.")
 
 
-# --------------------------------------------------------------------------------------------
-# The one orbax path: write, read, list
-
-
 def _checkpointer(async_save: bool = False) -> ocp.Checkpointer:
     # Handlers registered up front: a bare CompositeCheckpointHandler learns them only from a
     # save, so a fresh one could not read an existing checkpoint.
@@ -238,8 +219,7 @@ def _checkpointer(async_save: bool = False) -> ocp.Checkpointer:
     return ocp.AsyncCheckpointer(handler) if async_save else ocp.Checkpointer(handler)
 
 
-def _is_primary() -> bool:
-    return jax.process_index() == 0
+_is_primary = lambda: jax.process_index() == 0  # noqa: E731
 
 
 def _sync() -> None:
@@ -247,11 +227,8 @@ def _sync() -> None:
 
 
 def _remove_temporaries(parent: Path, name_glob: str = "*") -> None:
-    """Removes orbax's unfinished checkpoint directories under ``parent``.
-
-    After a failed async save other writers may still flush files into the temporary directory,
-    so removal repeats until nothing is left (bounded: 5 s).
-    """
+    # Removes orbax's unfinished checkpoint directories. After a failed async save other writers may still
+    # flush files into the temporary directory, so removal repeats until nothing is left (bounded: 5 s).
     for _ in range(100):
         leftovers = list(parent.glob(f"{name_glob}{_TMP_SUFFIX}*")) if _is_primary() and parent.is_dir() else []
         if not leftovers:
@@ -287,7 +264,7 @@ def _leaf_in_error(error: BaseException, location: Path) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
 
 
 def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: PyTree | None,
@@ -386,17 +363,12 @@ def _read_newest(checkpointer: ocp.Checkpointer, root: Path, steps: Sequence[int
     raise skipped[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Public API
-
-
 def abstract_like(tree: PyTree) -> PyTree:
     """``tree`` with every array replaced by a ``jax.ShapeDtypeStruct`` (shardings kept): a restore
     target that places each leaf where the original lives, without holding memory. Scalars pass through.
 
-    >>> import jax.numpy as jnp
-    >>> from idesign.checkpoint import abstract_like
-    >>> abstract_like({'w': jnp.zeros((2, 3)), 'step': 0})['w'].shape
+    >>> import jax.numpy as jnp, idesign.checkpoint as ckpt
+    >>> ckpt.abstract_like({'w': jnp.zeros((2, 3)), 'step': 0})['w'].shape
     (2, 3)
     """
     def to_abstract(leaf: Any) -> Any:
@@ -411,24 +383,16 @@ def abstract_like(tree: PyTree) -> PyTree:
 
 def save_checkpoint(directory: PathLike, tree: PyTree, *, step: int | None = None,
                     metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Saves a pytree, a JSON metadata dict and per-leaf checksums as one checkpoint, atomically.
+    """Saves a pytree, a JSON metadata dict and per-leaf checksums as one checkpoint, atomically; returns its path.
 
     Args:
-      directory: without ``step`` the checkpoint is ``directory`` itself (it may exist only if empty,
-        unless ``overwrite``); with ``step`` it is ``directory/<step>``, the manager's layout.
-      tree: parameters or a whole training state (NamedTuples, optax states, int dict keys are
-        fine); leaves are jax or numpy arrays or scalars, or Python bool/int/float.
-      step: optional step number, see ``directory``.
+      directory: the checkpoint itself without ``step`` (it may exist only if empty, unless ``overwrite``);
+        with ``step``, ``directory/<step>`` (the manager's layout).
+      tree: parameters or a training state (NamedTuples, optax states, int dict keys are fine) of jax or
+        numpy arrays or scalars, or Python bool/int/float. A leaf that is not raises ``TypeError`` naming it.
       metadata: small JSON-serialisable dict (numpy scalars and small arrays become numbers and lists).
-      overwrite: replace an existing checkpoint: the new one is written under a staging name first,
-        then swapped in, so a failed overwrite keeps the old one.
-
-    Returns:
-      The path of the written checkpoint.
-
-    Raises:
-      FileExistsError: the checkpoint exists (or the path holds something else) and not ``overwrite``.
-      TypeError: a leaf or a metadata value cannot be saved; the message names its path.
+      overwrite: replace an existing checkpoint (written under a staging name, then swapped in, so a
+        failed overwrite keeps the old one); otherwise an existing one raises ``FileExistsError``.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from idesign.checkpoint import save_checkpoint, restore_checkpoint
@@ -477,23 +441,16 @@ def restore_checkpoint(directory: PathLike, target: PyTree | None, *, step: int 
 
     Args:
       directory: a checkpoint, or a directory of step checkpoints (then the latest, unless ``step``).
-      target: the saved structure, shapes and dtypes: arrays or ``jax.ShapeDtypeStruct``s (see
-        :func:`abstract_like`); leaves with a sharding are restored with it. ``None`` restores the
-        tree as orbax stored it (string dict keys, NamedTuples as dicts), for inspection.
-      step: which step of ``directory`` to restore.
-      fallback: for the latest step of a directory of steps: restore the newest *intact* one,
-        warning which corrupt steps were skipped.
+      target: arrays or ``jax.ShapeDtypeStruct``s (see :func:`abstract_like`) with the saved structure,
+        shapes and dtypes, else :class:`CheckpointMismatchError`; shardings are honoured. ``None``
+        restores the tree as orbax stored it (string keys, NamedTuples as dicts), for inspection.
+      fallback: for the latest of several steps: restore the newest *intact* one, warning which
+        corrupt steps it skipped (otherwise :class:`CheckpointCorruptError`, as for a given ``step``).
       verify: check every leaf against the checksums saved with it.
 
     Returns:
-      ``(tree, metadata)``: the restored pytree, with ``target``'s exact structure, and the metadata
-      dict saved with it.
-
-    Raises:
-      CheckpointMismatchError: (a ``ValueError``) ``target`` differs from the checkpoint; the message
-        lists each offending dotted path.
-      CheckpointCorruptError: the files do not hold what was saved (see the module docstring).
-      FileNotFoundError: no checkpoint at ``directory`` (for ``step``).
+      ``(tree, metadata)``, ``tree`` with ``target``'s exact structure. ``FileNotFoundError`` if there is
+      no checkpoint (for ``step``).
 
     >>> import tempfile, jax.numpy as jnp
     >>> from idesign.checkpoint import abstract_like, save_checkpoint, restore_checkpoint
@@ -521,18 +478,15 @@ def restore_checkpoint(directory: PathLike, target: PyTree | None, *, step: int 
 class CheckpointManager:
     """Saves a training state every ``save_every`` steps and keeps the newest ``keep``.
 
-    ``state`` is any pytree (e.g. a :class:`~idesign.train.TrainState`); each step also holds a JSON
-    metadata dict and checksums. Saves are asynchronous by default: :meth:`save` returns once the
-    arrays are copied off the device and hashed. Every read waits for pending saves first; the error
-    of a failed background save is raised there (or by the next :meth:`save`, :meth:`wait`,
-    :meth:`close`), and the failed step is not listed.
+    ``state`` is any pytree (e.g. a :class:`~idesign.train.TrainState`), saved with a JSON metadata dict
+    and checksums. Saves are asynchronous by default: :meth:`save` returns once the arrays are copied
+    off the device and hashed. Every read waits for pending saves; the error of a failed background save
+    is raised there (or by the next :meth:`save`, :meth:`wait`, :meth:`close`); its step is not listed.
 
     Args:
       directory: one sub-directory per saved step.
-      keep: how many of the newest checkpoints to keep (``None``: all). Keep at least 2 for
-        ``restore(..., fallback=True)`` to have an older step to fall back to.
-      save_every: :meth:`save` writes at steps divisible by this (or at a multi-host preemption
-        sync point), unless forced.
+      keep: how many of the newest checkpoints to keep (``None``: all; 2 or more for ``fallback``).
+      save_every: :meth:`save` writes at steps divisible by this (or a multi-host preemption point).
       async_save: write in a background thread.
 
     >>> import tempfile, jax.numpy as jnp
@@ -600,15 +554,6 @@ class CheckpointManager:
 
         Arguments and errors as for :func:`restore_checkpoint`; ``fallback=True`` restores the newest
         intact step, warning which newer corrupt steps it skipped.
-
-        >>> import tempfile, jax.numpy as jnp
-        >>> from idesign.checkpoint import CheckpointManager
-        >>> with tempfile.TemporaryDirectory() as d, CheckpointManager(d) as m:
-        ...     for s in (1, 2):
-        ...         _ = m.save(s, {'w': jnp.full((2,), s)})
-        ...     state, _ = m.restore({'w': jnp.zeros((2,), jnp.int32)}, step=1)
-        >>> state['w'].tolist()
-        [1, 1]
         """
         steps = self.all_steps()
         if step is None:
