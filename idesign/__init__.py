@@ -6,7 +6,8 @@ Users write ``import idesign as ids``.
 from idesign import (activations, checkpoint, circuits, curvature, data, discovery, distributed, edit, hooks, metrics, models,
                      monitoring, optim, preference, probes, rl, sae, shaping, sharding, subspaces, train, tree)
 from idesign.activations import collect_activations, pad_tokens, stream_activations
-from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstract_like, restore_checkpoint, save_checkpoint
+from idesign.checkpoint import (CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, abstract_like,
+                                restore_checkpoint, save_checkpoint)
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
 from idesign.models import (KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer,
                             load_pretrained, load_tokenizer)

@@ -162,30 +162,70 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Batch]) -> dict
     return {**{k: v / total for k, v in sums.items()}, "tokens": total}
 
 
+class BatchIterator:
+    """Deterministic shuffled minibatches that know their data position, so a run can resume at a step.
+
+    Batch ``k`` (counted from the start of the data, over epochs) depends only on the data, ``seed``
+    and ``k``: epoch ``k // batches_per_epoch`` is a permutation drawn from ``(seed, epoch)``.
+    ``position`` is the index of the next batch; setting it (or ``start=`` in
+    :func:`iterate_batches`) continues exactly where an uninterrupted iterator would be, without
+    drawing the skipped batches. :func:`train` saves ``position`` with each checkpoint and sets it
+    when it resumes.
+
+    >>> import numpy as np, idesign as ids
+    >>> data = {'x': np.arange(10)}
+    >>> full = [b['x'].tolist() for b in ids.train.iterate_batches(data, 4, epochs=3)]
+    >>> resumed = ids.train.iterate_batches(data, 4, epochs=3, start=3)
+    >>> [b['x'].tolist() for b in resumed] == full[3:], resumed.position
+    (True, 6)
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0,
+                 epochs: int | None = None, shuffle: bool = True, drop_remainder: bool = True, start: int = 0):
+        self.n = len(next(iter(arrays.values())))
+        if self.n == 0:
+            raise ValueError("iterate_batches: the data has no rows.")
+        if batch_size < 1 or (batch_size > self.n and drop_remainder):
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and, with drop_remainder=True, at most the "
+                             f"dataset's {self.n} rows.")
+        if int(start) < 0:
+            raise ValueError(f"start must be a non-negative batch index, got {start}.")
+        self.arrays, self.batch_size, self.seed, self.epochs = arrays, batch_size, seed, epochs
+        self.shuffle, self.drop_remainder, self.position = shuffle, drop_remainder, int(start)
+        self.batches_per_epoch = self.n // batch_size if drop_remainder else -(-self.n // batch_size)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), the current epoch's
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, i = divmod(self.position, self.batches_per_epoch)
+        if self.epochs is not None and epoch >= self.epochs:
+            raise StopIteration
+        if self._order is None or self._order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+            self._order = (epoch, order)
+        idx = self._order[1][i * self.batch_size:(i + 1) * self.batch_size]
+        self.position += 1
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
 def iterate_batches(data: Any, batch_size: int, *, seed: int = 0, epochs: int | None = None,
                     columns: Iterable[str] | None = None, shuffle: bool = True,
-                    drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                    drop_remainder: bool = True, start: int = 0) -> BatchIterator:
     """Deterministic shuffled minibatches of numpy arrays from a ``datasets.Dataset`` or a dict of arrays.
 
     ``epochs=None`` repeats forever (each epoch reshuffled from ``seed`` and the epoch number).
+    ``start=k`` begins at batch ``k``: the batches an uninterrupted iterator yields after ``k``
+    (see :class:`BatchIterator`, whose ``position`` says where it is).
 
     >>> import numpy as np, idesign as ids
     >>> it = ids.train.iterate_batches({'tokens': np.arange(10).reshape(5, 2)}, 2, epochs=1)
     >>> [b['tokens'].shape for b in it]
     [(2, 2), (2, 2)]
     """
-    arrays = _as_arrays(data, columns)
-    n = len(next(iter(arrays.values())))
-    if batch_size > n and drop_remainder:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} rows) and drop_remainder=True.")
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        stop = n - n % batch_size if drop_remainder else n
-        for i in range(0, stop, batch_size):
-            idx = order[i:i + batch_size]
-            yield {k: v[idx] for k, v in arrays.items()}
-        epoch += 1
+    return BatchIterator(_as_arrays(data, columns), batch_size, seed=seed, epochs=epochs, shuffle=shuffle,
+                         drop_remainder=drop_remainder, start=start)
 
 
 def _as_arrays(data: Any, columns: Iterable[str] | None) -> dict[str, np.ndarray]:
@@ -228,20 +268,34 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num_steps: int,
-          log_every: int = 50, eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num_steps: int | None = None,
+          until_step: int | None = None, log_every: int = 50,
+          eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
           eval_every: int | None = None, log: MetricsLog | None = None,
-          checkpoints: Any = None, progress: bool = True, desc: str = "train",
+          checkpoints: Any = None, resume: bool = False, metadata: Mapping[str, Any] | None = None,
+          progress: bool = True, desc: str = "train",
           callbacks: Sequence[Callable[[int, TrainState, Mapping[str, Array]], Any]] = ()
           ) -> tuple[TrainState, MetricsLog]:
-    """Runs ``num_steps`` steps of ``step_fn`` over ``batches`` with a progress bar and logging.
+    """Runs ``step_fn`` over ``batches`` with a progress bar, logging and checkpoints; resumable.
+
+    How long: give one of ``num_steps`` -- that many steps *from the step it starts at*
+    (``state.step``, or the restored step when resuming) -- or ``until_step``, the absolute step to
+    end at, so a resumed run ends where an uninterrupted one does.
 
     Training metrics are averaged over each ``log_every`` window (fetched from the device once per
-    window, not per step). ``eval_fn(params) -> metrics`` runs every ``eval_every`` steps and at the
-    end, logged with an ``eval_`` prefix. ``checkpoints`` is an object with
-    ``save(step, state) -> bool`` (e.g. :class:`idesign.checkpoint.CheckpointManager`). Each of
-    ``callbacks`` is called as ``callback(step, state, metrics)`` after every step, with the step's
-    device-side metrics (e.g. :class:`idesign.optim.ConceptLog`, which reads the optimizer state).
+    window, not per step) and logged at absolute steps divisible by ``log_every`` and at the end.
+    ``eval_fn(params) -> metrics`` runs every ``eval_every`` steps and at the end, logged with an
+    ``eval_`` prefix. Each of ``callbacks`` is called as ``callback(step, state, metrics)`` after every
+    step, with the step's device-side metrics (e.g. :class:`idesign.optim.ConceptLog`).
+
+    Checkpoints: ``checkpoints`` (e.g. :class:`idesign.checkpoint.CheckpointManager`) gets
+    ``save(step, state, metadata=..., force=...)`` after every step (it decides by its
+    ``save_every``) and a forced save at the end. The metadata holds ``step``, ``data_position``
+    (the batch iterator's ``position``, when it has one) and the caller's ``metadata`` (e.g. the
+    config). With ``resume=True``, the newest intact checkpoint (if any) is restored into ``state``
+    (which serves as the restore target) and the iterator's ``position`` is set to the saved data
+    position, so the run continues bit-identically to an uninterrupted one (with a deterministic
+    ``step_fn`` and :func:`iterate_batches`, or any iterator with a settable ``position``).
 
     >>> import optax, jax.numpy as jnp, numpy as np, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
@@ -249,39 +303,61 @@ def train(state: TrainState, step_fn: Callable, batches: Iterable[Batch], *, num
     >>> step = ids.train.make_train_step(ids.train.lm_loss(apply), opt)
     >>> data = ids.train.iterate_batches({'tokens': np.ones((8, 6), np.int32)}, 4)
     >>> state, log = ids.train.train(ids.train.init_train_state(params, opt), step, data, num_steps=3, progress=False)
-    >>> log.history[-1]['step']
-    3
+    >>> log.history[-1]['step'], data.position
+    (3, 3)
     """
+    if (num_steps is None) == (until_step is None):
+        raise ValueError(f"train: give exactly one of num_steps (steps to run from the current step) and until_step "
+                         f"(the absolute step to end at); got num_steps={num_steps}, until_step={until_step}.")
     log = log or MetricsLog()
     iterator = iter(batches)
-    window: list[dict[str, Array]] = []
+    if resume:
+        if checkpoints is None:
+            raise ValueError("train: resume=True needs `checkpoints` (e.g. an idesign.checkpoint.CheckpointManager).")
+        if checkpoints.latest_step() is not None:
+            state, saved = checkpoints.restore(state, fallback=True)
+            position = saved.get("data_position")
+            if int(state.step) > 0 and not (hasattr(iterator, "position") and position is not None):
+                raise ValueError(
+                    f"train: resumed at step {int(state.step)}, but the batches cannot be moved to the data position "
+                    f"saved with it ({position}): pass an iterator with a settable `position` (iterate_batches), or "
+                    "position the data yourself and call train without resume.")
+            if position is not None and hasattr(iterator, "position"):
+                iterator.position = int(position)
     start_step = int(state.step)
+    end_step = start_step + int(num_steps) if num_steps is not None else int(until_step)
+    if end_step < start_step:
+        raise ValueError(f"train: until_step={until_step} is before the state's step {start_step}.")
+    window: list[dict[str, Array]] = []
     # Outside a terminal (CI logs, notebooks run headless) redraw rarely, so logs stay readable.
-    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=end_step - start_step, desc=desc, disable=not progress, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
-    for i in range(1, num_steps + 1):
+    for step in range(start_step + 1, end_step + 1):
         try:
             batch = next(iterator)
         except StopIteration:
-            raise ValueError(f"train: batches ran out after {i - 1} of {num_steps} steps.") from None
+            raise ValueError(f"train: batches ran out after {step - 1 - start_step} of {end_step - start_step} steps "
+                             f"(at step {step - 1}).") from None
         state, metrics = step_fn(state, batch)
         window.append(metrics)
-        step = start_step + i
         for callback in callbacks:
             callback(step, state, metrics)
-        if i % log_every == 0 or i == num_steps:
+        if step % log_every == 0 or step == end_step:
             host = jax.device_get(window)
             row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             row["steps_per_sec"] = len(window) / max(time.perf_counter() - t0, 1e-9)
             t0, window = time.perf_counter(), []
-            if eval_fn is not None and ((eval_every and i % eval_every == 0) or i == num_steps):
+            if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == end_step):
                 row.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
             log.write(step, row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "accuracy")},
                             refresh=False)
         if checkpoints is not None:
-            checkpoints.save(step, state)
+            info = {**(metadata or {}), "step": step}
+            if hasattr(iterator, "position"):
+                info["data_position"] = int(iterator.position)
+            checkpoints.save(step, state, metadata=info, force=step == end_step)
         bar.update(1)
     bar.close()
     return state, log
