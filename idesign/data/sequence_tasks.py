@@ -281,7 +281,9 @@ def replay_mixture(new: datasets.Dataset, old: datasets.Dataset, fraction: float
                          f"but old holds {len(old)}.")
     rng = _rng(seed, "replay")
     picked = old.select(np.sort(rng.choice(len(old), size=n_old, replace=False)).tolist())
-    both = datasets.concatenate_datasets([new, picked.cast(new.features)]) if n_old else new
+    if picked.features != new.features:
+        picked = picked.cast(new.features)
+    both = datasets.concatenate_datasets([new, picked]) if n_old else new
     return both.select(rng.permutation(len(both)).tolist())
 
 
