@@ -37,9 +37,10 @@ Arms (all runs of a seed start from the same base model; runs in one data group 
 - ``layers``: shared + whole parameter groups of the blocks (e.g. ``blocks.0.attn.q_proj``) by attribution per
   parameter, added while they bring the size nearer the circuit's.
 - ``elements``: shared + the single block elements with the highest attribution, as many as the circuit.
-- ``circuit_b<p>``, ``random_b<p>``: the same at the other budgets of ``Config.budgets`` (the budget curve).
+- ``circuit_b<p>``, ``random_b<p>``: the same at the other budgets of ``Config.budgets`` (the budget curve, in the
+  headline replay group only).
 ``t3only`` runs full_ft_unfrozen, full_ft, circuit and random; ``joint`` runs full_ft_unfrozen; each replay
-group runs every arm.
+group runs full_ft_unfrozen, full_ft, circuit, random, layers and elements.
 
 Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_runner.py``; every
 ``<group>_<arm>.<metric>`` has ``_mean`` and ``_std`` over seeds):
@@ -371,8 +372,10 @@ def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np
 
 
 def run_plan(config: Config, masks: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    headline = ("full_ft_unfrozen", "full_ft", *MASKED)
     plan = [("t3only", arm, masks[arm]) for arm in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
-    plan += [(group_name(r), arm, m) for r in config.replays for arm, m in masks.items()]
+    plan += [(group_name(r), arm, m) for r in config.replays for arm, m in masks.items()
+             if r == config.replay or arm in headline]     # the budget curve at the headline replay only
     plan.append(("joint", "full_ft_unfrozen", masks["full_ft_unfrozen"]))
     return plan
 
@@ -429,8 +432,9 @@ def pairs(config: Config) -> list[tuple[str, str]]:
         g = group_name(r)
         out += [(f"{g}_circuit", f"{g}_{b}") for b in ("random", "layers", "elements", "full_ft", "full_ft_unfrozen")]
         out.append((f"{g}_full_ft", f"{g}_full_ft_unfrozen"))
-        out += [(f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}")
-                for b in config.budgets if b != config.budget]
+    g = group_name(config.replay)
+    out += [(f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}")
+            for b in config.budgets if b != config.budget]
     return out
 
 
@@ -450,21 +454,20 @@ def targets(config: Config, s: dict[str, Any]) -> dict[str, float]:
 def plot(config: Config, s: dict[str, Any], out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     ax = axes[0]
-    colors = {"circuit": "tab:red", "random": "tab:gray"}
-    for r, alpha in zip(config.replays, np.linspace(0.45, 1.0, len(config.replays))):
-        g = group_name(r)
-        for arm, c in colors.items():
-            keys = [f"{g}_{budget_name(arm, b, config)}" for b in config.budgets]
-            ax.errorbar(config.budgets, [s[f"{k}.t1_retention_mean"] for k in keys],
-                        yerr=[s[f"{k}.t1_retention_std"] for k in keys], fmt="-o", c=c, alpha=alpha, capsize=2,
-                        label=f"{arm}, {100 * r:g}% replay")
-        ax.axhline(s[f"{g}_full_ft_unfrozen.t1_retention_mean"], c="k", ls=":", alpha=alpha, lw=1)
+    g = group_name(config.replay)
+    for arm, c in (("circuit", "tab:red"), ("random", "tab:gray")):
+        keys = [f"{g}_{budget_name(arm, b, config)}" for b in config.budgets]
+        for metric, ls, what in (("t1_retention", "-o", "T1 retention"), ("t3_rel_full_ft", "--s", "T3 / full FT")):
+            ax.errorbar(config.budgets, [s[f"{k}.{metric}_mean"] for k in keys],
+                        yerr=[s[f"{k}.{metric}_std"] for k in keys], fmt=ls, c=c, capsize=2, label=f"{arm}: {what}")
+    for arm, c in (("full_ft_unfrozen", "k"), ("full_ft", "tab:purple")):
+        ax.axhline(s[f"{g}_{arm}.t1_retention_mean"], c=c, ls=":", lw=1, label=f"{arm}: T1 retention")
     ax.axhline(T1_TARGET, ls="--", c="tab:green", lw=1, label=f"T1 target {T1_TARGET}")
-    ax.set(xscale="log", xlim=(min(config.budgets) / 1.5, max(config.budgets) * 1.5), xlabel="share of parameters in the mask (shared parameters frozen on top)",
-           ylabel=f"T1 ({config.t1}) retention", title="budget curve (dotted: full_ft_unfrozen)", ylim=(-0.03, 1.05))
+    ax.set(xscale="log", xlim=(min(config.budgets) / 1.5, max(config.budgets) * 1.5),
+           xlabel="share of parameters in the mask (shared parameters frozen on top)", ylim=(-0.03, 1.05),
+           title=f"budget curve, {100 * config.replay:g}% replay")
     ax.legend(fontsize=6)
     ax = axes[1]
-    g = group_name(config.replay)
     markers = {"full_ft_unfrozen": ("k", "*"), "full_ft": ("tab:purple", "s"), "circuit": ("tab:red", "o"),
                "random": ("tab:gray", "o"), "layers": ("tab:blue", "^"), "elements": ("tab:orange", "v")}
     for arm, (c, m) in markers.items():
@@ -496,13 +499,11 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
                for a in ("full_ft_unfrozen", "full_ft", *MASKED)] + ["joint_full_ft_unfrozen"]
     curve_rows = []
     for b in config.budgets:
-        row = [f"{100 * b:g}%"]
-        for r in config.replays:
-            gg = group_name(r)
-            row += [pm(f"{gg}_{budget_name('circuit', b, config)}", "t1_retention"),
-                    pm(f"{gg}_{budget_name('random', b, config)}", "t1_retention")]
-        row.append(pm(f"{g}_{budget_name('circuit', b, config)}", "t3_rel_full_ft"))
-        curve_rows.append(row)
+        c_, r_ = f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}"
+        d = f"{c_}_minus_{r_}.t1_retention"
+        curve_rows.append([f"{100 * b:g}%", pm(c_, "frozen_fraction"), pm(c_, "t1_retention"), pm(r_, "t1_retention"),
+                           f"{s[d + '_mean']:.3f} ± {s[d + '_se']:.3f}", pm(c_, "t3_rel_full_ft"),
+                           pm(r_, "t3_rel_full_ft")])
     kinds = list(next(iter(leaf.values())))
     leaf_rows = [[k, *(f"{leaf[a][k]:.3f}" for a in leaf)] for k in kinds]
     c = f"{g}_circuit"
@@ -539,11 +540,10 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
                              + [(f"{g}_full_ft", f"{g}_full_ft_unfrozen")],
                              ["t1_retention", "t1_retention_at_matched_t3", "t3_acc"]),
         "",
-        "Budget curve, T1 retention (circuit / random per replay), and circuit T3 / full FT at the headline replay:",
+        f"Budget curve at {100 * config.replay:g}% replay (T1 retention; circuit − random paired, ± SE; T3 / full FT):",
         "",
-        _common.markdown_table(["mask budget", *(f"{x} {100 * r:g}%" for r in config.replays
-                                                 for x in ("circuit", "random")),
-                                f"circuit T3 rel ({100 * config.replay:g}%)"], curve_rows),
+        _common.markdown_table(["mask budget", "frozen fraction", "circuit T1", "random T1", "circuit − random",
+                                "circuit T3 rel", "random T3 rel"], curve_rows),
         "",
         "Other groups:",
         "",
