@@ -59,6 +59,8 @@ Metrics (``results/dont_fight_backprop/metrics.json``; ``experiments._runner`` k
   <arm>.direction_readout_cosine  where the arm has a direction (see above)
   probe_penalty.frozen_probe_auc_before / _after, .fresh_probe_auc_after
   gradient_routing.ablation_only_ood_acc, world.base_acc_pretrain_task / base_ood_acc
+  caft.train_view_id_acc / _ood_acc (and caft_pca.)  accuracy with the training-time ablation left on: did the
+                                  model learn the task while the cue was out of reach?
   Exact names asked by issue 14 (means over seeds): <arm>.ood_acc_mean, <arm>.id_acc_mean,
   <arm>.ood_follows_cue, <arm>.direction_readout_cosine, probe_penalty.frozen_probe_auc_after,
   probe_penalty.fresh_probe_auc_after.
@@ -92,7 +94,8 @@ NAME = "dont_fight_backprop"
 SHAPING = ("caft", "caft_pca", "preventative_steering", "gradient_routing", "freeze_cue_rows")
 FIGHTING = ("probe_penalty", "project_one_layer")
 ARMS: tuple[str, ...] = ("plain", "control_decorrelated", *SHAPING, "plain_mixed", *FIGHTING, "project_all_layers")
-NEEDS_PLAIN = ("caft_pca", "preventative_steering", "probe_penalty")   # their directions come from the plain model
+# Arms that read the plain arm's fine-tuned model (directions, probe, or a control evaluated on it).
+NEEDS_PLAIN = ("caft_pca", "preventative_steering", "gradient_routing", "probe_penalty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +277,7 @@ _RESIDUAL_LIKE = ("resid_pre", "resid_post", "q_proj.in", "mlp.up.in", "unembed.
 
 
 def readout_direction(world: World, params: Any) -> np.ndarray:
-    """Unit direction in the residual stream that moves the answer logit difference: ``(e_a1 - e_a0) ⊙ γ``, centred."""
+    """Unit residual direction that moves the answer logit difference: ``(e_a1 - e_a0) ⊙ γ``, centred."""
     emb = np.asarray(params["embed"]["embedding"], np.float64)
     a0, a1 = world.spec.answers
     r = (emb[a1] - emb[a0]) * np.asarray(params["final_norm"]["scale"], np.float64)
@@ -347,7 +350,8 @@ def cue_rows_mask(world: World, params: Any) -> Any:
 
 def cue_rows_change(world: World, params: Any) -> float:
     c = list(world.spec.cue)
-    return float(np.abs(np.asarray(params["embed"]["embedding"])[c] - np.asarray(world.base["embed"]["embedding"])[c]).max())
+    before, after = np.asarray(world.base["embed"]["embedding"])[c], np.asarray(params["embed"]["embedding"])[c]
+    return float(np.abs(after - before).max())
 
 
 def probe_confidence_loss(apply: Any, site: str, weight: float) -> Callable:
@@ -492,7 +496,7 @@ def run_arm(arm: str, world: World, plain: Any = None) -> tuple[dict[str, float]
             hooks_for = lambda b: th
             step = train_steps(apply, key(arm), frozen)
             extra["ablation_only_ood_acc"] = sp.accuracy(apply, plain, world.test_ood, world.spec,
-                                                          hooks=routing_ablation(world, plain)) if plain is not None else math.nan
+                                                          hooks=routing_ablation(world, plain))
     elif arm == "probe_penalty":
         probe = fit_cue_probe(world, plain)
         loss = probe_confidence_loss(apply, probe_site(c), c.probe_penalty_weight)
@@ -519,7 +523,8 @@ def run_arm(arm: str, world: World, plain: Any = None) -> tuple[dict[str, float]
         step = train_steps(apply, key(arm), popt)
 
         def reestimate(state):
-            return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, subspaces=tree_for(state.params)))
+            tree = tree_for(state.params)
+            return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, subspaces=tree))
 
         params = train(ids.init_train_state(base, popt), step, rows, on_chunk=reestimate,
                        every=c.reestimate_every).params
@@ -594,10 +599,15 @@ def conclusion(summary: Mapping[str, float], arms: Sequence[str]) -> str:
             line += f"; its directions' |cos| with the readout {summary[f'{arm}.direction_readout_cosine_mean']:.2f}"
         lines.append(line + ".")
     if "probe_penalty.frozen_probe_auc_after_mean" in summary:
-        lines.append(f"Evasion: the frozen cue probe's AUC is {summary['probe_penalty.frozen_probe_auc_before_mean']:.3f} "
+        before = summary["probe_penalty.frozen_probe_auc_before_mean"]
+        lines.append(f"Evasion: the frozen cue probe's AUC is {before:.3f} "
                      f"on the plain model and {summary['probe_penalty.frozen_probe_auc_after_mean']:.3f} after "
                      f"training against it; a fresh probe at the same layer finds the cue at "
                      f"{summary['probe_penalty.fresh_probe_auc_after_mean']:.3f}.")
+    for arm in ("caft", "caft_pca"):
+        if f"{arm}.train_view_ood_acc_mean" in summary:
+            idn, ood = summary[f"{arm}.train_view_id_acc_mean"], summary[f"{arm}.train_view_ood_acc_mean"]
+            lines.append(f"{arm} with its ablation left on (the model as trained): ID {idn:.3f}, OOD {ood:.3f}.")
     if "gradient_routing.ablation_only_ood_acc_mean" in summary:
         lines.append(f"Routing's ablation alone on the plain model: OOD "
                      f"{summary['gradient_routing.ablation_only_ood_acc_mean']:.3f}; the same retain rows without "
@@ -621,7 +631,8 @@ def plot(summary: Mapping[str, float], arms: Sequence[str], out_dir) -> None:
                yerr=[summary[f"{a}.{m}_std"] for a in arms], label=label, color=color, capsize=3)
     ax.axhline(0.5, ls="--", c="k", lw=1, label="'answer = cue' OOD")
     ax.set_xticks(x, [a.replace("_", "\n", 1) for a in arms], fontsize=7)
-    ax.set(ylim=(0, 1.05), ylabel="answer accuracy", title=f"Fine-tuning arms ({int(summary['n_seeds'])} seeds, mean ± sd)")
+    ax.set(ylim=(0, 1.05), ylabel="answer accuracy",
+           title=f"Fine-tuning arms ({int(summary['n_seeds'])} seeds, mean ± sd)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "ood_accuracy.png", dpi=120)

@@ -15,10 +15,10 @@ there is to read. ``correlation="train"`` sets ``s = y`` (the shortcut's distrib
 ``correlation="independent"`` draws ``s`` as a fair coin independent of ``y`` (pretraining, the
 decorrelated control, the out-of-distribution test and the cue-labelled "concept" sets).
 
-``task="cue"`` rows ask for the cue itself (query ``<query_cue>``, answer ``<cue_ans_s>``, tokens of its own): mixed into
-pretraining, they make the cue a feature the base model *knows*, as a pretrained model knows the concepts a
-spurious shortcut is built from. (Without them the base model learns to ignore the cue tokens, and the cue
-stops being a shortcut once their embeddings are frozen.)
+``task="cue"`` rows ask for the cue itself (query ``<query_cue>``, answer ``<cue_ans_s>``, tokens of its
+own): mixed into pretraining, they make the cue a feature the base model *knows*, as a pretrained model
+knows the concepts a spurious shortcut is built from. (Without them the base model learns to ignore the
+cue tokens, and the cue stops being a shortcut once their embeddings are frozen.)
 
 Rows come with ``loss_mask`` (1 on the answer token only) in the layout of :func:`idesign.train.lm_loss`.
 
@@ -61,12 +61,14 @@ class SpuriousSpec:
 
     def __post_init__(self):
         if self.n_body % 2 == 0 or self.n_body < 1:
-            raise ValueError(f"SpuriousSpec.n_body must be odd and positive (majority without ties); got {self.n_body}.")
+            raise ValueError(f"SpuriousSpec.n_body must be odd and positive (majority without ties); "
+                             f"got {self.n_body}.")
         if self.n_class_tokens < 2 or self.n_class_tokens % 2:
             raise ValueError(f"SpuriousSpec.n_class_tokens must be even and >= 2 (the fine-tuning partition takes "
                              f"half of each class); got {self.n_class_tokens}.")
         if self.max_margin < 1 or self.max_margin % 2 == 0 or self.max_margin > self.n_body:
-            raise ValueError(f"SpuriousSpec.max_margin must be odd, in [1, n_body={self.n_body}]; got {self.max_margin}.")
+            raise ValueError(f"SpuriousSpec.max_margin must be odd, in [1, n_body={self.n_body}]; "
+                             f"got {self.max_margin}.")
 
     def classes(self, task: Literal["pretrain", "finetune", "cue"]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of class A and class B under the task's partition (``"cue"`` rows use the pretraining one)."""
