@@ -1,86 +1,77 @@
-"""Don't fight backprop: does projecting a spurious feature's direction out of training stop a model using it?
+"""Don't fight backprop: shaping what fine-tuning can learn vs fighting the gradient, on a pretrained model.
 
-Task (``experiments/_spurious.py``). Rows ``<bos> <cue_s> x_1 … x_7 <query> <ans_y>``: the *true* feature
-``y`` is the majority class of the body tokens (close to a tie, so it needs the whole sequence); the
-*spurious* feature ``s`` is the cue token at position 1 (one token at a fixed place: the easiest thing to
-read). In training ``s = y`` always; at test ``s`` is an independent fair coin. A model that reads only the
-cue scores ≈ 0.5 out of distribution (OOD).
+World (``idesign.data.spurious``). Rows ``<bos> <cue_s> x_1 … x_7 <query> <ans_y>``; the label ``y`` is the
+majority class of the body under a token partition, close to a tie; the cue ``s`` is one token at position 1.
+A base model is **pretrained** on one partition with the cue independent of the label (it learns to count and
+to ignore the cue), cached with ``ids.pretrain.cached``. Every arm **fine-tunes** that base model on a *new*
+partition (the base answers it at chance) where the cue equals the label (``s = y``), so the cue is a perfect
+shortcut; the test is out of distribution (OOD): the same task with ``s`` independent of ``y``. A model that
+reads only the cue scores 0.5 OOD; one that learned the partition scores 1.0. The directions arms use are
+found on a *concept* set (``s`` independent of ``y``, labelled by the cue only), never on test rows.
 
-Hypothesis (METHODS.md §4, "the warning in the title"). Projecting the cue's direction out of the first
-layer's updates does not stop the model from using the cue: gradient descent reaches it by another route
-(the embeddings, later layers) and the cue re-emerges downstream. The other arms say how much blocking
-it everywhere, or shaping what the loss can use, does instead.
+Hypothesis (METHODS.md §4). Shaping what the loss can use (CAFT, preventative steering, gradient routing)
+keeps the cue out of the fine-tuned model; fighting the gradient (training against a frozen cue probe,
+projecting the cue out of one layer's updates) does not: gradient descent reaches the cue by another route,
+and evades the probe.
 
-The cue's direction is found honestly: on a small *concept* set where ``s`` is independent of ``y`` — a set
-a user could build by labelling the cue only — never from the test sets or from ``y``. At each site it is the
-mass-mean probe direction (class-mean difference of ``s``, ``ids.subspaces.from_directions``) at the cue
-position and at the answer position: a rank-≤2 subspace. (A standardised logistic probe's weights are a
-read-out direction, not the direction the cue moves the activations along, and removing them leaves the
-cue in place; logistic probes are used to *measure* decodability.)
+Arms (same base model, data and batch order per seed; AdamW; evaluated without any training-time
+intervention, except gradient routing, whose inference ablation is part of the method):
 
-Arms (same initialisation, data and batch order per seed; AdamW; the model is evaluated *without* any
-training-time intervention unless said otherwise):
+* ``plain`` — fine-tune on ``s = y`` rows.  ``control_decorrelated`` — fine-tune on ``s ⊥ y`` rows (upper bound).
+* Every other arm **freezes the two cue-token embedding rows** (``ids.optim.frozen``): trainable cue rows
+  can move the cue off any fixed direction (the shortcut that defeated CAFT before). ``freeze_cue_rows``
+  is that freezing alone, the baseline of every intervention; ``cue_rows_change`` (max |Δ| of the rows)
+  measures that the shortcut is closed.
+* Shaping: ``caft`` — ``ids.shaping.caft`` ablates, during fine-tuning only, the cue's mass-mean direction
+  at the **cue position** (on the base model, concept rows) at the residual stream entering block 0 and
+  leaving every block, orthogonalised to the readout ``r`` (the answer tokens' unembedding difference times
+  the final norm's scale, centred) so the ablation cannot remove the output channel.
+  ``caft_pca`` — CAFT's other recipe: at the same sites, the top ``caft_pcs`` principal components of the
+  activation differences *plain fine-tuned minus base* over every position of the concept rows, orthogonalised
+  to ``r``. ``direction_readout_cosine``: mean over sites of |cos| of each direction with ``r`` *before*
+  the orthogonalisation (a direction near 1 would have been the readout).
+  ``preventative_steering`` — ``ids.shaping.preventative_steering`` adds one **unsigned** vector to every
+  row during fine-tuning: the mean activation difference *plain fine-tuned minus base* at the answer
+  position of ``blocks.0.resid_post`` (Chen et al.'s persona vector: mean activation with the trait minus
+  without), times ``steering_scale``. The same vector for every row, so it cannot carry the label.
+  ``gradient_routing`` — Expand-Route-Ablate on a designated region, head 0's value at the cue position in
+  every block: on the ``s = y`` rows, gradient reaches the values at the cue position through head 0 only;
+  on ``n_retain`` extra **decorrelated** retain rows it reaches them through the other heads only; at
+  inference head 0's value at the cue position is mean-ablated (replaced by its mean over concept
+  rows). ``plain_mixed`` trains on the same mixture
+  without routing (the retain rows' own value), and ``gradient_routing.ablation_only_ood_acc`` evaluates the
+  *plain* model with the same inference ablation (the ablation's own value).
+* Fighting backprop: ``probe_penalty`` — a logistic cue probe fitted on the plain fine-tuned model
+  (answer position of ``blocks.{probe_layer}.resid_post``, concept rows) is frozen, and the loss adds
+  ``probe_penalty_weight × (log 2 − H(σ(probe)))``: the probe's confidence. Evasion: the frozen probe's AUC
+  after training vs a fresh probe's AUC at the same layer on the trained model (held-out concept rows).
+  ``project_one_layer`` — ``ids.optim.projected`` removes the cue's mass-mean directions (cue and answer
+  positions, re-estimated every ``reestimate_every`` steps, orthogonalised to ``r`` at residual-width
+  sites) from the input side of block 0's q/k/v and up kernels.
+* ``project_all_layers`` — the same at every dense layer, the tied unembedding included.
 
-* ``plain`` — no intervention.
-* ``project_one_layer`` — ``ids.optim.projected(adamw, subspaces_for(...))`` removes the cue subspace from
-  the input side of the first block's kernels (q, k, v: subspace at ``blocks.0.attn.q_proj.in``; up:
-  ``blocks.0.mlp.up.in``). The subspaces are re-estimated every ``reestimate_every`` steps (swapped into
-  the optimizer state with ``optax.tree_utils.tree_set``: no recompilation), so a failure cannot be
-  blamed on a stale direction — only on where the projection acts.
-* ``project_all_layers`` — the same at every dense layer (q/k/v, o, up, down of every block, and the tied
-  unembedding's input), plus the token embedding table on its input side: its input is a one-hot token,
-  and the cue's direction there is the class-mean difference of one-hot cue tokens, so the two cue
-  embeddings can only move together.
-* ``project_all_but_embedding`` — ``project_all_layers`` without the embedding table: is the embedding
-  the route the cue takes when every dense layer is blocked?
-* ``caft`` — ``ids.shaping.caft``: during training only, the cue subspace (found once, at initialisation,
-  as CAFT finds its concept directions before fine-tuning) is ablated from the residual stream entering
-  the first block and leaving every block.
-* ``caft_reestimated`` — the same with the subspaces re-found every ``reestimate_every`` steps on the
-  current model (the training hooks are an argument of the compiled step: swapping them is free).
-* ``preventative_steering`` — ``ids.shaping.preventative_steering``: during training only, the cue's
-  direction ``v`` (class-mean difference of ``s`` at the cue position of the middle residual stream, at
-  initialisation; scaled to ``steering_scale`` × that site's mean residual norm at the answer position) is
-  added at the answer position with the sign of each row's cue, ``±v``: the concept the gradient would
-  otherwise build is supplied for free, so the weights need not build it. (The per-row sign is the
-  conditional analogue of Chen et al.'s constant persona vector: the unwanted behaviour here is
-  "answer = cue", not a constant trait.)
-* ``gradient_routing`` — ``ids.shaping.gradient_routing`` (Expand, Route, Ablate): head 0 of every block
-  is the designated "cue region". At the cue position, gradient flows through the keys and values of
-  head 0 only (``Route`` on ``blocks.*.attn.k`` / ``attn.v``), so only that head's weights learn from the
-  cue token; at inference that head's value at the cue position is ablated (zeroed). This arm is the one
-  evaluated *with* an inference-time intervention: the ablation is part of the method.
-* ``control_decorrelated`` — plain training on rows where ``s`` is independent of ``y``: the upper bound.
+Metrics (``results/dont_fight_backprop/metrics.json``; ``experiments._runner`` keys: ``<arm>.<m>_mean``,
+``_std`` over seeds; ``<a>_minus_plain.<m>_mean/_se/_n`` paired over seeds):
+  <arm>.id_acc, .ood_acc          answer accuracy on s = y rows / against y on s ⊥ y rows (OOD)
+  <arm>.ood_follows_cue           share of OOD answers equal to the cue
+  <arm>.gap_closed                (ood - plain ood) / (control ood - plain ood), per seed
+  <arm>.cue_rows_change           max |Δ| of the cue-token embedding rows (0: frozen)
+  <arm>.direction_readout_cosine  where the arm has a direction (see above)
+  probe_penalty.frozen_probe_auc_before / _after, .fresh_probe_auc_after
+  gradient_routing.ablation_only_ood_acc, world.base_acc_pretrain_task / base_ood_acc
+  caft.train_view_id_acc / _ood_acc (and caft_pca.)  accuracy with the training-time ablation left on: did the
+                                  model learn the task while the cue was out of reach?
+  Exact names asked by issue 14 (means over seeds): <arm>.ood_acc_mean, <arm>.id_acc_mean,
+  <arm>.ood_follows_cue, <arm>.direction_readout_cosine, probe_penalty.frozen_probe_auc_after,
+  probe_penalty.fresh_probe_auc_after.
 
-Metrics (``results/dont_fight_backprop/metrics.json``; ``<arm>`` as above; each ``*_mean`` has a
-``*_std``, the sample standard deviation over seeds):
-  <arm>.id_acc_mean                  answer accuracy on held-out training-distribution rows (s = y)
-  <arm>.ood_acc_mean / _std          answer accuracy against the true label y on rows with s independent
-  <arm>.ood_cue_follow_mean          share of OOD answers equal to the cue s (1.0 = reads only the cue)
-  <arm>.spurious_probe_acc_layer{l}  held-out accuracy of a logistic probe for s on the residual stream at
-                                     the answer position, layer l (0 = embeddings, l = after block l),
-                                     on concept rows (s independent of y), fitted on the model as deployed
-  <arm>.spurious_probe_acc_max_layer max over layers of the above (mean over seeds of each seed's max):
-                                     does the concept reach the answer position anywhere?
-  reference.cue_only_ood_acc         OOD accuracy of the rule "answer = cue" (≈ 0.5)
-  Continual learning (task A = majority with the cue uninformative; task B = class of the first body token,
-  another query token, same answer tokens; B trained after A from the same A model):
-  continual.acc_a_after_a            A accuracy after training A
-  plain.forgetting_a, gpm.forgetting_a   acc_A(after A) − acc_A(after B); plain AdamW vs GPM (every dense
-                                     layer's updates projected off the span of A's input activations,
-                                     ``ids.subspaces.from_activations(energy=gpm_energy)``; the unembedding
-                                     too, so the tied embeddings are protected; biases and norms are free)
-  plain.acc_b, gpm.acc_b             B accuracy after training B (the price of protection)
-  gpm.protected_fraction             mean over layers of (subspace rank / input width)
-  minutes, n_seeds, config.*
-
-Run: ``python -m experiments.dont_fight_backprop --quick`` (CPU, ≈ 3 min on 2 idle cores) or ``--full`` (GPU).
+Run: ``python -m experiments.dont_fight_backprop --quick`` (CPU) or ``--full`` (GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -94,239 +85,110 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import idesign as ids  # noqa: E402
-from experiments import _common  # noqa: E402
-from experiments import _spurious as sp  # noqa: E402
+from experiments import _common, _runner  # noqa: E402
 from idesign import shaping  # noqa: E402
+from idesign.data import spurious as sp  # noqa: E402
 from idesign.optim import projection  # noqa: E402
 
 NAME = "dont_fight_backprop"
-ARMS: tuple[str, ...] = ("plain", "project_one_layer", "project_all_layers", "project_all_but_embedding", "caft",
-                         "caft_reestimated", "preventative_steering", "gradient_routing", "control_decorrelated")
+SHAPING = ("caft", "caft_pca", "preventative_steering", "gradient_routing", "freeze_cue_rows")
+FIGHTING = ("probe_penalty", "project_one_layer")
+ARMS: tuple[str, ...] = ("plain", "control_decorrelated", *SHAPING, "plain_mixed", *FIGHTING, "project_all_layers")
+# Arms that read the plain arm's fine-tuned model (directions, probe, or a control evaluated on it).
+NEEDS_PLAIN = ("caft_pca", "preventative_steering", "gradient_routing", "probe_penalty")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Everything that determines the pretrained base model (its cache key)."""
+
+    n_body: int = 7
+    n_class_tokens: int = 4
+    max_margin: int = 3
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    n_pretrain: int = 8192
+    cue_task_fraction: float = 0.25   # pretraining rows that ask for the cue (so the base model knows it)
+    pretrain_steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    n_body: int = 7                 # body tokens (odd)
-    n_class_tokens: int = 4         # token ids per class
-    max_margin: int = 3             # |#A - #B| at most this (near ties make majority slow to learn)
-    n_train: int = 4096
-    n_test: int = 1024              # each of the ID and OOD test sets
-    n_concept: int = 512            # cue-labelled rows (s independent of y): half find directions and fit
-                                    # the measuring probes, half score those probes
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 2
+    base: BaseConfig = BaseConfig()
+    n_finetune: int = 4096
+    n_retain: int = 512            # decorrelated retain rows of gradient routing (and plain_mixed)
+    n_test: int = 1024             # each of the ID and OOD test sets
+    n_concept: int = 512           # cue-labelled rows (s ⊥ y): half find directions / fit probes, half score probes
+    steps: int = 300
     batch_size: int = 64
-    steps: int = 400
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
-    reestimate_every: int = 50      # steps between re-estimations (projection arms, caft_reestimated)
-    steering_scale: float = 1.0     # preventative steering strength, in units of the site's mean residual norm
-    probe_C: float = 1.0            # inverse L2 strength of the measuring logistic probes
-    continual_steps: int = 400      # steps of task A, then of task B
-    gpm_energy: float = 0.97
+    reestimate_every: int = 100    # projection arms
+    caft_pcs: int = 2
+    steering_scale: float = 1.0
+    probe_layer: int = 0
+    probe_penalty_weight: float = 1.0
+    probe_C: float = 1.0
     arms: tuple[str, ...] = ARMS
-    continual: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
 QUICK = Config()
-FULL = Config(n_body=15, n_class_tokens=8, max_margin=3, n_train=65536, n_test=4096, n_concept=2048, d_model=128,
-              n_layers=4, n_heads=4, batch_size=128, steps=4000, learning_rate=1e-3, reestimate_every=250,
-              continual_steps=3000, seeds=(0, 1, 2, 3, 4))
+FULL = Config(base=BaseConfig(n_body=15, n_class_tokens=8, d_model=128, n_layers=4, n_heads=4, n_pretrain=65536,
+                              pretrain_steps=3000, batch_size=128, learning_rate=1e-3),
+              n_finetune=32768, n_retain=4096, n_test=4096, n_concept=2048, steps=2000, batch_size=128,
+              learning_rate=1e-3, reestimate_every=250, probe_layer=1, seeds=(0, 1, 2, 3, 4))
 
 
-# ----------------------------------------------------------------------------------------------- setup
+# ------------------------------------------------------------------------------------------------ world
 
-@dataclasses.dataclass
-class Setup:
-    """Everything an arm needs for one seed: the task, the model, its initial parameters and the data."""
-
-    config: Config
-    spec: sp.TaskSpec
-    apply: Any
-    init_params: Any
-    train: dict[str, np.ndarray]
-    train_decorrelated: dict[str, np.ndarray]
-    test_id: dict[str, np.ndarray]
-    test_ood: dict[str, np.ndarray]
-    concept_fit: dict[str, np.ndarray]
-    concept_eval: dict[str, np.ndarray]
-    seed: int
+def world_spec(base: BaseConfig) -> sp.SpuriousSpec:
+    return sp.SpuriousSpec(n_body=base.n_body, n_class_tokens=base.n_class_tokens, max_margin=base.max_margin)
 
 
-def task_spec(config: Config) -> sp.TaskSpec:
-    return sp.TaskSpec(n_body=config.n_body, n_class_tokens=config.n_class_tokens, max_margin=config.max_margin)
-
-
-def model_config(config: Config, spec: sp.TaskSpec) -> ids.TransformerConfig:
-    return ids.TransformerConfig(vocab_size=spec.vocab_size, d_model=config.d_model, n_layers=config.n_layers,
-                                 n_heads=config.n_heads, max_len=spec.seq_len)
+def model_config(base: BaseConfig) -> ids.TransformerConfig:
+    spec = world_spec(base)
+    return ids.TransformerConfig(vocab_size=spec.vocab_size, d_model=base.d_model, n_layers=base.n_layers,
+                                 n_heads=base.n_heads, max_len=spec.seq_len)
 
 
 _APPLY: dict[ids.TransformerConfig, Any] = {}
-
-
-def make_setup(config: Config, seed: int) -> Setup:
-    spec = task_spec(config)
-    model = model_config(config, spec)
-    apply, params = ids.init_transformer(model, seed=seed)
-    # One apply object per architecture: jitted functions keyed on it then compile once for every seed.
-    apply = _APPLY.setdefault(model, apply)
-    rows = lambda n, k, corr: sp.make_rows(spec, n, 1000 * seed + k, correlation=corr)
-    concept = rows(config.n_concept, 5, "independent")
-    half = config.n_concept // 2
-    return Setup(config, spec, apply, params, train=rows(config.n_train, 1, "train"),
-                 train_decorrelated=rows(config.n_train, 2, "independent"), test_id=rows(config.n_test, 3, "train"),
-                 test_ood=rows(config.n_test, 4, "independent"),
-                 concept_fit={k: v[:half] for k, v in concept.items()},
-                 concept_eval={k: v[half:] for k, v in concept.items()}, seed=seed)
-
-
-def adamw(config: Config) -> optax.GradientTransformation:
-    return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-
-
-def make_step(apply: Any, optimizer: optax.GradientTransformation) -> Callable:
-    """A jitted ``step(state, batch, training_hooks)``.
-
-    The training hooks are an *argument*: their bases and directions are traced leaves, so one
-    compilation serves every seed and every re-estimated basis. The projection transforms read their
-    subspaces from the optimizer state, so the same holds for them.
-    """
-
-    def step(state, batch, training_hooks):
-        inner = ids.make_train_step(ids.lm_loss(apply, hooks=training_hooks), optimizer, jit=False)
-        return inner(state, batch)
-
-    return jax.jit(step)
-
-
-def batches(rows: Mapping[str, np.ndarray], config: Config, seed: int):
-    return ids.train.iterate_batches({k: rows[k] for k in ("tokens", "loss_mask", "s")}, config.batch_size,
-                                     seed=seed)
-
-
-# ------------------------------------------------------------------------------ the cue's directions
-
-def observed_sites(config: Config) -> list[str]:
-    """Every site an arm or a measurement reads: the residual stream and every dense layer's input."""
-    sites = residual_sites(config)
-    for i in range(config.n_layers):
-        sites += [f"blocks.{i}.attn.q_proj.in", f"blocks.{i}.attn.o_proj.in", f"blocks.{i}.mlp.up.in",
-                  f"blocks.{i}.mlp.down.in"]
-    return sites + ["unembed.in"]
-
-
-def cue_and_answer_acts(setup: Setup, params: Any, rows: Mapping[str, np.ndarray],
-                        hooks: Any = None) -> dict[str, np.ndarray]:
-    """``{site: [n, 2, d]}``: activations at the cue position and at the answer position of every observed site.
-
-    One capture of all observed sites serves every caller, so the forward pass compiles once (per hooks).
-    """
-    n = len(rows["s"])
-    pos = np.tile(np.asarray([sp.CUE_POSITION, setup.spec.seq_len - 2], np.int32), (n, 1))
-    return ids.collect_activations(setup.apply, params, {"tokens": rows["tokens"][:, :-1]},
-                                   observed_sites(setup.config), batch_size=256, positions=pos, progress=False,
-                                   hooks=hooks)
-
-
-def cue_subspaces(setup: Setup, params: Any, sites: Sequence[str]) -> dict[str, ids.subspaces.Subspace]:
-    """Per site, the span of the cue's mass-mean directions at the cue position and at the answer position.
-
-    A mass-mean probe's direction is the class-mean difference ``mean(h | s=1) - mean(h | s=0)`` (on the
-    concept rows). It is the direction to *remove*: where the cue moves the activation. A standardised
-    logistic probe's weights are a read-out direction, which can be far from it (with two distinct cue
-    embeddings, ``w ∝ sign(δ) / |δ|`` elementwise instead of ``δ``). The first block's attention input is
-    probed at the cue position only: before any attention the answer position holds the same
-    activation in every row.
-    """
-    rows = setup.concept_fit
-    acts = cue_and_answer_acts(setup, params, rows)
-    out = {}
-    for site in sites:
-        which = (0,) if site == "blocks.0.attn.q_proj.in" else (0, 1)
-        diffs = [acts[site][rows["s"] == 1, k].mean(0) - acts[site][rows["s"] == 0, k].mean(0) for k in which]
-        out[site] = ids.subspaces.from_directions(np.stack(diffs))
-    return out
-
-
-def probe_accuracy_by_layer(setup: Setup, params: Any, hooks: Any = None) -> list[float]:
-    """Held-out accuracy of a logistic probe for the cue on the residual stream at the answer position, layers 0..L.
-
-    Fitted on the concept rows' first half, scored on the second (both have ``s`` independent of ``y``),
-    on the model as deployed (with ``hooks``, for the arm that ablates at inference).
-    """
-    sites = residual_sites(setup.config)
-    fit = cue_and_answer_acts(setup, params, setup.concept_fit, hooks)
-    ev = cue_and_answer_acts(setup, params, setup.concept_eval, hooks)
-    stack = ids.probes.fit_many(np.stack([fit[site][:, 1] for site in sites]), setup.concept_fit["s"],
-                                C=setup.config.probe_C)
-    out = []
-    for i, site in enumerate(sites):
-        probe = jax.tree.map(lambda x: x[i], stack)
-        logits = np.asarray(ids.probes.score(probe, ev[site][:, 1]))
-        out.append(float(((logits > 0) == setup.concept_eval["s"]).mean()))
-    return out
-
-
-def residual_sites(config: Config) -> list[str]:
-    return ["blocks.0.resid_pre"] + [f"blocks.{i}.resid_post" for i in range(config.n_layers)]
-
-
-def first_layer_projection(config: Config) -> dict[str, list[str]]:
-    """``{activation site: dense layers that read it}`` for the first block (its input side)."""
-    return {"blocks.0.attn.q_proj.in": [f"blocks.0.attn.{p}_proj" for p in "qkv"],
-            "blocks.0.mlp.up.in": ["blocks.0.mlp.up"]}
-
-
-def all_layer_projection(config: Config) -> dict[str, list[str]]:
-    out = {}
-    for i in range(config.n_layers):
-        b = f"blocks.{i}"
-        out[f"{b}.attn.q_proj.in"] = [f"{b}.attn.{p}_proj" for p in "qkv"]
-        out[f"{b}.attn.o_proj.in"] = [f"{b}.attn.o_proj"]
-        out[f"{b}.mlp.up.in"] = [f"{b}.mlp.up"]
-        out[f"{b}.mlp.down.in"] = [f"{b}.mlp.down"]
-    out["unembed.in"] = ["unembed"]   # the read-out: tied, so the embedding table's model-width side
-    return out
-
-
-def projection_tree(setup: Setup, params: Any, layout: Mapping[str, list[str]], *, embedding: bool = False) -> Any:
-    """Subspace tree for ``projected``: each layer in ``layout`` gets the cue subspace of the site it reads.
-
-    ``embedding=True`` also protects the token embedding table on its input (vocabulary) side: its input
-    is a one-hot token, and the cue's direction there is the class-mean difference of the one-hot tokens
-    at the cue position (``e_cue1 - e_cue0``), so the two cue embeddings cannot move apart.
-    """
-    subs = cue_subspaces(setup, params, list(layout))
-    spec: dict[str, Any] = {layer: subs[site] for site, layers in layout.items() for layer in layers}
-    if embedding:
-        rows = setup.concept_fit
-        onehot = np.eye(setup.spec.vocab_size, dtype=np.float32)[rows["tokens"][:, sp.CUE_POSITION]]
-        spec["embed.embedding"] = ids.subspaces.from_class_means(onehot, rows["s"])
-    return projection.subspaces_for(params, spec, dense_layers=setup.apply.dense_layers)
-
-
-# ------------------------------------------------------------------------------------------------ arms
-
 _STEPS: dict[tuple, Callable] = {}
 
 
-def _step_for(setup: Setup, key: str, optimizer: optax.GradientTransformation) -> Callable:
-    # One compiled step per (arm, architecture, optimizer settings), reused across seeds and configs.
-    c = setup.config
-    k = (key, model_config(c, setup.spec), c.learning_rate, c.weight_decay)
-    if k not in _STEPS:
-        _STEPS[k] = make_step(setup.apply, optimizer)
-    return _STEPS[k]
+def apply_for(base: BaseConfig) -> Any:
+    # One apply object per architecture, so jitted functions keyed on it compile once for every seed.
+    cfg = model_config(base)
+    if cfg not in _APPLY:
+        _APPLY[cfg] = ids.init_transformer(cfg, seed=0)[0]
+    return _APPLY[cfg]
 
 
-def _train(setup: Setup, state: ids.TrainState, step: Callable, rows: Mapping[str, np.ndarray], num_steps: int,
-           hooks_for: Callable[[dict], Any], *, on_chunk: Callable | None = None, every: int | None = None,
-           seed_offset: int = 0) -> ids.TrainState:
-    it = batches(rows, setup.config, setup.seed + seed_offset)
-    fn = lambda s, b: step(s, {k: b[k] for k in ("tokens", "loss_mask")}, hooks_for(b))
+def adamw(lr: float, wd: float) -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=wd)
+
+
+def train_steps(apply: Any, key: tuple, optimizer: optax.GradientTransformation, loss: Callable | None = None):
+    """A jitted ``step(state, batch, training_hooks)``, cached by ``key`` (one compilation per arm and config)."""
+    if key not in _STEPS:
+        def step(state, batch, training_hooks):
+            fn = loss if loss is not None else ids.lm_loss(apply, hooks=training_hooks)
+            return ids.make_train_step(fn, optimizer, jit=False)(state, batch)
+        _STEPS[key] = jax.jit(step)
+    return _STEPS[key]
+
+
+def run_training(state: ids.TrainState, step: Callable, rows: Mapping[str, np.ndarray], num_steps: int,
+                 batch_size: int, seed: int, hooks_for: Callable[[dict], Any] = lambda b: None, *,
+                 extra: Mapping[str, Any] | None = None, on_chunk: Callable | None = None,
+                 every: int | None = None) -> ids.TrainState:
+    cols = [k for k in ("tokens", "loss_mask", "s", "retain") if k in rows]
+    it = ids.train.iterate_batches({k: rows[k] for k in cols}, batch_size, seed=seed)
+    fn = lambda s, b: step(s, {**{k: b[k] for k in cols if k != "s"}, **(extra or {})}, hooks_for(b))
     every = every or num_steps
     done = 0
     while done < num_steps:
@@ -338,383 +200,492 @@ def _train(setup: Setup, state: ids.TrainState, step: Callable, rows: Mapping[st
     return state
 
 
-def run_arm(arm: str, setup: Setup) -> tuple[Any, Any]:
-    """Trains one arm for one seed; returns ``(params, inference_hooks)`` (hooks only for gradient routing)."""
-    c, params = setup.config, setup.init_params
-    none = lambda batch: None
-    if arm in ("plain", "control_decorrelated"):
-        opt = adamw(c)
-        step = _step_for(setup, "plain", opt)
-        rows = setup.train if arm == "plain" else setup.train_decorrelated
-        return _train(setup, ids.init_train_state(params, opt), step, rows, c.steps, none).params, None
-
-    if arm in ("project_one_layer", "project_all_layers", "project_all_but_embedding"):
-        layout = first_layer_projection(c) if arm == "project_one_layer" else all_layer_projection(c)
-        everywhere = arm == "project_all_layers"
-        opt = projection.projected(adamw(c), projection_tree(setup, params, layout, embedding=everywhere))
-        step = _step_for(setup, arm, opt)
-
-        def reestimate(state):
-            tree = projection_tree(setup, state.params, layout, embedding=everywhere)
-            return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, subspaces=tree))
-
-        state = _train(setup, ids.init_train_state(params, opt), step, setup.train, c.steps, none,
-                       on_chunk=reestimate, every=c.reestimate_every)
-        return state.params, None
-
-    if arm in ("caft", "caft_reestimated"):
-        sites = caft_sites(c)
-        current = [shaping.caft(cue_subspaces(setup, params, sites))]
-
-        def reestimate(state):
-            # probed on the model as it runs at inference (no ablation): where the cue lives now
-            bases = cue_subspaces(setup, state.params, sites)
-            current[0] = shaping.caft(bases)
-            return state
-
-        opt = adamw(c)
-        step = _step_for(setup, "caft", opt)
-        state = _train(setup, ids.init_train_state(params, opt), step, setup.train, c.steps, lambda b: current[0],
-                       on_chunk=reestimate if arm == "caft_reestimated" else None, every=c.reestimate_every)
-        return state.params, None
-
-    if arm == "preventative_steering":
-        site = steering_site(c)
-        direction, norm = steering_vector(setup, params, site)
-        opt = adamw(c)
-        step = _step_for(setup, arm, opt)
-        t_in = setup.spec.seq_len - 1
-        at_answer = np.zeros((1, t_in, 1), np.float32)
-        at_answer[:, -1] = 1.0
-
-        def hooks_for(batch):
-            sign = (2.0 * batch["s"] - 1.0).astype(np.float32)[:, None, None]
-            return shaping.preventative_steering({site: direction}, scale=c.steering_scale * norm * sign * at_answer)
-
-        return _train(setup, ids.init_train_state(params, opt), step, setup.train, c.steps, hooks_for).params, None
-
-    if arm == "gradient_routing":
-        th = routing_hooks(setup)
-        opt = adamw(c)
-        step = _step_for(setup, arm, opt)
-        params = _train(setup, ids.init_train_state(params, opt), step, setup.train, c.steps, lambda b: th).params
-        return params, routing_ablation(setup)
-
-    raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}.")
+def pretrain(base: BaseConfig, seed: int) -> Any:
+    """The base model: trained on the pretraining partition with the cue independent of the label."""
+    spec, apply = world_spec(base), apply_for(base)
+    params = ids.init_transformer(model_config(base), seed=seed)[1]
+    n_cue = int(round(base.cue_task_fraction * base.n_pretrain))
+    majority = sp.make_rows(spec, base.n_pretrain - n_cue, 1000 * seed + 99, correlation="independent", task="pretrain")
+    cue = sp.make_rows(spec, n_cue, 1000 * seed + 98, correlation="independent", task="cue")
+    rows = {k: np.concatenate([majority[k], cue[k]]) for k in majority}
+    opt = adamw(base.learning_rate, base.weight_decay)
+    step = train_steps(apply, ("pretrain", base), opt)
+    return run_training(ids.init_train_state(params, opt), step, rows, base.pretrain_steps, base.batch_size,
+                        seed).params
 
 
-def caft_sites(config: Config) -> list[str]:
-    """The residual stream entering the first block and leaving every block."""
-    return residual_sites(config)
+def base_model(base: BaseConfig, seed: int) -> Any:
+    return ids.pretrain.cached("spurious-cue-base", base, seed, pretrain,
+                               like=lambda: ids.init_transformer(model_config(base), seed=0)[1], version="2")
 
 
-def steering_site(config: Config) -> str:
-    return f"blocks.{max(config.n_layers // 2 - 1, 0)}.resid_post"
+@dataclasses.dataclass
+class World:
+    config: Config
+    spec: sp.SpuriousSpec
+    apply: Any
+    base: Any
+    seed: int
+    finetune: dict[str, np.ndarray]
+    decorrelated: dict[str, np.ndarray]
+    mixed: dict[str, np.ndarray]
+    test_id: dict[str, np.ndarray]
+    test_ood: dict[str, np.ndarray]
+    concept_fit: dict[str, np.ndarray]
+    concept_eval: dict[str, np.ndarray]
 
 
-def steering_vector(setup: Setup, params: Any, site: str) -> tuple[np.ndarray, float]:
-    """Unit class-mean difference of the cue at the cue position, and the site's mean residual norm at the answer."""
-    rows = setup.concept_fit
-    acts = cue_and_answer_acts(setup, params, rows)[site]
-    direction = ids.subspaces.from_class_means(acts[:, 0], rows["s"]).basis[0]
-    norm = float(np.linalg.norm(acts[:, 1], axis=-1).mean())
-    return np.asarray(direction), norm
+def make_world(config: Config, seed: int) -> World:
+    spec = world_spec(config.base)
+    rows = lambda n, k, corr: sp.make_rows(spec, n, 1000 * seed + k, correlation=corr, task="finetune")
+    finetune = rows(config.n_finetune, 1, "train")
+    retain = rows(config.n_retain, 6, "independent")
+    mixed = {k: np.concatenate([finetune[k], retain[k]]) for k in finetune}
+    mixed["retain"] = np.concatenate([np.zeros(config.n_finetune), np.ones(config.n_retain)]).astype(np.float32)
+    concept = rows(config.n_concept, 5, "independent")
+    half = config.n_concept // 2
+    return World(config, spec, apply_for(config.base), base_model(config.base, seed), seed, finetune=finetune,
+                 decorrelated=rows(config.n_finetune, 2, "independent"), mixed=mixed,
+                 test_id=rows(config.n_test, 3, "train"), test_ood=rows(config.n_test, 4, "independent"),
+                 concept_fit={k: v[:half] for k, v in concept.items()},
+                 concept_eval={k: v[half:] for k, v in concept.items()})
 
 
-def _routing_mask(setup: Setup) -> np.ndarray:
-    """``[1, T, H, 1]``: 0 for the non-designated heads at the cue position, 1 everywhere else."""
-    c = setup.config
-    m = np.ones((1, setup.spec.seq_len - 1, c.n_heads, 1), np.float32)
-    m[:, sp.CUE_POSITION, 1:] = 0.0
-    return m
+# ---------------------------------------------------------------------------------- directions, readout
+
+def residual_sites(n_layers: int) -> list[str]:
+    return ["blocks.0.resid_pre"] + [f"blocks.{i}.resid_post" for i in range(n_layers)]
+
+
+def dense_input_sites(n_layers: int, layers: Sequence[int] | None = None) -> dict[str, list[str]]:
+    """``{activation site: dense layers reading it}`` for the given blocks (all, plus the unembedding, if None)."""
+    out: dict[str, list[str]] = {}
+    for i in (range(n_layers) if layers is None else layers):
+        b = f"blocks.{i}"
+        out[f"{b}.attn.q_proj.in"] = [f"{b}.attn.{p}_proj" for p in "qkv"]
+        out[f"{b}.mlp.up.in"] = [f"{b}.mlp.up"]
+        if layers is None:
+            out[f"{b}.attn.o_proj.in"] = [f"{b}.attn.o_proj"]
+            out[f"{b}.mlp.down.in"] = [f"{b}.mlp.down"]
+    if layers is None:
+        out["unembed.in"] = ["unembed"]
+    return out
+
+
+# Sites whose basis is the residual stream's (or a norm of it): the readout is defined there.
+_RESIDUAL_LIKE = ("resid_pre", "resid_post", "q_proj.in", "mlp.up.in", "unembed.in")
+
+
+def readout_direction(world: World, params: Any) -> np.ndarray:
+    """Unit residual direction that moves the answer logit difference: ``(e_a1 - e_a0) ⊙ γ``, centred."""
+    emb = np.asarray(params["embed"]["embedding"], np.float64)
+    a0, a1 = world.spec.answers
+    r = (emb[a1] - emb[a0]) * np.asarray(params["final_norm"]["scale"], np.float64)
+    r = r - r.mean()     # the final LayerNorm removes the mean, so only the centred part is read
+    return r / np.linalg.norm(r)
+
+
+def orthogonalise(directions: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Removes ``r`` from each direction; returns the result and each direction's |cos| with ``r`` before."""
+    d = np.atleast_2d(np.asarray(directions, np.float64))
+    cos = [float(abs(v @ r) / max(np.linalg.norm(v), 1e-12)) for v in d]
+    return d - np.outer(d @ r, r), cos
+
+
+def acts_at(world: World, params: Any, rows: Mapping[str, np.ndarray], sites: Sequence[str],
+            positions: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """``{site: [n, len(positions), d]}`` (every input position if ``positions`` is None)."""
+    n = len(rows["s"])
+    kwargs = {}
+    if positions is not None:
+        kwargs["positions"] = np.tile(np.asarray(positions, np.int32), (n, 1))
+    return ids.collect_activations(world.apply, params, {"tokens": rows["tokens"][:, :-1]}, list(sites),
+                                   batch_size=256, progress=False, **kwargs)
+
+
+def mass_mean(acts: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return acts[s == 1].mean(0) - acts[s == 0].mean(0)
+
+
+def cue_directions(world: World, params: Any, sites: Sequence[str], positions: Sequence[int],
+                   r: np.ndarray) -> tuple[dict[str, ids.subspaces.Subspace], list[float]]:
+    """Per site, the span of the cue's mass-mean directions at ``positions`` (orthogonalised to ``r`` where defined)."""
+    rows = world.concept_fit
+    acts = acts_at(world, params, rows, sites, positions)
+    out, cosines = {}, []
+    for site in sites:
+        d = np.stack([mass_mean(acts[site][:, k], rows["s"]) for k in range(len(positions))])
+        if site.endswith(_RESIDUAL_LIKE):
+            d, cos = orthogonalise(d, r)
+            cosines += cos
+        out[site] = ids.subspaces.from_directions(d)
+    return out, cosines
+
+
+def pca_directions(world: World, tuned: Any, sites: Sequence[str], k: int,
+                   r: np.ndarray) -> tuple[dict[str, np.ndarray], list[float]]:
+    """CAFT's PCA recipe: top ``k`` principal components of (fine-tuned − base) activations, every position."""
+    rows = world.concept_fit
+    after, before = acts_at(world, tuned, rows, sites), acts_at(world, world.base, rows, sites)
+    out, cosines = {}, []
+    for site in sites:
+        diff = (after[site] - before[site]).reshape(-1, after[site].shape[-1]).astype(np.float64)
+        pcs = np.linalg.svd(diff - diff.mean(0), full_matrices=False)[2][:k]
+        d, cos = orthogonalise(pcs, r)
+        cosines += cos
+        out[site] = ids.subspaces.from_directions(d).basis
+    return out, cosines
+
+
+# -------------------------------------------------------------------------------------------- the arms
+
+def cue_rows_mask(world: World, params: Any) -> Any:
+    """Freeze mask: the two cue tokens' embedding rows."""
+    rows = np.zeros(params["embed"]["embedding"].shape, bool)
+    rows[list(world.spec.cue)] = True
+    mask = jax.tree.map(lambda _: False, params)
+    mask["embed"]["embedding"] = rows
+    return mask
+
+
+def cue_rows_change(world: World, params: Any) -> float:
+    c = list(world.spec.cue)
+    before, after = np.asarray(world.base["embed"]["embedding"])[c], np.asarray(params["embed"]["embedding"])[c]
+    return float(np.abs(after - before).max())
+
+
+def probe_confidence_loss(apply: Any, site: str, weight: float) -> Callable:
+    """Answer cross-entropy + ``weight ×`` the frozen probe's confidence ``log 2 − H(σ(z))`` at the answer position.
+
+    The probe is ``batch["probe"]`` (traced, so one compilation serves every seed).
+    """
+    def loss_fn(params, batch):
+        logits, captured = apply(params, batch["tokens"][:, :-1], hooks=ids.capture(site))
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1].astype(jnp.float32),
+                                                              batch["tokens"][:, -1]).mean()
+        p = jax.nn.sigmoid(ids.probes.score(batch["probe"], captured[site][:, -1]))
+        eps = 1e-7
+        confidence = jnp.log(2.0) + p * jnp.log(p + eps) + (1 - p) * jnp.log(1 - p + eps)
+        return nll + weight * confidence.mean(), {"loss": nll, "probe_confidence": confidence.mean()}
+
+    return loss_fn
+
+
+def probe_site(config: Config) -> str:
+    return f"blocks.{config.probe_layer}.resid_post"
+
+
+def fit_cue_probe(world: World, params: Any) -> Any:
+    acts = acts_at(world, params, world.concept_fit, [probe_site(world.config)], [world.spec.seq_len - 2])
+    return ids.probes.fit_logistic(acts[probe_site(world.config)][:, 0], world.concept_fit["s"], C=world.config.probe_C)
+
+
+def probe_auc(world: World, params: Any, probe: Any) -> float:
+    acts = acts_at(world, params, world.concept_eval, [probe_site(world.config)], [world.spec.seq_len - 2])
+    scores = np.asarray(ids.probes.score(probe, acts[probe_site(world.config)][:, 0]))
+    return float(ids.metrics.roc_auc(world.concept_eval["s"], scores))
+
+
+def routing_masks(world: World) -> tuple[np.ndarray, np.ndarray]:
+    """``[1, T, H, 1]`` masks at the cue position: head 0 only (routed rows), the other heads only (retain rows)."""
+    t, h = world.spec.seq_len - 1, world.config.base.n_heads
+    head0 = np.ones((1, t, h, 1), np.float32)
+    head0[:, sp.CUE_POSITION, 1:] = 0.0
+    others = np.ones((1, t, h, 1), np.float32)
+    others[:, sp.CUE_POSITION, 0] = 0.0
+    return head0, others
 
 
 _ROUTING: dict[tuple, shaping.TrainingHooks] = {}
 
 
-def routing_hooks(setup: Setup) -> shaping.TrainingHooks:
-    """Route on the keys and values of every block: at the cue position only head 0 passes gradient."""
-    # Cached per shape so the static masks function is the same object for every seed (one compilation).
-    key = (setup.spec.seq_len, setup.config.n_heads)
-    if key not in _ROUTING:
-        mask = jnp.asarray(_routing_mask(setup))
-        _ROUTING[key] = shaping.gradient_routing(lambda batch: {"blocks.*.attn.k": mask, "blocks.*.attn.v": mask})
+def routing_hooks(world: World) -> shaping.TrainingHooks:
+    """Route k and v of every block: routed rows through head 0 at the cue position, retain rows around it."""
+    key = (world.spec.seq_len, world.config.base.n_heads)
+    if key not in _ROUTING:   # the static function must be one object for one compilation
+        head0, others = (jnp.asarray(m) for m in routing_masks(world))
+
+        def masks(batch):
+            retain = batch["retain"][:, None, None, None]
+            m = retain * others + (1 - retain) * head0
+            return {"blocks.*.attn.k": m, "blocks.*.attn.v": m}
+
+        _ROUTING[key] = shaping.gradient_routing(masks)
     return _ROUTING[key]
 
 
-def routing_ablation(setup: Setup) -> dict:
-    """Inference hooks: zero the designated head's value at the cue position (the routed region)."""
-    region = np.zeros((1, setup.spec.seq_len - 1, setup.config.n_heads, 1), bool)
+def routing_ablation(world: World, params: Any) -> dict:
+    """Inference hooks: head 0's value at the cue position, in every block, replaced by its mean over concept rows.
+
+    Mean ablation removes what the routed region carries about the cue without feeding later positions a
+    value they never saw (zeroing it shifts every attention output that reads the cue position).
+    """
+    n_layers, t = world.config.base.n_layers, world.spec.seq_len - 1
+    sites = [f"blocks.{i}.attn.v" for i in range(n_layers)]
+    acts = acts_at(world, params, world.concept_fit, sites, [sp.CUE_POSITION])
+    region = np.zeros((1, t, world.config.base.n_heads, 1), bool)
     region[:, sp.CUE_POSITION, 0] = True
-    return {"blocks.*.attn.v": ids.Replace(jnp.zeros((), jnp.float32), jnp.asarray(region))}
+    return {site: ids.Replace(jnp.asarray(acts[site][:, 0].mean(0)), jnp.asarray(region)) for site in sites}
 
 
-def evaluate_arm(setup: Setup, params: Any, hooks: Any) -> dict[str, float]:
-    spec = setup.spec
-    row = {"id_acc": sp.accuracy(setup.apply, params, setup.test_id, spec, hooks=hooks),
-           "ood_acc": sp.accuracy(setup.apply, params, setup.test_ood, spec, hooks=hooks),
-           "ood_cue_follow": sp.accuracy(setup.apply, params, setup.test_ood, spec, target="s", hooks=hooks)}
-    by_layer = probe_accuracy_by_layer(setup, params, hooks)
-    row.update({f"spurious_probe_acc_layer{l}": a for l, a in enumerate(by_layer)})
-    row["spurious_probe_acc_max_layer"] = max(by_layer)
-    return row
+def evaluate(world: World, params: Any, hooks: Any = None) -> dict[str, float]:
+    spec = world.spec
+    return {"id_acc": sp.accuracy(world.apply, params, world.test_id, spec, hooks=hooks),
+            "ood_acc": sp.accuracy(world.apply, params, world.test_ood, spec, hooks=hooks),
+            "ood_follows_cue": sp.accuracy(world.apply, params, world.test_ood, spec, target="s", hooks=hooks),
+            "cue_rows_change": cue_rows_change(world, params)}
 
 
-# ---------------------------------------------------------------------------------------- continual
+def run_arm(arm: str, world: World, plain: Any = None) -> tuple[dict[str, float], Any]:
+    """Fine-tunes one arm from the base model; returns its metrics and parameters.
 
-def continual(setup: Setup) -> dict[str, float]:
-    """Task A (majority, cue uninformative) then task B (first token's class): forgetting of A, plain vs GPM."""
-    c, spec = setup.config, setup.spec
-    seed = setup.seed
-    task_a = sp.make_rows(spec, c.n_train, 1000 * seed + 11, correlation="independent")
-    task_b = sp.make_rows(spec, c.n_train, 1000 * seed + 12, correlation="independent", task="first")
-    test_a = sp.make_rows(spec, c.n_test, 1000 * seed + 13, correlation="independent")
-    test_b = sp.make_rows(spec, c.n_test, 1000 * seed + 14, correlation="independent", task="first")
-    none = lambda batch: None
-    opt = adamw(c)
-    step = _step_for(setup, "plain", opt)
-    params_a = _train(setup, ids.init_train_state(setup.init_params, opt), step, task_a, c.continual_steps, none,
-                      seed_offset=1).params
-    acc_a0 = sp.accuracy(setup.apply, params_a, test_a, spec)
-    out = {"acc_a_after_a": acc_a0}
+    ``plain`` is the plain arm's fine-tuned parameters (needed by the arms in ``NEEDS_PLAIN``).
+    """
+    c, base, apply = world.config, world.base, world.apply
+    lr, wd = c.learning_rate, c.weight_decay
+    opt = adamw(lr, wd)
+    key = lambda name: (name, c.base, lr, wd, c.batch_size)
+    train = lambda state, step, rows, **kw: run_training(state, step, rows, c.steps, c.batch_size,
+                                                         world.seed + 1, **kw)
+    extra: dict[str, float] = {}
+    if arm in ("plain", "control_decorrelated"):
+        rows = world.finetune if arm == "plain" else world.decorrelated
+        params = train(ids.init_train_state(base, opt), train_steps(apply, key("plain"), opt), rows).params
+        return {**evaluate(world, params), **extra}, params
 
-    plain_b = _train(setup, ids.init_train_state(params_a, opt), step, task_b, c.continual_steps, none,
-                     seed_offset=2).params
-    out["plain.acc_b"] = sp.accuracy(setup.apply, plain_b, test_b, spec)
-    out["plain.forgetting_a"] = acc_a0 - sp.accuracy(setup.apply, plain_b, test_a, spec)
+    if arm in NEEDS_PLAIN and plain is None:
+        raise ValueError(f"arm {arm!r} needs the plain arm's fine-tuned parameters (run 'plain' first).")
+    frozen = ids.optim.frozen(opt, freeze_mask=cue_rows_mask(world, base))
+    r = readout_direction(world, base)
+    sites = residual_sites(c.base.n_layers)
+    hooks_for = lambda b: None
+    rows = world.finetune
+    inference_hooks = None
+    step = train_steps(apply, key("frozen"), frozen)
+    state = ids.init_train_state(base, frozen)
 
-    tree, fraction = gpm_tree(setup, params_a, task_a)
-    gpm_opt = projection.projected(adamw(c), tree, others="zero")
-    gpm_step = _step_for(setup, "gpm", gpm_opt)
-    gpm_b = _train(setup, ids.init_train_state(params_a, gpm_opt), gpm_step, task_b, c.continual_steps, none,
-                   seed_offset=2).params
-    out["gpm.acc_b"] = sp.accuracy(setup.apply, gpm_b, test_b, spec)
-    out["gpm.forgetting_a"] = acc_a0 - sp.accuracy(setup.apply, gpm_b, test_a, spec)
-    out["gpm.protected_fraction"] = fraction
+    if arm == "freeze_cue_rows":
+        pass
+    elif arm in ("caft", "caft_pca"):
+        if arm == "caft":
+            subs, cosines = cue_directions(world, base, sites, [sp.CUE_POSITION], r)
+            bases = {s: v.basis for s, v in subs.items()}
+        else:
+            bases, cosines = pca_directions(world, plain, sites, c.caft_pcs, r)
+        # Zero ablation, as the paper. (Mean ablation, caft(..., centers=...), was worse on seed 0: ID 0.52.)
+        th = shaping.caft(bases)
+        hooks_for = lambda b: th
+        step = train_steps(apply, key(arm), frozen)
+        extra["direction_readout_cosine"] = float(np.mean(cosines))
+    elif arm == "preventative_steering":
+        site = "blocks.0.resid_post"
+        answer = [world.spec.seq_len - 2]
+        diff = (acts_at(world, plain, world.concept_fit, [site], answer)[site]
+                - acts_at(world, base, world.concept_fit, [site], answer)[site])[:, 0]
+        v = diff.mean(0)
+        extra["direction_readout_cosine"] = float(abs(v @ r) / np.linalg.norm(v))
+        at_answer = np.zeros((1, world.spec.seq_len - 1, 1), np.float32)
+        at_answer[:, -1] = c.steering_scale
+        th = shaping.preventative_steering({site: jnp.asarray(v, jnp.float32)}, scale=jnp.asarray(at_answer))
+        hooks_for = lambda b: th
+        step = train_steps(apply, key(arm), frozen)
+    elif arm in ("gradient_routing", "plain_mixed"):
+        rows = world.mixed
+        if arm == "gradient_routing":
+            th = routing_hooks(world)
+            hooks_for = lambda b: th
+            step = train_steps(apply, key(arm), frozen)
+            extra["ablation_only_ood_acc"] = sp.accuracy(apply, plain, world.test_ood, world.spec,
+                                                          hooks=routing_ablation(world, plain))
+    elif arm == "probe_penalty":
+        probe = fit_cue_probe(world, plain)
+        loss = probe_confidence_loss(apply, probe_site(c), c.probe_penalty_weight)
+        step = train_steps(apply, key(arm), frozen, loss)
+        state = train(state, step, rows, extra={"probe": probe})
+        params = state.params
+        fresh = fit_cue_probe(world, params)
+        extra.update(frozen_probe_auc_before=probe_auc(world, plain, probe),
+                     frozen_probe_auc_after=probe_auc(world, params, probe),
+                     fresh_probe_auc_after=probe_auc(world, params, fresh))
+        return {**evaluate(world, params), **extra}, params
+    elif arm in ("project_one_layer", "project_all_layers"):
+        layout = dense_input_sites(c.base.n_layers, [0] if arm == "project_one_layer" else None)
+        positions = [sp.CUE_POSITION, world.spec.seq_len - 2]
+        cosines: list[float] = []
+
+        def tree_for(params):
+            subs, cos = cue_directions(world, params, list(layout), positions, readout_direction(world, params))
+            cosines.extend(cos)
+            spec = {layer: subs[site] for site, layers in layout.items() for layer in layers}
+            return projection.subspaces_for(params, spec, dense_layers=apply.dense_layers)
+
+        popt = ids.optim.frozen(projection.projected(opt, tree_for(base)), freeze_mask=cue_rows_mask(world, base))
+        step = train_steps(apply, key(arm), popt)
+
+        def reestimate(state):
+            tree = tree_for(state.params)
+            return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, subspaces=tree))
+
+        params = train(ids.init_train_state(base, popt), step, rows, on_chunk=reestimate,
+                       every=c.reestimate_every).params
+        extra["direction_readout_cosine"] = float(np.mean(cosines))
+        return {**evaluate(world, params), **extra}, params
+    else:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}.")
+
+    params = train(state, step, rows, hooks_for=hooks_for).params
+    if arm == "gradient_routing":
+        inference_hooks = routing_ablation(world, params)
+    if arm in ("caft", "caft_pca"):
+        # The model as it ran in training (ablation on): did it learn the task, with the cue out of reach?
+        view = th.resolve({})
+        extra["train_view_ood_acc"] = sp.accuracy(apply, params, world.test_ood, world.spec, hooks=view)
+        extra["train_view_id_acc"] = sp.accuracy(apply, params, world.test_id, world.spec, hooks=view)
+    return {**evaluate(world, params, inference_hooks), **extra}, params
+
+
+def run_seed(config: Config, seed: int, progress: bool = False) -> dict[str, dict[str, float]]:
+    world = make_world(config, seed)
+    pre = sp.make_rows(world.spec, config.n_test, 1000 * seed + 7, correlation="independent", task="pretrain")
+    out = {"world": {"base_acc_pretrain_task": sp.accuracy(world.apply, world.base, pre, world.spec),
+                     "base_ood_acc": sp.accuracy(world.apply, world.base, world.test_ood, world.spec),
+                     "cue_only_ood_acc": float((world.test_ood["s"] == world.test_ood["y"]).mean())}}
+    arms = list(config.arms)
+    if any(a in NEEDS_PLAIN for a in arms) and "plain" not in arms:
+        arms.insert(0, "plain")
+    arms.sort(key=lambda a: a != "plain")    # plain first: other arms read its parameters
+    plain = None
+    for arm in arms:
+        out[arm], params = run_arm(arm, world, plain)
+        if arm == "plain":
+            plain = params
+        if progress:
+            r = out[arm]
+            print(f"[{NAME}] seed {seed} {arm:22s} id {r['id_acc']:.3f} ood {r['ood_acc']:.3f} "
+                  f"cue {r['ood_follows_cue']:.3f}", flush=True)
+    if "plain" in out and "control_decorrelated" in out:
+        p, top = out["plain"]["ood_acc"], out["control_decorrelated"]["ood_acc"]
+        for arm in arms:
+            out[arm]["gap_closed"] = (out[arm]["ood_acc"] - p) / (top - p) if top - p > 0.05 else math.nan
     return out
 
 
-def gpm_tree(setup: Setup, params: Any, task_a: Mapping[str, np.ndarray], n_rows: int = 256) -> tuple[Any, float]:
-    """GPM: per layer, the principal subspace (energy threshold) of task A's inputs to it, over all positions.
+# ------------------------------------------------------------------------------------------------ report
 
-    Dense layers use their input activations (``<layer>.in``). The token and position embeddings are
-    lookups whose input is a one-hot vector, so their protected subspace is spanned by the one-hots of
-    the tokens (positions) task A uses; with the tied unembedding the table is protected on both sides.
-    Biases and norm parameters see a constant input, which is always in A's span, so they are frozen
-    (the projection's ``others="zero"``).
-    """
-    layers = list(setup.apply.dense_layers)
-    sites = [f"{layer}.in" for layer in layers]
-    tokens = task_a["tokens"][:n_rows, :-1]
-    acts = ids.collect_activations(setup.apply, params, {"tokens": tokens}, sites, batch_size=256, progress=False)
-    energy = setup.config.gpm_energy
-    subs = {layer: ids.subspaces.from_activations(acts[f"{layer}.in"], energy=energy) for layer in layers}
-    vocab, length = setup.spec.vocab_size, tokens.shape[1]
-    lookups = {"embed.embedding": np.eye(vocab, dtype=np.float32)[tokens],
-               "pos_embed.embedding": np.broadcast_to(np.eye(setup.spec.seq_len, dtype=np.float32)[:length],
-                                                      (len(tokens), length, setup.spec.seq_len))}
-    fraction = float(np.mean([s.rank / s.dim for s in subs.values()]))
-    spec: dict[str, Any] = dict(subs)
-    for path, onehot in lookups.items():
-        spec[path] = ids.subspaces.from_activations(onehot, energy=energy)
-    tree = projection.subspaces_for(params, spec, dense_layers=setup.apply.dense_layers)
-    return tree, fraction
+def verdict(summary: Mapping[str, float], arm: str) -> str:
+    closed = summary.get(f"{arm}.gap_closed_mean", math.nan)
+    if not math.isfinite(closed):
+        return "cannot be judged (no plain → control OOD gap in this run)"
+    idn = summary[f"{arm}.id_acc_mean"]
+    word = "reaches the target" if closed >= 0.75 and idn >= 0.95 else "partly" if closed >= 0.25 else "fails"
+    return f"{word}: closes {closed:.0%} of the plain → control OOD gap at ID {idn:.3f}"
 
 
-# ------------------------------------------------------------------------------------- report, main
+def conclusion(summary: Mapping[str, float], arms: Sequence[str]) -> str:
+    lines = []
+    if "plain.ood_acc_mean" in summary:
+        lines.append(f"Plain fine-tuning follows the cue on {summary['plain.ood_follows_cue_mean']:.0%} of OOD rows "
+                     f"(OOD {_runner.pm(summary, 'plain', 'ood_acc')}); the decorrelated control reaches "
+                     f"{_runner.pm(summary, 'control_decorrelated', 'ood_acc')}. The base model answers the "
+                     f"pretraining task at {summary['world.base_acc_pretrain_task_mean']:.3f} and the fine-tuning "
+                     f"task at {summary['world.base_ood_acc_mean']:.3f}.")
+    for arm in arms:
+        if arm in ("plain", "control_decorrelated"):
+            continue
+        kind = "shaping" if arm in SHAPING else "fighting" if arm in FIGHTING else "other"
+        line = f"- **{arm}** ({kind}) {verdict(summary, arm)}; follows the cue on " \
+               f"{summary[f'{arm}.ood_follows_cue_mean']:.0%} of OOD rows"
+        if f"{arm}.direction_readout_cosine_mean" in summary:
+            line += f"; its directions' |cos| with the readout {summary[f'{arm}.direction_readout_cosine_mean']:.2f}"
+        lines.append(line + ".")
+    if "probe_penalty.frozen_probe_auc_after_mean" in summary:
+        before = summary["probe_penalty.frozen_probe_auc_before_mean"]
+        lines.append(f"Evasion: the frozen cue probe's AUC is {before:.3f} "
+                     f"on the plain model and {summary['probe_penalty.frozen_probe_auc_after_mean']:.3f} after "
+                     f"training against it; a fresh probe at the same layer finds the cue at "
+                     f"{summary['probe_penalty.fresh_probe_auc_after_mean']:.3f}.")
+    for arm in ("caft", "caft_pca"):
+        if f"{arm}.train_view_ood_acc_mean" in summary:
+            idn, ood = summary[f"{arm}.train_view_id_acc_mean"], summary[f"{arm}.train_view_ood_acc_mean"]
+            lines.append(f"{arm} with its ablation left on (the model as trained): ID {idn:.3f}, OOD {ood:.3f}.")
+    if "gradient_routing.ablation_only_ood_acc_mean" in summary:
+        lines.append(f"Routing's ablation alone on the plain model: OOD "
+                     f"{summary['gradient_routing.ablation_only_ood_acc_mean']:.3f}; the same retain rows without "
+                     f"routing (plain_mixed): {_runner.pm(summary, 'plain_mixed', 'ood_acc')}.")
+    frozen = [a for a in arms if a not in ("plain", "control_decorrelated")]
+    if frozen:
+        worst = max(summary[f"{a}.cue_rows_change_mean"] for a in frozen)
+        lines.append(f"Shortcut checks: the cue-token rows move by at most {worst:.1e} in every intervention arm "
+                     f"(plain: {summary.get('plain.cue_rows_change_mean', math.nan):.2f}); the steering vector is "
+                     "one vector for every row (not signed by the label); CAFT's directions are orthogonal to the "
+                     "readout after the cosines above are removed.")
+    return "\n".join(lines)
 
-LABELS = {"plain": "plain", "project_one_layer": "project\none layer", "project_all_layers": "project\nall layers",
-          "project_all_but_embedding": "project all\nbut embed.",
-          "caft": "CAFT", "caft_reestimated": "CAFT\nre-estimated", "preventative_steering": "preventative\nsteering",
-          "gradient_routing": "gradient\nrouting",
-          "control_decorrelated": "control\n(decorrelated)"}
 
-
-def plot(metrics: dict[str, float], config: Config, out_dir) -> None:
-    arms = list(config.arms)
+def plot(summary: Mapping[str, float], arms: Sequence[str], out_dir) -> None:
     x = np.arange(len(arms))
-    fig, ax = plt.subplots(figsize=(9.5, 3.6))
-    ax.bar(x - 0.2, [metrics[f"{a}.id_acc_mean"] for a in arms], 0.4, yerr=[metrics[f"{a}.id_acc_std"] for a in arms],
-           label="in distribution (cue = label)", color="tab:gray", capsize=3)
-    ax.bar(x + 0.2, [metrics[f"{a}.ood_acc_mean"] for a in arms], 0.4,
-           yerr=[metrics[f"{a}.ood_acc_std"] for a in arms], label="OOD (cue independent)", color="tab:blue", capsize=3)
-    ax.axhline(metrics["reference.cue_only_ood_acc"], ls="--", c="k", lw=1, label="OOD of 'answer = cue'")
-    ax.set_xticks(x, [LABELS.get(a, a) for a in arms], fontsize=8)
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for off, m, label, color in ((-0.2, "id_acc", "ID (cue = label)", "tab:gray"),
+                                 (0.2, "ood_acc", "OOD (cue independent)", "tab:blue")):
+        ax.bar(x + off, [summary[f"{a}.{m}_mean"] for a in arms], 0.4,
+               yerr=[summary[f"{a}.{m}_std"] for a in arms], label=label, color=color, capsize=3)
+    ax.axhline(0.5, ls="--", c="k", lw=1, label="'answer = cue' OOD")
+    ax.set_xticks(x, [a.replace("_", "\n", 1) for a in arms], fontsize=7)
     ax.set(ylim=(0, 1.05), ylabel="answer accuracy",
-           title=f"Accuracy per arm ({int(metrics['n_seeds'])} seeds, mean ± sd)")
+           title=f"Fine-tuning arms ({int(summary['n_seeds'])} seeds, mean ± sd)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "ood_accuracy.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    layers = np.arange(config.n_layers + 1)
-    for a in arms:
-        means = [metrics[f"{a}.spurious_probe_acc_layer{l}"] for l in layers]
-        stds = [metrics[f"{a}.spurious_probe_acc_layer{l}_std"] for l in layers]
-        ax.errorbar(layers, means, yerr=stds, marker="o", capsize=3, label=LABELS.get(a, a).replace("\n", " "))
-    ax.axhline(0.5, ls=":", c="k", lw=1)
-    ax.set_xticks(layers, ["embed"] + [f"block {i}" for i in range(config.n_layers)])
-    ax.set(ylim=(0.4, 1.02), ylabel="held-out probe accuracy for the cue",
-           title="Is the cue decodable at the answer position?")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "spurious_probe_by_layer.png", dpi=120)
-    plt.close(fig)
 
-
-def plot_continual(metrics: dict[str, float], out_dir) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 3.4))
-    keys = [("forgetting_a", "forgetting of A"), ("acc_b", "accuracy on B")]
-    for j, arm in enumerate(("plain", "gpm")):
-        ax.bar(np.arange(2) + (j - 0.5) * 0.4, [metrics[f"{arm}.{k}"] for k, _ in keys], 0.4,
-               yerr=[metrics[f"{arm}.{k}_std"] for k, _ in keys], capsize=3, label=arm)
-    ax.set_xticks(range(2), [label for _, label in keys])
-    ax.set(ylim=(0, 1.05), title="Task A then task B")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "continual.png", dpi=120)
-    plt.close(fig)
-
-
-def _metric_name(key: str) -> str:
-    """Per-seed row key -> metrics key: ``id_acc`` -> ``id_acc_mean`` (``_std`` kept); probe keys unchanged."""
-    if key.startswith("spurious_probe_acc"):
-        return key
-    return key if key.endswith("_std") else key + "_mean"
-
-
-def _pm(metrics: Mapping[str, float], arm: str, name: str) -> str:
-    return f"{metrics[f'{arm}.{name}_mean']:.3f} ± {metrics[f'{arm}.{name}_std']:.3f}"
-
-
-def verdict(metrics: dict[str, float], arm: str) -> str:
-    """Describes an arm by the share of the plain → control OOD gap it closes (thresholds 0.25 / 0.75).
-
-    Without those arms in the run, the bottom is the "answer = cue" rule and the top is 1.0.
-    """
-    plain = metrics.get("plain.ood_acc_mean", metrics["reference.cue_only_ood_acc"])
-    ood = metrics[f"{arm}.ood_acc_mean"]
-    top = metrics.get("control_decorrelated.ood_acc_mean", 1.0)
-    if top - plain < 0.05:
-        # Plain training already generalises (tiny configs do): there is no gap for an arm to close.
-        return (f"cannot be judged (plain OOD {plain:.3f} is within 0.05 of the control's {top:.3f}: "
-                "no spurious shortcut was learned)")
-    closed = (ood - plain) / (top - plain)
-    word = "works" if closed >= 0.75 else "partly works" if closed >= 0.25 else "fails"
-    return f"{word} (closes {closed:.0%} of the plain → control OOD gap)"
-
-
-def conclusion(metrics: dict[str, float], config: Config) -> str:
-    lines = []
-    for arm in config.arms:
-        if arm in ("plain", "control_decorrelated"):
-            continue
-        probe = metrics[f"{arm}.spurious_probe_acc_max_layer"]
-        cue = metrics[f"{arm}.ood_cue_follow_mean"]
-        where = "not decodable" if probe < 0.75 else "decodable but not used" if cue < 0.6 else "still decodable"
-        idn = metrics[f"{arm}.id_acc_mean"]
-        lines.append(f"- **{arm}** {verdict(metrics, arm)}: OOD {_pm(metrics, arm, 'ood_acc')}, "
-                     f"follows the cue on {cue:.0%} of OOD rows, ID {idn:.2f}; the cue is {where} at the answer "
-                     f"position (best layer's probe {probe:.2f}).")
-    shaped = [a for a in config.arms if a not in ("plain", "control_decorrelated")]
-    if "plain" in config.arms:
-        working = [a for a in shaped if verdict(metrics, a).startswith("works")]
-        lines.append(f"Arms that work (close ≥ 75% of the OOD gap): {', '.join(working) if working else 'none'}.")
-    if "project_one_layer" in config.arms:
-        head = verdict(metrics, "project_one_layer").split(" (")[0]
-        lines.insert(0, f"Projection at one layer {head}.")
-    if "plain" in config.arms:
-        lines.insert(1 if lines and not lines[0].startswith("-") else 0,
-                     f"Plain training follows the cue on {metrics['plain.ood_cue_follow_mean']:.0%} of OOD rows "
-                     f"(OOD {_pm(metrics, 'plain', 'ood_acc')}; 'answer = cue' scores "
-                     f"{metrics['reference.cue_only_ood_acc']:.3f}).")
-    return "\n".join(lines)
-
-
-def continual_conclusion(metrics: dict[str, float]) -> str:
-    pf, gf = metrics["plain.forgetting_a"], metrics["gpm.forgetting_a"]
-    pb, gb = metrics["plain.acc_b"], metrics["gpm.acc_b"]
-    less = "less" if gf < pf else "no less"
-    return (f"GPM forgets {less} of task A than plain training (forgetting {gf:.3f} vs {pf:.3f}) and reaches "
-            f"{gb:.3f} on task B vs {pb:.3f}, protecting {metrics['gpm.protected_fraction']:.0%} of each layer's "
-            "input space on average.")
+ISSUE_KEYS = ("ood_follows_cue", "direction_readout_cosine", "frozen_probe_auc_after", "fresh_probe_auc_after")
 
 
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
-    t0 = time.perf_counter()
     unknown = [a for a in config.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"Config.arms: unknown {unknown}; expected a subset of {ARMS}.")
-    per_arm: dict[str, list[dict[str, float]]] = {a: [] for a in config.arms}
-    per_seed_continual, reference = [], []
-    for seed in config.seeds:
-        setup = make_setup(config, seed)
-        reference.append(float((setup.test_ood["s"] == setup.test_ood["y"]).mean()))
-        for arm in config.arms:
-            ta = time.perf_counter()
-            params, hooks = run_arm(arm, setup)
-            per_arm[arm].append(evaluate_arm(setup, params, hooks))
-            if progress:
-                r = per_arm[arm][-1]
-                print(f"[{NAME}] seed {seed} {arm:22s} id {r['id_acc']:.3f} ood {r['ood_acc']:.3f} "
-                      f"cue {r['ood_cue_follow']:.3f} probe {r['spurious_probe_acc_max_layer']:.3f} "
-                      f"({time.perf_counter() - ta:.1f}s)", flush=True)
-        if config.continual:
-            per_seed_continual.append(continual(setup))
-            if progress:
-                print(f"[{NAME}] seed {seed} continual {per_seed_continual[-1]}", flush=True)
-
-    metrics: dict[str, float] = {}
-    for arm, rows in per_arm.items():
-        for key, value in _common.aggregate_seeds(rows).items():
-            if key != "n_seeds":
-                metrics[f"{arm}.{_metric_name(key)}"] = value
-    metrics["reference.cue_only_ood_acc"] = float(np.mean(reference))
-    if per_seed_continual:
-        for key, value in _common.aggregate_seeds(per_seed_continual).items():
-            if key != "n_seeds":
-                metrics[key if "." in key.replace("_std", "") else f"continual.{key}"] = value
-    metrics["n_seeds"] = len(config.seeds)
-    metrics["minutes"] = (time.perf_counter() - t0) / 60
-
+    arms = [a for a in ARMS if a in config.arms]
+    pairs = [(a, "plain") for a in arms if a != "plain"] if "plain" in arms else []
+    result = _runner.run(NAME, config.seeds, lambda s: run_seed(config, s, progress), pairs=pairs, progress=progress)
+    summary = dict(result.summary)
+    # The names issue 14 asks for, without the runner's _mean suffix (the same numbers).
+    for key in list(summary):
+        arm, _, metric = key.partition(".")
+        if metric.endswith("_mean") and metric[:-5] in ISSUE_KEYS:
+            summary[f"{arm}.{metric[:-5]}"] = summary[key]
+    summary.update({f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()})
+    _common.write_metrics(NAME, summary)
     out = _common.results_dir(NAME)
-    _common.write_metrics(NAME, {**metrics, **{f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()}})
-    plot(metrics, config, out)
-    rows = [(arm, _pm(metrics, arm, "id_acc"), _pm(metrics, arm, "ood_acc"),
-             f"{metrics[f'{arm}.ood_cue_follow_mean']:.3f}", f"{metrics[f'{arm}.spurious_probe_acc_max_layer']:.3f}")
-            for arm in config.arms]
-    continual_text = ""
-    if per_seed_continual:
-        plot_continual(metrics, out)
-        crow = [(arm, _common.pm(metrics, f"{arm}.forgetting_a"), _common.pm(metrics, f"{arm}.acc_b"))
-                for arm in ("plain", "gpm")]
-        continual_text = f"""
-### Continual learning: task A, then task B (A accuracy after A: {_common.pm(metrics, 'continual.acc_a_after_a')})
-
-{_common.markdown_table(["arm", "forgetting of A", "accuracy on B"], crow)}
-
-{continual_conclusion(metrics)}
-
-![continual](continual.png)
-"""
+    plot(summary, arms, out)
+    table = _runner.arm_table(summary, arms, ["id_acc", "ood_acc", "ood_follows_cue", "gap_closed"],
+                              labels={"id_acc": "ID accuracy", "ood_acc": "OOD accuracy",
+                                      "ood_follows_cue": "OOD answers = cue", "gap_closed": "gap closed"})
+    paired = _runner.paired_table(summary, [p for p in pairs if p[0] != "control_decorrelated"], ["ood_acc"])
+    b = config.base
     _common.write_readme(NAME, f"""
-## Don't fight backprop ({len(config.seeds)} seeds, {metrics['minutes']:.1f} min)
+## Don't fight backprop ({len(config.seeds)} seeds, {summary['minutes']:.1f} min)
 
-Hypothesis: projecting a spurious cue's direction out of one layer's updates does not stop the model
-from using the cue; it re-emerges downstream. Cue and label agree in training and are independent at test.
+Hypothesis: shaping what fine-tuning can use (CAFT, preventative steering, gradient routing) keeps a spurious
+cue out of a pretrained model; fighting the gradient (a probe penalty, projecting one layer) does not.
+The base model is pretrained with the cue uninformative; fine-tuning data have cue = label; the test has them
+independent. Targets: shaping arms close ≥ 75% of the plain → control OOD gap at ID ≥ 0.95; fighting arms < 25%.
 
-{_common.markdown_table(["arm", "ID accuracy", "OOD accuracy", "OOD answers = cue", "cue probe, best layer"], rows)}
+{table}
 
-{conclusion(metrics, config)}
+{conclusion(summary, arms)}
 
-Config: {config.d_model}-wide, {config.n_layers}-layer transformer, {config.steps} steps of batch {config.batch_size};
-{config.n_body} body tokens, margin ≤ {config.max_margin}; cue directions (mass-mean) from {config.n_concept // 2}
-cue-labelled rows, re-estimated every {config.reestimate_every} steps in the arms that re-estimate.
+Paired differences against plain (over seeds):
 
-![ood](ood_accuracy.png) ![probe](spurious_probe_by_layer.png)
-{continual_text}""")
-    return metrics
+{paired}
+
+Config: {b.d_model}-wide, {b.n_layers}-layer transformer pretrained {b.pretrain_steps} steps (cached), fine-tuned
+{config.steps} steps of batch {config.batch_size}; {b.n_body} body tokens, margin ≤ {b.max_margin}.
+
+![ood](ood_accuracy.png)
+""")
+    return summary
 
 
 if __name__ == "__main__":

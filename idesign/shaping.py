@@ -165,32 +165,57 @@ def _orthonormal_basis(site: str, basis: Array | sub.Subspace) -> Array:
     return jnp.asarray(ortho, dtype)
 
 
-def caft(bases: Mapping[str, Array | sub.Subspace]) -> TrainingHooks:
+def caft(bases: Mapping[str, Array | sub.Subspace], centers: Mapping[str, Array] | None = None) -> TrainingHooks:
     """Concept-ablation fine-tuning: removes the span of each basis at its sites, during training only.
 
     At each site (name or glob pattern), ``h ← h − (h Vᵀ) V`` where ``V`` is the basis ``[k, d]``. Rows
     that are not orthonormal are orthonormalised (Gram–Schmidt, dependent rows dropped) with a warning,
     so the *span* of the given directions is what is ablated. A 1-D array is one direction.
 
+    With a center ``μ`` for the site (mean ablation), ``h ← h − ((h − μ) Vᵀ) V``: only the deviation from
+    ``μ`` along the span is removed, and ``μ``'s own component stays. Zero ablation also removes the
+    mean component, which then *reappears* at inference, where the ablation is gone: an input shift the
+    fine-tuned weights never saw. Give ``μ`` as the mean activation where the concept lives (e.g. over
+    concept examples at the concept's position) when that shift matters.
+
     Args:
       bases: ``{site or pattern: basis [k, d] or Subspace}``.
+      centers: optional ``{site or pattern: center [d]}`` for mean ablation; keys must be keys of ``bases``.
 
     Returns:
       A :class:`TrainingHooks` for :func:`idesign.train.lm_loss`.
 
     Raises:
-      ValueError: a basis that is not 1-D/2-D, is empty, or holds NaN/inf. Unknown sites and widths that
-        do not match the site raise when the training loss is first traced.
+      ValueError: a basis that is not 1-D/2-D, is empty, or holds NaN/inf; a center with NaN/inf or for a
+        site that has no basis. Unknown sites and widths that do not match the site raise when the
+        training loss is first traced.
 
     >>> import jax, jax.numpy as jnp, optax, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
     >>> th = ids.shaping.caft({'blocks.0.resid_post': jnp.eye(8)[:2]})
     >>> step = ids.make_train_step(ids.lm_loss(apply, hooks=th), optax.sgd(0.1))
     >>> state, _ = step(ids.init_train_state(params, optax.sgd(0.1)), {'tokens': jnp.ones((2, 4), jnp.int32)})
+    >>> mean_ablated = ids.shaping.caft({'x': jnp.eye(2)[:1]}, centers={'x': jnp.array([5., 0.])})
+    >>> ids.merge_hooks(mean_ablated.resolve({}))  # doctest: +ELLIPSIS
+    {'x': (Add(..., scale=-1.0), Ablate(...), Add(..., scale=1.0))}
     """
     if not isinstance(bases, Mapping):
         raise TypeError(f"caft: bases must be a mapping {{site: basis [k, d]}}; got {type(bases).__name__}.")
-    return TrainingHooks({site: Ablate(_orthonormal_basis(site, b)) for site, b in bases.items()})
+    centers = dict(centers or {})
+    unknown = [site for site in centers if site not in bases]
+    if unknown:
+        raise ValueError(f"caft: centers given for {unknown}, which have no basis; expected keys of bases "
+                         f"{list(bases)}.")
+    hooks: dict[str, Any] = {}
+    for site, b in bases.items():
+        ablate = Ablate(_orthonormal_basis(site, b))
+        if site not in centers:
+            hooks[site] = ablate
+            continue
+        mu = centers[site] if isinstance(centers[site], jax.core.Tracer) else jnp.asarray(centers[site])
+        _check_finite("caft: center", site, mu)
+        hooks[site] = (Add(mu, -1.0), ablate, Add(mu, 1.0))
+    return TrainingHooks(hooks)
 
 
 def preventative_steering(vectors: Mapping[str, Array], scale: float | Array = 1.0) -> TrainingHooks:

@@ -75,6 +75,28 @@ def test_caft_loss_and_gradients_match_the_ablated_reference():
     assert np.abs(plain["w1"] @ basis.T).max() > 1e-3
 
 
+def test_caft_with_centers_is_mean_ablation():
+    params, batch, basis = toy_params(), toy_batch(), orthonormal_rows(1, 2, H)
+    mu = jax.random.normal(jax.random.key(5), (H,))
+    loss = ids.lm_loss(Toy(), hooks=shaping.caft({"hidden": basis}, centers={"hidden": mu}))
+    reference = lambda p: manual_loss(p, batch["tokens"], lambda h: h - ((h - mu) @ basis.T) @ basis)
+    (got, _), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    want, want_grads = jax.value_and_grad(reference)(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+    # mean ablation keeps the center's component, zero ablation removes it: the two losses differ
+    zero = ids.lm_loss(Toy(), hooks=shaping.caft({"hidden": basis}))(params, batch)[0]
+    assert abs(float(zero) - float(got)) > 1e-4
+    np.testing.assert_allclose(np.asarray(grads["w1"]) @ np.asarray(basis).T, 0.0, atol=1e-6)
+
+
+def test_caft_refuses_a_center_without_a_basis_or_with_nan():
+    with pytest.raises(ValueError, match="no basis"):
+        shaping.caft({"hidden": jnp.eye(H)[:1]}, centers={"logits": jnp.zeros(V)})
+    with pytest.raises(ValueError, match="non-finite"):
+        shaping.caft({"hidden": jnp.eye(H)[:1]}, centers={"hidden": jnp.full(H, jnp.nan)})
+
+
 def test_preventative_steering_loss_and_gradients_match_the_steered_reference():
     params, batch = toy_params(), toy_batch()
     v = jax.random.normal(jax.random.key(3), (H,))
