@@ -79,7 +79,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import idesign as ids  # noqa: E402
 from experiments import _common  # noqa: E402
-from idesign import curvature, edit  # noqa: E402
+from idesign import curvature, edit, evaluation  # noqa: E402
 from idesign.data import skills  # noqa: E402
 
 NAME = "memorization"
@@ -294,8 +294,8 @@ def train_lm(config: Config, corpus: skills.SkillCorpus, seed: int, *, progress:
 
 
 def _lm_scores(apply, params, items, text) -> dict[str, float]:
-    acc = skills.skill_accuracy(skills.exact_match(apply, params, items), items)
-    return {**acc, "ppl": skills.perplexity(apply, params, text)}
+    acc = evaluation.skill_accuracy(evaluation.exact_match(apply, params, items), items)
+    return {**acc, "ppl": evaluation.perplexity(apply, params, text)}
 
 
 def _ratio(after: float, before: float) -> float:

@@ -3,7 +3,7 @@
 Users write ``import idesign as ids``.
 """
 
-from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, hooks, metrics, models, monitoring,
+from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, evaluation, hooks, metrics, models, monitoring,
                      optim, probes, rl, sae, shaping, sharding, subspaces, train, tree)
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstract_like, restore_checkpoint, save_checkpoint

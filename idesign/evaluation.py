@@ -89,11 +89,11 @@ def exact_match(apply: Callable, params: Any, items: datasets.Dataset | Mapping[
     >>> import idesign as ids
     >>> from idesign.data import skills
     >>> c = skills.make_skill_corpus(skills.SkillConfig(n_strings=2, n_entities=4, fact_docs=20, n_pattern_train=10,
-    ...                                                 n_eval=4, n_heldout_text=4))
+    ...                                                 n_text_docs=4, n_eval=4, n_heldout_text=6))
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=c.tokenizer.vocab_size,
     ...                                      d_model=8, n_heads=2, n_layers=1, max_len=c.config.seq_len))
     >>> exact_match(apply, params, c.eval).shape
-    (14,)
+    (18,)
     """
     cols = _columns(items, ("tokens", "prompt_len", "answer_len"))
     tokens = np.asarray(cols["tokens"], np.int32)
@@ -133,7 +133,7 @@ def perplexity(apply: Callable, params: Any, docs: datasets.Dataset | Mapping[st
     >>> import idesign as ids
     >>> from idesign.data import skills
     >>> c = skills.make_skill_corpus(skills.SkillConfig(n_strings=2, n_entities=4, fact_docs=20, n_pattern_train=10,
-    ...                                                 n_eval=4, n_heldout_text=4))
+    ...                                                 n_text_docs=4, n_eval=4, n_heldout_text=6))
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=c.tokenizer.vocab_size,
     ...                                      d_model=8, n_heads=2, n_layers=1, max_len=c.config.seq_len))
     >>> 20 < perplexity(apply, params, c.heldout_text) < 150
