@@ -93,7 +93,7 @@ def exact_match(apply: Callable, params: Any, items: datasets.Dataset | Mapping[
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=c.tokenizer.vocab_size,
     ...                                      d_model=8, n_heads=2, n_layers=1, max_len=c.config.seq_len))
     >>> exact_match(apply, params, c.eval).shape
-    (18,)
+    (16,)
     """
     cols = _columns(items, ("tokens", "prompt_len", "answer_len"))
     tokens = np.asarray(cols["tokens"], np.int32)

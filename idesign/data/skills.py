@@ -22,8 +22,9 @@ skill                   training document                           evaluation
                         ``string_repeats`` times                    symbols (of the *trained* strings)
 (``text``)              ``<bos> quote s1 s5 ... <eos>``: fresh       not scored by exact match; part of
                         samples of the same language, seen once     ``heldout_text`` (perplexity)
-``arithmetic``          ``<bos> 4 7 + 0 8 = 0 5 5 <eos>``:           the 3-digit sum of *held-out* pairs
-                        2-digit addition, zero padded
+``arithmetic``          ``<bos> 4 7 + 0 8 = 5 5 0 <eos>``:           the 3-digit sum of *held-out* pairs
+                        2-digit addition, zero padded, the sum
+                        written least significant digit first
 ``facts_frequent``      ``<bos> e12 lives in c3 <eos>``: each       the city after ``e12 lives in``;
 ``facts_rare``          entity's fact repeated a Zipf-distributed    closed-book recall of trained facts
                         number of times; the more frequent half     (a fact cannot be held out and
@@ -87,7 +88,8 @@ class SkillConfig:
       pattern_periods, pattern_shown, pattern_answer: motif periods, symbols shown, symbols to predict.
       pattern_train_fraction: share of the motifs used for training (the rest are held out).
       n_pattern_train: logic training documents (drawn from the training motifs, with repeats).
-      n_eval: held-out test items for arithmetic, for logic and for the ``unseen_strings`` control (each).
+      n_eval: held-out test items for arithmetic and for logic (each); the ``unseen_strings`` control has
+        ``n_strings`` items, as many as ``memorized``.
       n_heldout_text: held-out perplexity documents (a third each: text, arithmetic, logic).
       seed: everything above is drawn from it.
 
@@ -288,7 +290,7 @@ def _distinct_prefix_samples(successors: np.ndarray, probs: np.ndarray, config: 
             chosen.setdefault(tuple(s[:config.prefix_len].tolist()), s)
             if len(chosen) == n:
                 return np.stack(list(chosen.values()))
-    raise ValueError(f"SkillConfig: could not draw {n} strings (n_strings + n_eval) with distinct {config.prefix_len}-"
+    raise ValueError(f"SkillConfig: could not draw {n} strings (2 n_strings) with distinct {config.prefix_len}-"
                      f"symbol prefixes from the text language; raise n_symbols, text_branching or prefix_len.")
 
 
@@ -310,7 +312,7 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     >>> items = to_numpy(c.eval)
     >>> i = list(items['skill']).index('arithmetic')
     >>> c.tokenizer.decode(items['tokens'][i][:items['prompt_len'][i] + items['answer_len'][i]])
-    '1 9 + 9 8 = 1 1 7'
+    '1 9 + 9 8 = 7 1 1'
     >>> sorted(set(c.eval['skill'])) == sorted(SKILLS + CONTROLS)
     True
     """
@@ -322,7 +324,7 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     successors, probs = markov_language(config)
     rng = _rng(config, 1)
     n_third = config.n_heldout_text // 3
-    strings = _distinct_prefix_samples(successors, probs, config, config.n_strings + config.n_eval, rng)
+    strings = _distinct_prefix_samples(successors, probs, config, 2 * config.n_strings, rng)
     memorized, unseen = strings[:config.n_strings], strings[config.n_strings:]
     answer = config.string_len - config.prefix_len
     for s in memorized:
@@ -343,7 +345,9 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     n_train = int(round(config.arithmetic_train_fraction * len(pairs)))
     def sum_words(p):
         a, b = divmod(int(p), 100)
-        return _digits(a, 2) + ["+"] + _digits(b, 2) + ["="] + _digits(a + b, 3)
+        # The sum is written least significant digit first, so each answer digit depends on two shown
+        # digits and the carry just written: a rule a small transformer learns in a few epochs.
+        return _digits(a, 2) + ["+"] + _digits(b, 2) + ["="] + _digits(a + b, 3)[::-1]
     train += [("arithmetic", sum_words(p)) for p in pairs[:n_train]]
     pool = pairs[n_train:]
     evals += [("arithmetic", sum_words(p), 3) for p in pool[:config.n_eval]]

@@ -41,7 +41,7 @@ def test_arithmetic_is_correct_and_held_out_pairs_never_appear_in_training(corpu
     assert len(arith) == SMALL.n_eval
     for r in arith:
         w = _words(corpus, r)
-        a, b, c = int("".join(w[0:2])), int("".join(w[3:5])), int("".join(w[6:9]))
+        a, b, c = int("".join(w[0:2])), int("".join(w[3:5])), int("".join(w[6:9][::-1]))     # sum written least significant digit first
         assert w[2] == "+" and w[5] == "=" and a + b == c
         assert r["prompt_len"] == 7 and r["answer_len"] == 3     # <bos> a1 a0 + b1 b0 =
         assert " ".join(w) not in train_text
@@ -71,7 +71,7 @@ def test_memorized_strings_are_repeated_and_recall_targets_the_continuation(corp
         assert r["prompt_len"] == 2 + SMALL.prefix_len and r["answer_len"] == SMALL.string_len - SMALL.prefix_len
     unseen = [r for r in corpus.eval if r["skill"] == "unseen_strings"]
     all_train = {tuple(t) for t in corpus.train["tokens"]}
-    assert len(unseen) == SMALL.n_eval and all(tuple(r["tokens"]) not in all_train for r in unseen)
+    assert len(unseen) == SMALL.n_strings and all(tuple(r["tokens"]) not in all_train for r in unseen)
     assert {(r["prompt_len"], r["answer_len"]) for r in unseen} == {(mem_eval[0]["prompt_len"], mem_eval[0]["answer_len"])}
     prefixes = [tuple(r["tokens"][:r["prompt_len"]]) for r in mem_eval + unseen]
     assert len(set(prefixes)) == len(prefixes)          # a prompt names exactly one string
@@ -147,5 +147,5 @@ def test_bad_configs_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="text_branching=1 must be in"):
         skills.SkillConfig(text_branching=1)
     with pytest.raises(ValueError, match="distinct 3-symbol prefixes"):
-        skills.make_skill_corpus(skills.SkillConfig(n_symbols=3, text_branching=2, n_strings=20, n_eval=4, prefix_len=3,
+        skills.make_skill_corpus(skills.SkillConfig(n_symbols=3, text_branching=2, n_strings=7, n_eval=4, prefix_len=3,
                                                     string_len=5, pattern_periods=(2,), pattern_shown=4))
