@@ -6,17 +6,23 @@ use), shared structure in high-curvature ones. Keeping components in descending 
 ``Π_ij = μ_i λ_j`` until a share ``ρ`` of the mass and zeroing the rest (``edit.prune_low_curvature``)
 should (a) make a classifier forget noisy labels it memorized and fall back to the true labels,
 and (b) in a language model, destroy verbatim recall of memorized strings while keeping skills in
-the paper's order of retention: memorized text ≪ arithmetic < closed-book facts < logic.
+the paper's order of retention: memorized text ≪ arithmetic < rare facts < frequent facts < logic.
 
 Settings and arms.
 - ``classification``: an MLP on a rule-governed task (label = argmax of a fixed linear teacher over
   Gaussian features), 10% of training labels replaced by a different random class, trained until
   the noisy labels are memorized (``train_acc_noisy`` reports how far). Arms: ``kfac``
-  (``prune_low_curvature`` on the hidden layers, true Fisher on the training inputs) and ``svd``
-  (``prune_svd``, energy ``ρ``), with ``ρ=1`` (no edit) as the control.
-- ``lm``: the reference transformer trained on the skill mixture of :mod:`idesign.data.skills`
-  (memorized random strings, 2-digit addition, frequent and rare facts, a periodic-pattern rule);
-  K-FAC on the MLP ``up``/``down`` layers named in ``lm_layers``; the same two arms.
+  (``prune_low_curvature`` on the hidden layers, true Fisher on the training inputs), ``svd``
+  (``prune_svd``, energy ``ρ``) and ``random`` (``prune_random``: at each ρ, K-FAC's kept component count
+  per layer, components drawn at random — the control for the curvature *ranking*), with ``ρ=1`` (no edit)
+  as the control.
+- ``lm``: the reference transformer trained on the skill mixture of :mod:`idesign.data.skills`. Its
+  memorized strings are samples of the same Markov language as its training text and its held-out text
+  (only the repetition differs), so the band diagnostic compares inputs of one distribution; the
+  ``unseen_strings`` control scores fresh samples as if memorized (the language's chance recall). K-FAC
+  on the MLP ``up``/``down`` layers of every candidate set in ``lm_layer_sets``; the same three arms,
+  plus ``oracle``: the same training without the memorized strings (exact unlearning: what an edit could
+  at best reach), on the first ``oracle_seeds`` seeds.
 
 How ρ is chosen (one grid ``rhos`` per method, on *sweep* data only; all reported numbers are on
 held-out *report* data; each sweep/report pair is a disjoint alternating split).
@@ -24,16 +30,16 @@ held-out *report* data; each sweep/report pair is a disjoint alternating split).
   items, among those whose sweep-validation accuracy is at least the unedited one minus
   ``max_val_drop``; ties go to the larger ρ (the smaller edit); ρ = 1 is always admissible.
   Reported on the other half of the noisy items and on the report half of the validation set.
-- lm: the ρ with the lowest exact recall of the sweep half of the memorized strings, among those
-  whose held-out perplexity (sweep half of ``heldout_text``) grows by at most ``max_ppl_ratio``
-  (the paper's 7B edit: 19.04 → 22.84, ×1.20); ties to the larger ρ. Retention of the other skills is
-  then *measured* at that ρ, on the report halves; it played no part in choosing ρ.
+- lm: the (layer set, ρ) with the lowest exact recall of the sweep half of the memorized strings, among
+  those whose held-out perplexity (sweep half of ``heldout_text``) grows by at most ``max_ppl_ratio``
+  (the paper's 7B edit: 19.04 → 22.84, ×1.20); ties to the larger ρ, then the earlier set. Retention of the
+  other skills is then *measured* there, on the report halves; it played no part in the choice.
 
 Metrics (``results/memorization/metrics.json``; each also with ``_std`` over seeds, and ``n_seeds``):
   classification.train_acc_noisy, classification.train_acc_clean   before editing: share of noisy
                               items given their noisy label (memorization reached), clean train acc.
   classification.<m>.memorized_recall_before|after   share of held-out noisy training items still
-                              given their noisy label, m in {kfac, svd}
+                              given their noisy label, m in {kfac, svd, random}
   classification.<m>.true_label_recovery_before|after  share of those items given their true label
   classification.<m>.val_acc_before|after   accuracy on the report half of the clean validation set
   classification.<m>.rho      the chosen ρ
@@ -41,22 +47,25 @@ Metrics (``results/memorization/metrics.json``; each also with ``_std`` over see
                               curvature band b (0 = highest curvature, ``n_bands`` equal bands) to
                               noisy vs clean training inputs (>1: noisy items drive it harder)
   lm.before.acc.<skill>       exact-match accuracy before editing (report halves), skill in
-                              memorized, arithmetic, facts_frequent, facts_rare, logic
-  lm.<m>.acc.<skill>          the same after editing with method m at its chosen ρ
-  lm.<m>.retention.<skill>    acc after / acc before (memorized: exact recall after / before)
-  lm.<m>.heldout_ppl_ratio    held-out perplexity after / before (report half)
-  lm.<m>.rho                  the chosen ρ
+                              memorized, arithmetic, facts_frequent, facts_rare, logic, unseen_strings
+  lm.<a>.acc.<skill>          the same after arm a in {kfac, svd, random, oracle}
+  lm.<a>.retention.<skill>    acc after / acc before (memorized: exact recall after / before)
+  lm.<a>.gap.<s>.<t>          retention of t minus retention of s, per seed, for adjacent skills of the
+                              paper's order memorized < arithmetic < facts_rare < facts_frequent < logic
+                              (mean ± sd = the paired gap)
+  lm.<a>.heldout_ppl_ratio    held-out perplexity after / before (report half)
+  lm.<m>.rho, lm.<m>.layer_set  the chosen ρ and index into ``lm_layer_sets`` (edits only)
   lm.heldout_ppl_before       held-out perplexity of the unedited model
   lm.train_loss_final         mean LM training loss over the last logging window
-  lm.bands.ratio.<b>          band diagnostic on ``lm_layers[0]``: memorized-string documents vs
-                              held-out arithmetic/logic documents
+  lm.bands.ratio.<b>          band diagnostic on ``band_layer``: unique memorized-string documents vs
+                              held-out text documents of the same language
   minutes                     wall-clock minutes for everything
 
-Plots: ``retention_vs_rho.png`` (sweep-split retention per skill against ρ, both methods),
+Plots: ``retention_vs_rho.png`` (sweep-split retention per skill against ρ, every edit, on the layer set K-FAC chose most),
 ``classification_vs_rho.png`` (memorized recall, true-label recovery and validation accuracy against ρ),
 ``band_ratios.png`` (band activation ratios, both settings).
 
-Run: ``python -m experiments.memorization --quick`` (CPU, about 3 minutes idle) or ``--full`` (GPU preset,
+Run: ``python -m experiments.memorization --quick`` (CPU, 5 seeds; see the README for the measured time) or ``--full`` (GPU preset,
 larger models and corpora; not run on the CPU).
 """
 
