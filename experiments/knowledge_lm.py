@@ -25,6 +25,9 @@ Metrics (``results/knowledge_lm/metrics.json``; each also with ``_std`` over see
   answer_prob_{frequent,rare,unknown}  mean probability of the greedy answer token
   minutes                     wall-clock minutes for all seeds
 
+The trained model of each (config, seed) is cached with ``ids.pretrain.cached`` (``$IDESIGN_CACHE``, default
+``~/.cache/idesign``): a second run, or another study sharing the world, restores it instead of training.
+
 Run: ``python -m experiments.knowledge_lm --quick`` (CPU, minutes) or ``--full`` (GPU).
 """
 
@@ -96,6 +99,32 @@ def pretrain(config: Config, world: ids.data.KnowledgeWorld, seed: int, *, progr
     state, log = ids.train.train(ids.init_train_state(params, optimizer), step, batches, num_steps=config.steps,
                                  log_every=config.log_every, progress=progress, desc=f"{NAME} seed {seed}")
     return apply, state.params, log
+
+
+def _log_steps(config: Config) -> list[int]:
+    """The steps at which ``ids.train.train`` logs (every ``log_every`` and the last)."""
+    return [i for i in range(1, config.steps + 1) if i % config.log_every == 0 or i == config.steps]
+
+
+def base_model(config: Config, world: ids.data.KnowledgeWorld, seed: int, *, progress: bool = True):
+    """:func:`pretrain`, trained once per (config, seed) and then restored from ``ids.pretrain.cached``.
+
+    Returns ``(apply, params, history)`` with ``history`` the logged ``[{'step', 'loss'}, ...]`` (stored with the
+    parameters, so a cache hit still has its loss curve). The world is a function of the config and the seed,
+    so the key is the config without its seed list.
+    """
+    key = {k: v for k, v in dataclasses.asdict(config).items() if k != "seeds"}
+    steps = _log_steps(config)
+
+    def train_fn(_key, s):
+        _, params, log = pretrain(config, world, s, progress=progress)
+        return {"params": params, "loss": np.array([r["loss"] for r in log.history], np.float32)}
+
+    apply, init = ids.init_transformer(model_config(config, world), seed=seed)
+    out = ids.pretrain.cached(NAME, key, seed, train_fn,
+                              like={"params": init, "loss": np.zeros(len(steps), np.float32)}, version="1")
+    history = [{"step": st, "loss": float(v)} for st, v in zip(steps, np.asarray(out["loss"]))]
+    return apply, out["params"], history
 
 
 def answer_queries(apply, params, world: ids.data.KnowledgeWorld, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -171,11 +200,11 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     per_seed, logs = [], {}
     for seed in config.seeds:
         world = build_world(config, seed)
-        apply, params, log = pretrain(config, world, seed, progress=progress)
+        apply, params, history = base_model(config, world, seed, progress=progress)
         row = score(world, answer_queries(apply, params, world))
-        row["train_loss_final"] = log.history[-1]["loss"]
+        row["train_loss_final"] = history[-1]["loss"]
         per_seed.append(row)
-        logs[seed] = log.history
+        logs[seed] = history
     metrics = _common.aggregate_seeds(per_seed)
     metrics["minutes"] = (time.perf_counter() - t0) / 60
     out = _common.results_dir(NAME)

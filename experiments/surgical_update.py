@@ -1,52 +1,79 @@
 """Surgical update: does freezing the weights that carry an old task protect it while the model learns a new one?
 
-Hypothesis. A reference transformer trained on two synthetic sequence tasks T1 and T2 (from
-:mod:`idesign.data.sequence_tasks`) forgets them when fine-tuned on a third task T3 alone. Freezing
-the *T1 circuit* — the attention heads and MLP neurons that gradient × weight attribution on T1 data
-ranks highest, a budget of k% of the parameters, frozen element by element with
-``ids.optim.frozen`` — keeps T1 (target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of
-full fine-tuning, and it does so better than a random mask of the same size.
+Hypothesis. A reference transformer pretrained on two synthetic sequence tasks T1 and T2 (from
+:mod:`idesign.data.sequence_tasks`) is fine-tuned to add a third task T3. Freezing the *T1 circuit* — the
+attention heads and MLP neurons that gradient × weight attribution on T1 rows ranks highest per parameter,
+up to a budget of k% of the parameters, frozen element by element with ``ids.optim.frozen`` — keeps T1
+(target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of full fine-tuning, and protects T1 better than a
+random mask of the same size in the same tensors (by more than 2 paired standard errors).
 
-Arms (fine-tuning on T3 only, from the same pretrained weights, on the same batches):
-- ``full_ft``: nothing frozen (the reference for T3 and for forgetting).
-- ``freeze_circuit``: heads and neurons ranked by attribution score per parameter (``weight_attribution``
-  → ``component_scores``, heads and neurons each ordered with ``select_top_k``), added best first while
-  they fit the budget; the mask is ``circuit_mask(heads=..., neurons=...)``.
-- ``freeze_random``: the control, ``tree.random_mask`` with exactly as many elements as the circuit.
-- ``freeze_layers``: whole layers (a parameter group such as ``blocks.0.attn.q_proj`` or ``embed``),
-  ranked by the same attribution per parameter, added while they bring the frozen size nearer the
-  budget — the same information at the coarsest granularity.
-- ``freeze_elements``: the finest granularity, the k% single elements with the highest gradient × weight
-  (embeddings and norms included, which the head/neuron circuit cannot reach).
-The headline arms use ``Config.budget``; each budget of ``Config.budgets`` is run for the plot.
+A fair test (METHODS.md §8):
+- **Pretrain once.** The base model is trained on T1 + T2 once per (config, seed) and cached with
+  ``ids.pretrain.cached``; every arm of a seed starts from the same checkpoint.
+- **The shortcut is closed.** T3 (``copy``) has T1's format; only the task token differs. Fine-tuned on T3
+  alone, the cheapest update is "copy whatever the task token", which any few percent of the weights can
+  implement and which erases T1 whatever is frozen (the ``t3only`` group measures it:
+  ``t1_as_t3`` = share of T1 prompts answered as T3). The update must therefore *need* the task token: every
+  other group fine-tunes on T3 plus a small **replay** of T1 and T2 rows (a fixed buffer of 1, 2 or 5% of the
+  fine-tuning rows, reused every epoch). Replay was chosen over a KL term because it is what continual-learning
+  practice does, it needs no second forward pass, and with a base model near 100% accuracy on T1/T2 the
+  replayed labels are the old model's answers anyway; it is swept because its size sets how much the mask
+  has left to add.
+- **Shared parameters frozen in every masked arm.** Embeddings (tied with the unembedding), positions, norms and
+  the output biases (``ids.circuits.shared_mask``: no head or neuron owns them) are frozen in every masked arm and
+  in ``full_ft``; the report prints per-leaf frozen fractions.
+- **The mask's own value is visible**: ``full_ft`` (shared frozen, nothing else) and ``full_ft_unfrozen``
+  (nothing frozen) see the same replay.
+- **The upper bound is measured**: ``joint_full_ft_unfrozen`` fine-tunes on T3 with 50% replay; if even it
+  cannot keep T1 and learn T3, the world is wrong, not the method.
 
-Metrics (``results/surgical_update/metrics.json``; each also with ``_std`` over seeds, and ``n_seeds``):
-  baseline.t1_acc, baseline.t2_acc, baseline.t3_acc   exact-match answer accuracy before fine-tuning
-  <arm>.t1_acc, <arm>.t2_acc, <arm>.t3_acc            the same after fine-tuning on T3
-  <arm>.t1_retention, <arm>.t2_retention              accuracy after / before fine-tuning
-  <arm>.t3_rel_full_ft                                T3 accuracy / full_ft's T3 accuracy (same seed)
-  <arm>.frozen_fraction                               frozen elements / all parameter elements
-  freeze_circuit.t1_gain_vs_random                    T1 retention minus freeze_random's (paired by seed)
-  budget_<pct>.<arm>.<metric>                         the same for every budget of the sweep (pct = 100 k)
-  targets.t1_retention_met, targets.t3_rel_met, targets.beats_random   1.0 / 0.0, from the means
-                                                      (beats_random: gain > 0 and > 2 standard errors)
-  minutes                                             wall-clock minutes for all seeds
-(``<arm>`` is one of full_ft, freeze_circuit, freeze_random, freeze_layers, freeze_elements. Accuracy is exact match of
-the whole answer under greedy decoding, ``sequence_tasks.answer_accuracy``, on held-out rows.)
+Arms (all runs of a seed start from the same base model; runs in one data group see the same batches):
+- groups: ``t3only`` (no replay), ``r1``, ``r2``, ``r5`` (1, 2, 5% replay; ``Config.replays``), ``joint`` (50%).
+- ``full_ft_unfrozen``: nothing frozen. ``full_ft``: the shared parameters frozen.
+- ``circuit``: shared + heads and neurons of the T1 circuit within ``Config.budget`` of all parameters
+  (``ids.circuits.budget_circuit``: by attribution per parameter, greedily while they fit).
+- ``random``: shared + exactly as many random elements as the circuit *in every leaf*
+  (``ids.circuits.matched_random_mask``).
+- ``layers``: shared + whole parameter groups of the blocks (e.g. ``blocks.0.attn.q_proj``) by attribution per
+  parameter, added while they bring the size nearer the circuit's.
+- ``elements``: shared + the single block elements with the highest attribution, as many as the circuit.
+- ``circuit_b<p>``, ``random_b<p>``: the same at the other budgets of ``Config.budgets`` (the budget curve, in the
+  headline replay group only).
+``t3only`` runs full_ft_unfrozen, full_ft, circuit and random; ``joint`` runs full_ft_unfrozen; each replay
+group runs full_ft_unfrozen, full_ft, circuit, random, layers and elements.
 
-Every seed draws new training rows, a new initialisation and a new batch order; evaluation rows and
-task rules are fixed.
+Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_runner.py``; every
+``<group>_<arm>.<metric>`` has ``_mean`` and ``_std`` over seeds):
+  world.base_t1_acc, world.base_t2_acc, world.base_t3_acc   exact-match accuracy of the pretrained base model
+  world.base_t1_as_t3                                         its share of T1 prompts answered as T3 (before)
+  <group>_<arm>.t1_acc, .t2_acc, .t3_acc                      after fine-tuning
+  <group>_<arm>.t1_retention, .t2_retention                   accuracy after / before (same seed)
+  <group>_<arm>.t3_rel_full_ft                                T3 / the group's full_ft_unfrozen T3 (same seed)
+  <group>_<arm>.t1_as_t3                                      share of T1 prompts answered as T3 (the shortcut)
+  <group>_<arm>.t1_retention_at_matched_t3                    T1 retention when T3 first reaches 0.9 × the group's
+                                                              full_ft_unfrozen final T3 (interpolated between
+                                                              evaluations; null if never reached)
+  <group>_<arm>.reached_matched_t3                            1 if it reached that T3 level, else 0
+  <group>_<arm>.frozen_fraction                               frozen elements / all elements (shared included)
+  <a>_minus_<b>.<metric>_mean, _se, _n                        paired differences over seeds (see the pairs below)
+  targets.t1_retention_met, targets.t3_rel_met, targets.beats_random   1.0 / 0.0 at the headline replay and budget
+  n_seeds, minutes
 
-Run: ``python -m experiments.surgical_update --quick`` (CPU, minutes) or ``--full`` (GPU preset, larger
-model and budgets; not run on the CPU).
+Accuracy is exact match of the whole answer under greedy decoding (``sequence_tasks.answer_correct``) on held-out
+rows. Every seed draws new pretraining and fine-tuning rows, a new initialisation and batch order; evaluation rows
+and task rules are fixed.
+
+Run: ``python -m experiments.surgical_update --quick`` (CPU, minutes; the base models are cached in
+``$IDESIGN_CACHE``, default ``~/.cache/idesign``) or ``--full`` (GPU preset).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +88,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import idesign as ids  # noqa: E402
-from experiments import _common  # noqa: E402
+from experiments import _common, _runner  # noqa: E402
 from idesign.data import sequence_tasks  # noqa: E402
 
 NAME = "surgical_update"
-ARMS = ("full_ft", "freeze_circuit", "freeze_random", "freeze_layers", "freeze_elements")
-FROZEN_ARMS = ARMS[1:]
+MASKED = ("circuit", "random", "layers", "elements")
 T1_TARGET, T3_TARGET = 0.95, 0.90
+BASE_VERSION = "1"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     t1: str = "reverse"
     t2: str = "lookup"
-    t3: str = "copy"                 # learned reliably within the fine-tuning budget (rotate, permute, sort were not)
+    t3: str = "copy"                 # T1's format with another task token: the shortcut is possible
     length: int = 6
     n_symbols: int = 16
     n_train: int = 4000              # training rows per task
@@ -89,24 +116,47 @@ class Config:
     warmup: int = 100
     finetune_steps: int = 250
     finetune_lr: float = 1e-3
-    budget: float = 0.10             # the headline arms' share of parameters frozen
-    budgets: tuple[float, ...] = (0.10, 0.90)   # FULL sweeps more; on the CPU each budget costs 4 arms
-    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_every: int = 25
+    replays: tuple[float, ...] = (0.01, 0.02, 0.05)
+    replay: float = 0.02             # the headline group
+    joint_replay: float = 0.5        # the upper-bound group
+    budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    budget: float = 0.1              # the headline arms' share of parameters in the mask (beyond the shared ones)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
 QUICK = Config()
 FULL = Config(length=10, n_symbols=32, n_train=50_000, n_eval=2000, n_attribution=2000, d_model=256, n_layers=4,
-              n_heads=8, batch_size=128, pretrain_steps=10_000, finetune_steps=2000,
-              budgets=(0.02, 0.05, 0.10, 0.20, 0.50, 0.90), seeds=(0, 1, 2, 3, 4))
+              n_heads=8, batch_size=128, pretrain_steps=10_000, finetune_steps=2000, eval_every=100,
+              seeds=tuple(range(10)))
 
 
-# --- data and model ------------------------------------------------------------------------------
+def group_name(replay: float) -> str:
+    return "t3only" if replay == 0 else f"r{100 * replay:g}".replace(".", "p")
+
+
+def budget_name(arm: str, budget: float, config: Config) -> str:
+    return arm if budget == config.budget else f"{arm}_b{100 * budget:g}".replace(".", "p")
+
+
+def check_config(config: Config) -> None:
+    if config.replay not in config.replays:
+        raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
+    if config.budget not in config.budgets:
+        raise ValueError(f"Config.budget={config.budget} must be one of Config.budgets={config.budgets}.")
+
+
+# --- data and base model -------------------------------------------------------------------------
+
+
+def task_config(config: Config, tasks: tuple[str, ...], n: int, seed: int) -> sequence_tasks.SequenceTaskConfig:
+    return sequence_tasks.SequenceTaskConfig(tasks=tasks, n_examples=n, length=config.length,
+                                             n_symbols=config.n_symbols, seed=seed)
 
 
 def task_data(config: Config, tasks: tuple[str, ...], n: int, seed: int) -> Any:
     """``n`` rows per task (a ``datasets.Dataset``); the task rules are the same for every seed."""
-    return sequence_tasks.make_sequence_tasks(sequence_tasks.SequenceTaskConfig(
-        tasks=tasks, n_examples=n, length=config.length, n_symbols=config.n_symbols, seed=seed))
+    return sequence_tasks.make_sequence_tasks(task_config(config, tasks, n, seed))
 
 
 def model_config(config: Config) -> ids.TransformerConfig:
@@ -114,8 +164,15 @@ def model_config(config: Config) -> ids.TransformerConfig:
                                  n_layers=config.n_layers, n_heads=config.n_heads, max_len=2 * config.length + 3)
 
 
-def batches(data: Any, config: Config, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    return ids.train.iterate_batches(data, config.batch_size, seed=seed, columns=["tokens", "loss_mask"])
+def base_key(config: Config) -> dict[str, Any]:
+    """What determines the base model (the cache key): fine-tuning settings are left out on purpose."""
+    fields = ("t1", "t2", "length", "n_symbols", "n_train", "d_model", "n_layers", "n_heads", "batch_size",
+              "pretrain_steps", "pretrain_lr", "warmup")
+    return {f: getattr(config, f) for f in fields}
+
+
+def batches(data: Any, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    return ids.train.iterate_batches(data, batch_size, seed=seed, columns=["tokens", "loss_mask"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,24 +180,37 @@ def _compiled(config: Config) -> dict[str, Any]:
     """One model function, loss and compiled steps per config, shared by every seed (no recompiling)."""
     apply, _ = ids.init_transformer(model_config(config), seed=0)
     loss = ids.lm_loss(apply)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.pretrain_lr, config.warmup, config.pretrain_steps)
-    pre_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     ft_opt = frozen_by_argument(optax.adam(config.finetune_lr))
     ft_step = ids.make_train_step(loss, ft_opt, jit=False)
-    return {"apply": apply, "loss": loss, "pre_opt": pre_opt, "pre_step": ids.make_train_step(loss, pre_opt),
-            "ft_opt": ft_opt,
-            "ft_step": jax.jit(jax.vmap(lambda s, b, m: ft_step(s, b, frozen=m), in_axes=(0, None, 0)))}
+
+    def correct(params, tokens, mask):
+        logits, _ = apply(params, tokens[:, :-1])
+        wrong = (logits.argmax(-1) != tokens[:, 1:]) & (mask[:, 1:] > 0)
+        return ~wrong.any(axis=1)
+
+    return {"apply": apply, "loss": loss, "ft_opt": ft_opt,
+            "ft_step": jax.jit(jax.vmap(lambda s, b, m: ft_step(s, b, frozen=m))),
+            "correct": jax.jit(jax.vmap(correct, in_axes=(0, None, None)))}
 
 
-def pretrain(config: Config, seed: int, *, progress: bool = True) -> tuple[Any, Any]:
-    """T1 and T2 together from scratch; returns ``(apply, params)``."""
-    c = _compiled(config)
-    _, params = ids.init_transformer(model_config(config), seed=seed)
+def pretrain_base(key: dict[str, Any], seed: int, *, progress: bool = True) -> Any:
+    """T1 and T2 together from scratch (called by the cache only on a miss); returns the parameters."""
+    config = dataclasses.replace(QUICK, **key)
+    apply, params = ids.init_transformer(model_config(config), seed=seed)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.pretrain_lr, config.warmup, config.pretrain_steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     data = task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed)
-    state, _ = ids.train.train(ids.init_train_state(params, c["pre_opt"]), c["pre_step"],
-                               batches(data, config, seed), num_steps=config.pretrain_steps, log_every=100,
-                               progress=progress, desc=f"{NAME} pretrain seed {seed}")
-    return c["apply"], state.params
+    state, _ = ids.train.train(ids.init_train_state(params, opt), ids.make_train_step(ids.lm_loss(apply), opt),
+                               batches(data, config.batch_size, seed), num_steps=config.pretrain_steps,
+                               log_every=100, progress=progress, desc=f"{NAME} pretrain seed {seed}")
+    return state.params
+
+
+def base_model(config: Config, seed: int, *, progress: bool = True) -> Any:
+    """The pretrained base for ``seed``: trained once per (base config, seed), then restored from the cache."""
+    return ids.pretrain.cached(f"{NAME}-base", base_key(config), seed,
+                               functools.partial(pretrain_base, progress=progress),
+                               like=lambda: ids.init_transformer(model_config(config))[1], version=BASE_VERSION)
 
 
 # --- masks ---------------------------------------------------------------------------------------
@@ -154,65 +224,57 @@ def frozen_count(mask: Any, params: Any) -> int:
     return ids.tree.mask_size_report(mask, params).selected
 
 
-def circuit_for_budget(params: Any, model: ids.TransformerConfig, scores: ids.circuits.ComponentScores,
-                       budget: float) -> Any:
-    """Heads and neurons in order of attribution per parameter, each added while it fits ``budget``."""
-    head_size = frozen_count(ids.circuits.heads_mask(params, model, [(0, 0)]), params)
-    neuron_size = frozen_count(ids.circuits.neurons_mask(params, model, [(0, 0)]), params)
-    heads, neurons = np.asarray(scores.heads), np.asarray(scores.neurons)
-    candidates = ([("head", c, heads[c] / head_size, head_size) for c in ids.circuits.select_top_k(heads, heads.size)]
-                  + [("neuron", c, neurons[c] / neuron_size, neuron_size)
-                     for c in ids.circuits.select_top_k(neurons, neurons.size)])
-    candidates.sort(key=lambda c: -c[2])   # stable: ties keep select_top_k's order
-    room = int(budget * n_params(params))
-    chosen: dict[str, list] = {"head": [], "neuron": []}
-    for kind, component, _, size in candidates:
-        if size <= room:
-            chosen[kind].append(component)
-            room -= size
-    return ids.circuits.circuit_mask(params, model, heads=chosen["head"], neurons=chosen["neuron"])
-
-
-def top_elements_for_budget(params: Any, attributions: Any, budget: float) -> Any:
-    """The ``budget`` share of single elements with the highest attribution (ties: earlier in flattening order)."""
+def top_elements(attributions: Any, within: Any, count: int) -> Any:
+    """The ``count`` elements of ``within`` with the highest attribution (ties: earlier in flattening order)."""
     leaves, treedef = jax.tree_util.tree_flatten(attributions)
+    allowed = [np.broadcast_to(np.asarray(m, bool), np.shape(x)).reshape(-1)
+               for x, m in zip(leaves, treedef.flatten_up_to(within))]
     flat = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in leaves])
+    flat[~np.concatenate(allowed)] = -np.inf
     chosen = np.zeros(flat.size, bool)
-    chosen[np.argsort(-flat, kind="stable")[:int(budget * flat.size)]] = True
+    chosen[np.argsort(-flat, kind="stable")[:count]] = True
     offsets = np.cumsum([0] + [x.size for x in leaves])
     return jax.tree_util.tree_unflatten(treedef, [chosen[a:b].reshape(np.shape(x))
                                                   for a, b, x in zip(offsets[:-1], offsets[1:], leaves)])
 
 
-def layers_for_budget(params: Any, attributions: Any, budget: float) -> Any:
-    """Whole parameter groups in order of attribution per parameter, added while they bring the size nearer ``budget``."""
+def whole_layers(params: Any, attributions: Any, shared: Any, count: int) -> Any:
+    """Whole parameter groups outside ``shared``, by attribution per parameter, added while they bring the size nearer ``count``."""
+    shared_leaves = ids.tree.named_leaves(shared)
     groups: dict[str, list[str]] = {}
     for path in ids.tree.named_leaves(params):
-        groups.setdefault(path.rsplit(".", 1)[0], []).append(path)
+        if shared_leaves[path] is not True:
+            groups.setdefault(path.rsplit(".", 1)[0], []).append(path)
     leaves, scores = ids.tree.named_leaves(params), ids.tree.named_leaves(attributions)
     size = {g: sum(int(np.size(leaves[p])) for p in ps) for g, ps in groups.items()}
     density = {g: sum(float(jnp.sum(scores[p])) for p in ps) / size[g] for g, ps in groups.items()}
-    target, total, chosen = budget * n_params(params), 0, set()
+    total, chosen = 0, set()
     for g in sorted(groups, key=lambda g: -density[g]):
-        if abs(total + size[g] - target) < abs(total - target):
+        if abs(total + size[g] - count) < abs(total - count):
             chosen.add(g)
             total += size[g]
-    return ids.tree.map_with_path(lambda p, _: p.rsplit(".", 1)[0] in chosen, params)
+    return ids.tree.map_with_path(lambda p, _: p.rsplit(".", 1)[0] in chosen and shared_leaves[p] is not True, params)
 
 
-def arm_masks(config: Config, apply: Any, params: Any, t1_batch: dict[str, np.ndarray], seed: int) -> dict[float, dict[str, Any]]:
-    """``{budget: {arm: mask}}`` for the frozen arms; the attribution is computed once, on T1 rows."""
-    model = apply.config
+def arm_masks(config: Config, params: Any, t1_batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """``{arm: mask}`` for every arm of a replay group (the shared parameters included); attribution on T1 rows."""
+    model = model_config(config)
     attributions = ids.circuits.weight_attribution(_compiled(config)["loss"], params, t1_batch)
     scores = ids.circuits.component_scores(attributions, model)
-    out = {}
-    for budget in sorted(set(config.budgets) | {config.budget}):
-        circuit = circuit_for_budget(params, model, scores, budget)
-        random = ids.tree.random_mask(params, frozen_count(circuit, params), seed=seed)
-        out[budget] = {"freeze_circuit": circuit, "freeze_random": random,
-                       "freeze_layers": layers_for_budget(params, attributions, budget),
-                       "freeze_elements": top_elements_for_budget(params, attributions, budget)}
-    return out
+    shared = ids.circuits.shared_mask(params, model)
+    within = ids.tree.mask_complement(shared)
+    with_shared = lambda m: ids.tree.mask_union(shared, m)
+    masks = {"full_ft_unfrozen": ids.tree.full_mask(params, False), "full_ft": shared}
+    for budget in config.budgets:
+        circuit, _, _ = ids.circuits.budget_circuit(params, model, scores, int(budget * n_params(params)))
+        masks[budget_name("circuit", budget, config)] = with_shared(circuit)
+        masks[budget_name("random", budget, config)] = with_shared(
+            ids.circuits.matched_random_mask(circuit, params, seed=seed))
+        if budget == config.budget:
+            count = frozen_count(circuit, params)
+            masks["layers"] = with_shared(whole_layers(params, attributions, shared, count))
+            masks["elements"] = with_shared(top_elements(attributions, within, count))
+    return masks
 
 
 def dense(mask: Any, params: Any) -> Any:
@@ -220,14 +282,24 @@ def dense(mask: Any, params: Any) -> Any:
     return jax.tree_util.tree_map(lambda m, p: np.broadcast_to(np.asarray(m, bool), np.shape(p)).copy(), mask, params)
 
 
-# --- fine-tuning every arm at once ---------------------------------------------------------------
+def leaf_fractions(mask: Any, params: Any) -> dict[str, float]:
+    """Frozen fraction per leaf kind, pooled over blocks (``attn.q_proj.kernel``, ``embed.embedding``, ...)."""
+    pooled: dict[str, list[int]] = {}
+    for path, m in ids.tree.named_leaves(dense(mask, params)).items():
+        kind = ".".join(path.split(".")[2:]) if path.startswith("blocks.") else path
+        s = pooled.setdefault(kind, [0, 0])
+        s[0], s[1] = s[0] + int(m.sum()), s[1] + m.size
+    return {k: s / t for k, (s, t) in pooled.items()}
+
+
+# --- fine-tuning every run at once ---------------------------------------------------------------
 
 
 def frozen_by_argument(optimizer: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """``frozen(optimizer, freeze_mask=frozen)`` with the mask given to ``update`` as ``frozen=``.
 
     A traced mask freezes exactly as a static one does (it only keeps state for every leaf), and one
-    compiled step then serves every arm: the arms are vmapped over their masks and parameters.
+    compiled step then serves every run: the runs are vmapped over their masks, parameters and batches.
     """
     def init_fn(params):
         return ids.optim.frozen(optimizer, freeze_mask=ids.tree.full_mask(params, False)).init(params)
@@ -238,167 +310,272 @@ def frozen_by_argument(optimizer: optax.GradientTransformation) -> optax.Gradien
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def finetune_arms(config: Config, params: Any, masks: list, seed: int, *, progress: bool = True) -> list:
-    """Fine-tunes one copy of ``params`` per mask on T3, all on the same batches; returns their params."""
+def stack(trees: Sequence[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, Any]], data: dict[str, Any],
+                  evaluate: Any, seed: int, *, progress: bool = True) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
+    """Fine-tunes one copy of ``params`` per ``(group, arm, dense mask)``, all in one vmapped step.
+
+    Runs of one group see the same batches (``data[group]``). Returns the final parameters of every run and the
+    trajectory ``[(step, evaluate(stacked params))]`` (evaluated every ``eval_every`` steps and at step 0).
+    """
     c = _compiled(config)
-    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-    state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(stack([params] * len(masks)))
-    mask_stack = stack(masks)
-    data = task_data(config, (config.t3,), config.n_train, seed=2000 + seed)
-    it = batches(data, config, seed)
-    for _ in tqdm(range(config.finetune_steps), disable=not progress, desc=f"{NAME} fine-tune seed {seed}"):
-        state, _ = c["ft_step"](state, next(it), mask_stack)
-    return [jax.tree_util.tree_map(lambda x, i=i: x[i], state.params) for i in range(len(masks))]
+    groups = sorted(data)
+    index = np.array([groups.index(g) for g, _, _ in runs])
+    state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(stack([params] * len(runs)))
+    masks = stack([m for _, _, m in runs])
+    its = [batches(data[g], config.batch_size, seed) for g in groups]
+    trajectory = [(0, evaluate(state.params))]
+    for step in tqdm(range(1, config.finetune_steps + 1), disable=not progress, desc=f"{NAME} fine-tune seed {seed}"):
+        per_group = [next(it) for it in its]
+        batch = {k: np.stack([b[k] for b in per_group])[index] for k in ("tokens", "loss_mask")}
+        state, _ = c["ft_step"](state, batch, masks)
+        if step % config.eval_every == 0 or step == config.finetune_steps:
+            trajectory.append((step, evaluate(state.params)))
+    return state.params, trajectory
+
+
+def at_matched(t3: np.ndarray, t1: np.ndarray, level: float) -> float:
+    """``t1`` where ``t3`` first reaches ``level`` along a trajectory, linearly interpolated; nan if never.
+
+    >>> at_matched(np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.8, 0.2]), 0.75)
+    0.5
+    """
+    hit = np.flatnonzero(t3 >= level)
+    if hit.size == 0:
+        return float("nan")
+    i = int(hit[0])
+    if i == 0 or t3[i] == t3[i - 1]:
+        return float(t1[i])
+    w = (level - t3[i - 1]) / (t3[i] - t3[i - 1])
+    return float(t1[i - 1] + w * (t1[i] - t1[i - 1]))
 
 
 # --- one seed ------------------------------------------------------------------------------------
 
 
-def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool = True) -> dict[str, float]:
-    apply, params = pretrain(config, seed, progress=progress)
-    acc = lambda p: {k: sequence_tasks.answer_accuracy(apply, p, evals[k]) for k in ("t1", "t2", "t3")}
-    before = acc(params)
+def eval_sets(config: Config) -> dict[str, Any]:
+    evals = {k: task_data(config, (getattr(config, k),), config.n_eval, seed=99) for k in ("t1", "t2", "t3")}
+    evals["t1_as_t3"] = sequence_tasks.with_answers_of(evals["t1"], config.t3,
+                                                       task_config(config, (config.t1,), config.n_eval, 99))
+    arrays = {k: sequence_tasks._as_arrays(v) for k, v in evals.items()}
+    return {"names": list(arrays), "tokens": jnp.asarray(np.concatenate([t for t, _ in arrays.values()])),
+            "mask": jnp.asarray(np.concatenate([m for _, m in arrays.values()])), "n": config.n_eval}
+
+
+def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np.ndarray:
+    """``[n_runs, n_sets]`` exact-match accuracy of every run on every evaluation set."""
+    correct = np.asarray(_compiled(config)["correct"](stacked_params, evals["tokens"], evals["mask"]))
+    return correct.reshape(correct.shape[0], len(evals["names"]), evals["n"]).mean(-1)
+
+
+def run_plan(config: Config, masks: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    headline = ("full_ft_unfrozen", "full_ft", *MASKED)
+    plan = [("t3only", arm, masks[arm]) for arm in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
+    plan += [(group_name(r), arm, m) for r in config.replays for arm, m in masks.items()
+             if r == config.replay or arm in headline]     # the budget curve at the headline replay only
+    plan.append(("joint", "full_ft_unfrozen", masks["full_ft_unfrozen"]))
+    return plan
+
+
+def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool = True,
+             keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    params = base_model(config, seed, progress=progress)
+    names = evals["names"]
+    before = dict(zip(names, accuracies(config, stack([params]), evals)[0]))
     t1_batch = next(batches(task_data(config, (config.t1,), config.n_attribution, seed=3000 + seed),
-                            dataclasses.replace(config, batch_size=config.n_attribution), seed))
-    by_budget = arm_masks(config, apply, params, t1_batch, seed)
-    runs = [("full_ft", None, ids.tree.full_mask(params, False))]
-    runs += [(arm, budget, masks[arm]) for budget, masks in by_budget.items() for arm in FROZEN_ARMS]
-    tuned = finetune_arms(config, params, [dense(m, params) for _, _, m in runs], seed, progress=progress)
-
-    row = {f"baseline.{k}_acc": v for k, v in before.items()}
+                            config.n_attribution, seed))
+    masks = {arm: dense(m, params) for arm, m in arm_masks(config, params, t1_batch, seed).items()}
+    plan = run_plan(config, masks)
+    t3_rows = task_data(config, (config.t3,), config.n_train, seed=2000 + seed)
+    old_rows = task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed)  # the pretraining rows
+    data = {"t3only": sequence_tasks.replay_mixture(t3_rows, old_rows, 0.0, seed=seed),
+            "joint": sequence_tasks.replay_mixture(t3_rows, old_rows, config.joint_replay, seed=seed)}
+    data.update({group_name(r): sequence_tasks.replay_mixture(t3_rows, old_rows, r, seed=seed)
+                 for r in config.replays})
+    _, trajectory = finetune_runs(config, params, plan, data, lambda p: accuracies(config, p, evals), seed,
+                                  progress=progress)
+    curve = np.stack([acc for _, acc in trajectory])          # [n_evals, n_runs, n_sets]
+    col = {name: i for i, name in enumerate(names)}
     total = n_params(params)
-    full_t3 = None
-    for (arm, budget, mask), p in zip(runs, tuned):
-        after = acc(p)
-        full_t3 = after["t3"] if arm == "full_ft" else full_t3
-        m = {f"{k}_acc": v for k, v in after.items()}
-        m["t1_retention"] = after["t1"] / before["t1"] if before["t1"] > 0 else float("nan")
-        m["t2_retention"] = after["t2"] / before["t2"] if before["t2"] > 0 else float("nan")
-        m["t3_rel_full_ft"] = after["t3"] / full_t3 if full_t3 > 0 else float("nan")
-        m["frozen_fraction"] = frozen_count(mask, params) / total
-        prefixes = [arm] if budget is None else [f"budget_{_pct(budget)}.{arm}"] + (
-            [arm] if budget == config.budget else [])
-        for prefix in prefixes:
-            row.update({f"{prefix}.{k}": float(v) for k, v in m.items()})
-    # Paired with the random control of the same seed and budget (same batches, same start).
-    for prefix in [k[:-len(".t1_retention")] for k in list(row) if k.endswith("freeze_circuit.t1_retention")]:
-        random = row[f"{prefix[:-len('freeze_circuit')]}freeze_random.t1_retention"]
-        row[f"{prefix}.t1_gain_vs_random"] = row[f"{prefix}.t1_retention"] - random
-    return row
-
-
-def _pct(budget: float) -> str:
-    return f"{100 * budget:g}".replace(".", "p")
+    out: dict[str, dict[str, float]] = {"world": {f"base_{k}": float(v) for k, v in before.items()}}
+    reference = {g: i for i, (g, arm, _) in enumerate(plan) if arm == "full_ft_unfrozen"}
+    for i, (group, arm, mask) in enumerate(plan):
+        final = curve[-1, i]
+        full_t3 = curve[-1, reference[group], col["t3"]]
+        ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
+        t1_ret = curve[:, i, col["t1"]] / before["t1"] if before["t1"] > 0 else np.full(len(curve), np.nan)
+        matched = at_matched(curve[:, i, col["t3"]], t1_ret, T3_TARGET * full_t3)
+        out[f"{group}_{arm}"] = {
+            "t1_acc": float(final[col["t1"]]), "t2_acc": float(final[col["t2"]]), "t3_acc": float(final[col["t3"]]),
+            "t1_retention": ratio(final[col["t1"]], before["t1"]), "t2_retention": ratio(final[col["t2"]], before["t2"]),
+            "t3_rel_full_ft": ratio(final[col["t3"]], full_t3), "t1_as_t3": float(final[col["t1_as_t3"]]),
+            "t1_retention_at_matched_t3": matched, "reached_matched_t3": float(np.isfinite(matched)),
+            "frozen_fraction": frozen_count(mask, params) / total}
+    if keep is not None:
+        keep.setdefault("leaf_fractions", {arm: leaf_fractions(masks[arm], params)
+                                           for arm in ("full_ft", "circuit", "random", "layers", "elements")})
+        keep.setdefault("trajectories", {})[seed] = {
+            "steps": [s for s, _ in trajectory], "runs": [f"{g}_{a}" for g, a, _ in plan], "sets": names,
+            "acc": curve.tolist()}
+    return out
 
 
 # --- report --------------------------------------------------------------------------------------
 
 
-def targets(metrics: dict[str, float]) -> dict[str, float]:
-    """Whether the issue's targets hold for the headline ``freeze_circuit`` arm, from the seed means.
-
-    "Beats random" asks more than a higher mean: the paired per-seed gain in T1 retention over the random
-    mask must exceed two standard errors (a gap within seed noise does not count).
-    """
-    c = "freeze_circuit"
-    gain, sd, n = (metrics[f"{c}.t1_gain_vs_random"], metrics[f"{c}.t1_gain_vs_random_std"],
-                   metrics["n_seeds"])
-    return {"targets.t1_retention_met": float(metrics[f"{c}.t1_retention"] >= T1_TARGET),
-            "targets.t3_rel_met": float(metrics[f"{c}.t3_rel_full_ft"] >= T3_TARGET),
-            "targets.beats_random": float(gain > 0 and gain > 2 * sd / np.sqrt(n))}
+def pairs(config: Config) -> list[tuple[str, str]]:
+    out = [("t3only_circuit", "t3only_random")]
+    for r in config.replays:
+        g = group_name(r)
+        out += [(f"{g}_circuit", f"{g}_{b}") for b in ("random", "layers", "elements", "full_ft", "full_ft_unfrozen")]
+        out.append((f"{g}_full_ft", f"{g}_full_ft_unfrozen"))
+    g = group_name(config.replay)
+    out += [(f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}")
+            for b in config.budgets if b != config.budget]
+    return out
 
 
-def plot(config: Config, metrics: dict[str, float], out_dir: Path) -> None:
-    colors = {"full_ft": "k", "freeze_circuit": "tab:red", "freeze_random": "tab:gray", "freeze_layers": "tab:blue",
-              "freeze_elements": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.errorbar(metrics["full_ft.t3_acc"], metrics["full_ft.t1_retention"], xerr=metrics["full_ft.t3_acc_std"],
-                yerr=metrics["full_ft.t1_retention_std"], fmt="*", ms=12, c=colors["full_ft"], label="full_ft")
-    for arm in FROZEN_ARMS:
-        keys = [f"budget_{_pct(b)}.{arm}" for b in config.budgets]
-        x = [metrics[f"{k}.t3_acc"] for k in keys]
-        y = [metrics[f"{k}.t1_retention"] for k in keys]
-        ax.errorbar(x, y, xerr=[metrics[f"{k}.t3_acc_std"] for k in keys],
-                    yerr=[metrics[f"{k}.t1_retention_std"] for k in keys], fmt="-o", c=colors[arm], label=arm,
-                    capsize=3, alpha=0.85)
-        for b, xi, yi in zip(config.budgets, x, y):
-            ax.annotate(f"{100 * b:g}%", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                        color=colors[arm])
+def targets(config: Config, s: dict[str, Any]) -> dict[str, float]:
+    """The issue's targets at the headline replay and budget, from the seed means and paired errors."""
+    g = group_name(config.replay)
+    key = f"{g}_circuit_minus_{g}_random.t1_retention"
+    gain, se = s[f"{key}_mean"], s[f"{key}_se"]
+    ok = lambda x: bool(x is not None and np.isfinite(x))
+    return {"targets.t1_retention_met": float(ok(s[f"{g}_circuit.t1_retention_mean"])
+                                              and s[f"{g}_circuit.t1_retention_mean"] >= T1_TARGET),
+            "targets.t3_rel_met": float(ok(s[f"{g}_circuit.t3_rel_full_ft_mean"])
+                                        and s[f"{g}_circuit.t3_rel_full_ft_mean"] >= T3_TARGET),
+            "targets.beats_random": float(ok(gain) and gain > 0 and gain > 2 * se)}
+
+
+def plot(config: Config, s: dict[str, Any], out_dir: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    ax = axes[0]
+    g = group_name(config.replay)
+    for arm, c in (("circuit", "tab:red"), ("random", "tab:gray")):
+        keys = [f"{g}_{budget_name(arm, b, config)}" for b in config.budgets]
+        for metric, ls, what in (("t1_retention", "-o", "T1 retention"), ("t3_rel_full_ft", "--s", "T3 / full FT")):
+            ax.errorbar(config.budgets, [s[f"{k}.{metric}_mean"] for k in keys],
+                        yerr=[s[f"{k}.{metric}_std"] for k in keys], fmt=ls, c=c, capsize=2, label=f"{arm}: {what}")
+    for arm, c in (("full_ft_unfrozen", "k"), ("full_ft", "tab:purple")):
+        ax.axhline(s[f"{g}_{arm}.t1_retention_mean"], c=c, ls=":", lw=1, label=f"{arm}: T1 retention")
     ax.axhline(T1_TARGET, ls="--", c="tab:green", lw=1, label=f"T1 target {T1_TARGET}")
-    ax.axvline(T3_TARGET * metrics["full_ft.t3_acc"], ls=":", c="tab:green", lw=1,
-               label=f"{T3_TARGET:.0%} of full_ft on T3")
-    ax.set(xlabel=f"T3 ({config.t3}) accuracy after fine-tuning", ylabel=f"T1 ({config.t1}) retention",
-           xlim=(-0.03, 1.03), ylim=(-0.03, 1.05),
-           title=f"Surgical update: budgets {', '.join(f'{100 * b:g}%' for b in config.budgets)} "
-                 f"({int(metrics['n_seeds'])} seeds)")
-    ax.legend(fontsize=7, loc="best")
+    ax.set(xscale="log", xlim=(min(config.budgets) / 1.5, max(config.budgets) * 1.5),
+           xlabel="share of parameters in the mask (shared parameters frozen on top)", ylim=(-0.03, 1.05),
+           title=f"budget curve, {100 * config.replay:g}% replay")
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    markers = {"full_ft_unfrozen": ("k", "*"), "full_ft": ("tab:purple", "s"), "circuit": ("tab:red", "o"),
+               "random": ("tab:gray", "o"), "layers": ("tab:blue", "^"), "elements": ("tab:orange", "v")}
+    for arm, (c, m) in markers.items():
+        k = f"{g}_{arm}"
+        ax.errorbar(s[f"{k}.t3_acc_mean"], s[f"{k}.t1_retention_mean"], xerr=s[f"{k}.t3_acc_std"],
+                    yerr=s[f"{k}.t1_retention_std"], fmt=m, c=c, ms=8, capsize=3, label=arm)
+    for k, label in (("t3only_full_ft_unfrozen", "T3 only"), ("joint_full_ft_unfrozen", "50% replay (upper bound)")):
+        ax.errorbar(s[f"{k}.t3_acc_mean"], s[f"{k}.t1_retention_mean"], fmt="P", ms=9, label=label)
+    ax.axhline(T1_TARGET, ls="--", c="tab:green", lw=1)
+    ax.axvline(T3_TARGET * s[f"{g}_full_ft_unfrozen.t3_acc_mean"], ls=":", c="tab:green", lw=1)
+    ax.set(xlabel=f"T3 ({config.t3}) accuracy", ylabel="T1 retention", xlim=(-0.03, 1.03), ylim=(-0.03, 1.05),
+           title=f"{100 * config.replay:g}% replay, {100 * config.budget:g}% budget ({int(s['n_seeds'])} seeds)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_t3.png", dpi=120)
     plt.close(fig)
 
 
-def conclusion(config: Config, metrics: dict[str, float]) -> str:
-    c = {k: metrics[f"freeze_circuit.{k}"] for k in ("t1_retention", "t3_rel_full_ft", "frozen_fraction")}
-    r, lay = metrics["freeze_random.t1_retention"], metrics["freeze_layers.t1_retention"]
-    yes = lambda flag: "met" if metrics[flag] else "NOT met"
+def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]]) -> str:
+    g = group_name(config.replay)
+    pm = lambda k, m: _runner.pm(s, k, m)
+    yes = lambda flag: "met" if s[flag] else "NOT met"
+    metrics = ["frozen_fraction", "t1_retention", "t1_retention_at_matched_t3", "t2_retention", "t3_acc",
+               "t3_rel_full_ft", "t1_as_t3"]
+    groups = ["t3only", *(group_name(r) for r in config.replays), "joint"]
+    headline = [f"{g}_{a}" for a in ("full_ft_unfrozen", "full_ft", *MASKED)]
+    others = [f"t3only_{a}" for a in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
+    others += [f"{group_name(r)}_{a}" for r in config.replays if r != config.replay
+               for a in ("full_ft_unfrozen", "full_ft", *MASKED)] + ["joint_full_ft_unfrozen"]
+    curve_rows = []
+    for b in config.budgets:
+        c_, r_ = f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}"
+        d = f"{c_}_minus_{r_}.t1_retention"
+        curve_rows.append([f"{100 * b:g}%", pm(c_, "frozen_fraction"), pm(c_, "t1_retention"), pm(r_, "t1_retention"),
+                           f"{s[d + '_mean']:.3f} ± {s[d + '_se']:.3f}", pm(c_, "t3_rel_full_ft"),
+                           pm(r_, "t3_rel_full_ft")])
+    kinds = list(next(iter(leaf.values())))
+    leaf_rows = [[k, *(f"{leaf[a][k]:.3f}" for a in leaf)] for k in kinds]
+    c = f"{g}_circuit"
+    gain = f"{g}_circuit_minus_{g}_random.t1_retention"
     lines = [
-        f"- T1 retention ≥ {T1_TARGET} with the circuit frozen ({c['frozen_fraction']:.1%} of parameters): "
-        f"{yes('targets.t1_retention_met')} ({_common.pm(metrics, 'freeze_circuit.t1_retention')}).",
-        f"- T3 ≥ {T3_TARGET:.0%} of full fine-tuning: {yes('targets.t3_rel_met')} "
-        f"({_common.pm(metrics, 'freeze_circuit.t3_rel_full_ft')}).",
-        f"- Circuit beats a random mask of the same size on T1 retention (paired gain > 2 standard errors): "
-        f"{yes('targets.beats_random')} ({c['t1_retention']:.3f} vs {r:.3f}, gain "
-        f"{_common.pm(metrics, 'freeze_circuit.t1_gain_vs_random')}; whole layers: {lay:.3f}; single elements: "
-        f"{metrics['freeze_elements.t1_retention']:.3f}; full fine-tuning: {metrics['full_ft.t1_retention']:.3f}).",
+        f"## Surgical update ({int(s['n_seeds'])} seeds, {s['minutes']:.1f} min)",
+        "",
+        f"T1 = {config.t1}, T2 = {config.t2}, T3 = {config.t3} (T1's format, another task token). Base model "
+        f"(pretrained once per seed, cached): T1 {pm('world', 'base_t1_acc')}, T2 {pm('world', 'base_t2_acc')}, "
+        f"T3 {pm('world', 'base_t3_acc')}; T1 prompts already answered as T3: {pm('world', 'base_t1_as_t3')}.",
+        "",
+        "**Is the world fair?**",
+        f"- Shortcut, measured: fine-tuned on T3 alone (`t3only`), T1 prompts answered as T3: "
+        f"{pm('t3only_full_ft_unfrozen', 't1_as_t3')} (full FT), {pm('t3only_circuit', 't1_as_t3')} (circuit frozen); "
+        f"T1 retention {pm('t3only_full_ft_unfrozen', 't1_retention')} / {pm('t3only_circuit', 't1_retention')}. "
+        f"With {100 * config.replay:g}% replay: {pm(f'{g}_full_ft_unfrozen', 't1_as_t3')} answered as T3.",
+        f"- Upper bound: 50% replay, nothing frozen: T1 retention {pm('joint_full_ft_unfrozen', 't1_retention')}, "
+        f"T3 {pm('joint_full_ft_unfrozen', 't3_acc')} (T3 / the {100 * config.replay:g}%-replay full FT: "
+        f"{s['joint_full_ft_unfrozen.t3_acc_mean'] / max(s[f'{g}_full_ft_unfrozen.t3_acc_mean'], 1e-9):.3f}).",
+        "",
+        f"**Headline: {100 * config.replay:g}% replay, masks of {100 * config.budget:g}% of the parameters** "
+        "(frozen fraction includes the shared parameters):",
+        "",
+        _runner.arm_table(s, headline, metrics),
+        "",
+        f"- Circuit T1 retention ≥ {T1_TARGET}: {yes('targets.t1_retention_met')} ({pm(c, 't1_retention')}).",
+        f"- Circuit T3 ≥ {T3_TARGET:.0%} of full FT: {yes('targets.t3_rel_met')} ({pm(c, 't3_rel_full_ft')}).",
+        f"- Circuit beats random (paired gain in T1 retention > 2 SE): {yes('targets.beats_random')} (gain "
+        f"{s[f'{gain}_mean']:.3f} ± {s[f'{gain}_se']:.3f} SE, n = {s[f'{gain}_n']}).",
+        "",
+        "Paired differences (same seed, same batches):",
+        "",
+        _runner.paired_table(s, [p for p in pairs(config) if p[0].startswith(f"{g}_circuit") and "_b" not in p[0]]
+                             + [(f"{g}_full_ft", f"{g}_full_ft_unfrozen")],
+                             ["t1_retention", "t1_retention_at_matched_t3", "t3_acc"]),
+        "",
+        f"Budget curve at {100 * config.replay:g}% replay (T1 retention; circuit − random paired, ± SE; T3 / full FT):",
+        "",
+        _common.markdown_table(["mask budget", "frozen fraction", "circuit T1", "random T1", "circuit − random",
+                                "circuit T3 rel", "random T3 rel"], curve_rows),
+        "",
+        "Other groups:",
+        "",
+        _runner.arm_table(s, others, metrics),
+        "",
+        f"Frozen fraction per leaf kind (pooled over blocks; headline masks, seed {config.seeds[0]}):",
+        "",
+        _common.markdown_table(["leaf", *leaf], leaf_rows),
+        "",
+        f"Config: {config.d_model}-wide, {config.n_layers}-layer transformer; pretraining {config.pretrain_steps} "
+        f"steps on T1 + T2; fine-tuning {config.finetune_steps} steps (Adam {config.finetune_lr:g}), batch "
+        f"{config.batch_size}; groups {', '.join(groups)}.",
+        "",
+        "![retention vs T3](retention_vs_t3.png)",
     ]
-    sweep = [(metrics[f"budget_{_pct(b)}.{a}.t1_retention"], b, a) for b in config.budgets for a in FROZEN_ARMS
-             if np.isfinite(metrics[f"budget_{_pct(b)}.{a}.t1_retention"])]
-    if sweep:
-        best, b, a = max(sweep)
-        lines.append(f"- Best T1 retention anywhere in the sweep: {best:.3f} ({a}, {100 * b:g}% frozen), with T3 "
-                     f"accuracy {metrics[f'budget_{_pct(b)}.{a}.t3_acc']:.3f} (full_ft: {metrics['full_ft.t3_acc']:.3f}).")
     return "\n".join(lines)
 
 
-def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
-    if config.budget not in config.budgets:
-        raise ValueError(f"Config.budget={config.budget} must be one of Config.budgets={config.budgets}.")
-    t0 = time.perf_counter()
-    evals = {k: task_data(config, (getattr(config, k),), config.n_eval, seed=99) for k in ("t1", "t2", "t3")}
-    per_seed = [run_seed(config, seed, evals, progress=progress) for seed in config.seeds]
-    metrics = _common.aggregate_seeds(per_seed)
-    metrics.update(targets(metrics))
-    metrics["minutes"] = (time.perf_counter() - t0) / 60
+def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
+    check_config(config)
+    evals = eval_sets(config)
+    keep: dict[str, Any] = {}
+    result = _runner.run(NAME, config.seeds, lambda seed: run_seed(config, seed, evals, progress=progress, keep=keep),
+                         pairs=pairs(config), progress=progress)
+    s = dict(result.summary)
+    s.update(targets(config, s))
+    _common.write_metrics(NAME, s)
     out = _common.results_dir(NAME)
-    _common.write_metrics(NAME, {**metrics, **{f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()}})
-    plot(config, metrics, out)
-    rows = [(arm, *(_common.pm(metrics, f"{arm}.{k}") for k in
-                    ("frozen_fraction", "t1_retention", "t2_retention", "t3_acc", "t3_rel_full_ft"))) for arm in ARMS]
-    sweep = [(f"{100 * b:g}%", *(_common.pm(metrics, f"budget_{_pct(b)}.{arm}.t1_retention") for arm in FROZEN_ARMS),
-              *(_common.pm(metrics, f"budget_{_pct(b)}.{arm}.t3_acc") for arm in FROZEN_ARMS)) for b in config.budgets]
-    _common.write_readme(NAME, f"""
-## Surgical update ({len(config.seeds)} seeds, {metrics['minutes']:.1f} min)
-
-Hypothesis: freezing the T1 circuit found by attribution ({100 * config.budget:g}% of parameters) keeps T1
-(≥ {T1_TARGET}) while fine-tuning on T3 still reaches ≥ {T3_TARGET:.0%} of full fine-tuning, and beats a random mask
-of the same size. T1 = {config.t1}, T2 = {config.t2}, T3 = {config.t3}; before fine-tuning T1
-{_common.pm(metrics, 'baseline.t1_acc')}, T2 {_common.pm(metrics, 'baseline.t2_acc')},
-T3 {_common.pm(metrics, 'baseline.t3_acc')} (exact match, held-out rows).
-
-{_common.markdown_table(["arm", "frozen fraction", "T1 retention", "T2 retention", "T3 accuracy", "T3 / full_ft"], rows)}
-
-Budget sweep (T1 retention, then T3 accuracy):
-
-{_common.markdown_table(["budget", *(f"T1 {a}" for a in FROZEN_ARMS), *(f"T3 {a}" for a in FROZEN_ARMS)], sweep)}
-
-{conclusion(config, metrics)}
-
-Config: {config.d_model}-wide, {config.n_layers}-layer transformer; pretraining {config.pretrain_steps} steps on
-T1 + T2, fine-tuning {config.finetune_steps} steps on T3 (Adam {config.finetune_lr:g}), batch {config.batch_size}.
-
-![retention vs T3](retention_vs_t3.png)
-""")
-    return metrics
+    (out / "trajectories.json").write_text(json.dumps(keep["trajectories"]) + "\n")
+    plot(config, s, out)
+    _common.write_readme(NAME, report(config, s, keep["leaf_fractions"]))
+    return s
 
 
 if __name__ == "__main__":

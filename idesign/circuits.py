@@ -236,6 +236,98 @@ def circuit_mask(params: Params, config: TransformerConfig, *, heads: Iterable[C
     return tree_lib.mask_union(*masks)
 
 
+def shared_mask(params: Params, config: TransformerConfig) -> Mask:
+    """The elements no head or neuron owns: embeddings, positions, norms and the output biases.
+
+    Every component reads or writes through them (the tied embedding is also the unembedding), so an
+    update that changes them changes every task at once. A fair comparison of circuit masks freezes them
+    in every arm (a head/neuron circuit cannot reach them; a random mask would hit them by chance).
+
+    >>> import idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2)
+    >>> _, params = ids.init_transformer(cfg)
+    >>> sorted(p for p, m in ids.tree.named_leaves(ids.circuits.shared_mask(params, cfg)).items() if m is True)
+    ['blocks.0.attn.o_proj.bias', 'blocks.0.ln1.bias', 'blocks.0.ln1.scale', 'blocks.0.ln2.bias', 'blocks.0.ln2.scale', 'blocks.0.mlp.down.bias', 'embed.embedding', 'final_norm.bias', 'final_norm.scale', 'pos_embed.embedding']
+    """
+    every = [(i, j) for i in range(config.n_layers) for j in range(config.n_heads)]
+    owned = circuit_mask(params, config, heads=every,
+                         neurons=[(i, n) for i in range(config.n_layers) for n in range(config.ff_dim)])
+
+    def leaf(m: Any) -> Any:
+        # Whole-leaf answers stay Python bools (compact); partially owned leaves cannot happen: a
+        # component owns whole rows/columns and all of them together own the whole leaf.
+        if isinstance(m, (bool, np.bool_)):
+            return not bool(m)
+        dense = np.asarray(m, bool)
+        return True if not dense.any() else (False if dense.all() else ~dense)
+
+    return jax.tree_util.tree_map(leaf, owned)
+
+
+def budget_circuit(params: Params, config: TransformerConfig, scores: ComponentScores, max_elements: int, *,
+                   shared_kv: SharedKV = "any") -> tuple[Mask, list[Component], list[Component]]:
+    """The best-scoring heads and neurons per parameter, each added while the mask stays within ``max_elements``.
+
+    Components are ranked by score divided by their size (a head owns far more weights than a neuron, so
+    raw scores would spend the budget on heads), and taken greedily in that order while they fit.
+
+    Returns:
+      ``(mask, heads, neurons)``: the :func:`circuit_mask` and the chosen components.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2)
+    >>> _, params = ids.init_transformer(cfg)
+    >>> scores = ids.circuits.ComponentScores(jnp.array([[1.0, 0.0]]), jnp.arange(32.0)[None])
+    >>> mask, heads, neurons = ids.circuits.budget_circuit(params, cfg, scores, 40)
+    >>> heads, neurons, ids.tree.mask_size_report(mask, params).selected     # 17 weights per neuron
+    ([], [(0, 31), (0, 30)], 34)
+    """
+    if max_elements < 0:
+        raise ValueError(f"max_elements = {max_elements}: expected >= 0.")
+    size = lambda m: tree_lib.mask_size_report(m, params).selected
+    head_size = size(heads_mask(params, config, [(0, 0)], shared_kv=shared_kv))
+    neuron_size = size(neurons_mask(params, config, [(0, 0)]))
+    h, n = np.asarray(scores.heads, np.float64), np.asarray(scores.neurons, np.float64)
+    candidates = ([("head", c, h[c] / head_size, head_size) for c in select_top_k(h, h.size)]
+                  + [("neuron", c, n[c] / neuron_size, neuron_size) for c in select_top_k(n, n.size)])
+    candidates.sort(key=lambda c: -c[2])   # stable: ties keep select_top_k's order
+    room, chosen = int(max_elements), {"head": [], "neuron": []}
+    for kind, component, _, cost in candidates:
+        if cost <= room:
+            chosen[kind].append(component)
+            room -= cost
+    mask = circuit_mask(params, config, heads=chosen["head"], neurons=chosen["neuron"], shared_kv=shared_kv)
+    return mask, chosen["head"], chosen["neuron"]
+
+
+def matched_random_mask(mask: Mask, params: Params, *, seed: int) -> Mask:
+    """A random mask with exactly as many elements as ``mask`` *in every leaf*, drawn uniformly within the leaf.
+
+    The control for a circuit: the same budget spent on the same parameter tensors, without the choice of
+    which rows and columns. (``ids.tree.random_mask`` spreads one total count over all leaves instead.)
+
+    >>> import numpy as np, jax.numpy as jnp, idesign as ids
+    >>> params = {'a': jnp.zeros((4, 4)), 'b': jnp.zeros(3)}
+    >>> m = ids.circuits.matched_random_mask({'a': np.array([[True, False, False, False]]), 'b': True}, params, seed=0)
+    >>> int(m['a'].sum()), m['b']
+    (4, True)
+    """
+    tree_lib.check_mask(params, mask)
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    out = []
+    for p, m in zip(leaves, treedef.flatten_up_to(mask)):
+        dense = np.broadcast_to(np.asarray(m, bool), np.shape(p))
+        count = int(dense.sum())
+        if count in (0, dense.size):
+            out.append(bool(count))   # nothing or everything: nothing to draw
+            continue
+        flat = np.zeros(dense.size, bool)
+        flat[rng.choice(dense.size, size=count, replace=False)] = True
+        out.append(flat.reshape(dense.shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def ablate_weights(params: Params, mask: Mask, value: float | Array = 0.0) -> Params:
     """``params`` with the masked elements set to ``value`` (zero-ablation of a circuit's weights).
 

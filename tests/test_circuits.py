@@ -404,3 +404,47 @@ def test_selection_by_top_k_and_threshold_feeds_the_masks(tiny_config):
         circuits.select_top_k(scores.at[0, 0].set(jnp.nan), 1)
     with pytest.raises(ValueError, match=r"\[n_layers, n_components\]"):
         circuits.select_threshold(scores[0], 0.1)
+
+
+# --- shared parameters, budgeted circuits, matched random controls --------------------------------
+
+
+def test_shared_mask_is_exactly_what_no_component_owns(tiny_config, tiny_llama_config):
+    for config in (tiny_config, tiny_llama_config):
+        _, params = build(config)
+        every = circuits.circuit_mask(params, config, heads=[(i, h) for i in range(config.n_layers)
+                                                             for h in range(config.n_heads)],
+                                      neurons=[(i, n) for i in range(config.n_layers) for n in range(config.ff_dim)])
+        shared, owned = dense(circuits.shared_mask(params, config), params), dense(every, params)
+        for path in shared:
+            np.testing.assert_array_equal(shared[path], ~owned[path], err_msg=path)
+        assert shared["embed.embedding"].all() and not shared["blocks.0.attn.q_proj.kernel"].any()
+
+
+def test_budget_circuit_ranks_per_parameter_and_fits_the_budget(tiny_config):
+    _, params = build(tiny_config)
+    c = tiny_config
+    size = lambda m: tree.mask_size_report(m, params).selected
+    head, neuron = (size(circuits.heads_mask(params, c, [(0, 0)])), size(circuits.neurons_mask(params, c, [(0, 0)])))
+    # one head with a large total score but a low score per parameter, and two neurons worth more per parameter
+    heads = jnp.zeros((c.n_layers, c.n_heads)).at[1, 0].set(10.0 * head / neuron)
+    neurons = jnp.zeros((c.n_layers, c.ff_dim)).at[0, 3].set(20.0).at[1, 5].set(15.0)
+    scores = circuits.ComponentScores(heads, neurons)
+    mask, chosen_heads, chosen_neurons = circuits.budget_circuit(params, c, scores, head + 2 * neuron)
+    assert chosen_neurons[:2] == [(0, 3), (1, 5)] and chosen_heads == [(1, 0)]
+    assert size(mask) <= head + 2 * neuron
+    mask, chosen_heads, _ = circuits.budget_circuit(params, c, scores, head - 1)
+    assert chosen_heads == [] and size(mask) <= head - 1
+    with pytest.raises(ValueError, match="max_elements"):
+        circuits.budget_circuit(params, c, scores, -1)
+
+
+def test_matched_random_mask_has_the_same_count_in_every_leaf(tiny_config):
+    _, params = build(tiny_config)
+    circuit = circuits.circuit_mask(params, tiny_config, heads=[(0, 1)], neurons=[(1, 2), (1, 7)])
+    random = circuits.matched_random_mask(circuit, params, seed=0)
+    a, b = dense(circuit, params), dense(random, params)
+    assert {p: int(m.sum()) for p, m in a.items()} == {p: int(m.sum()) for p, m in b.items()}
+    assert any((a[p] != b[p]).any() for p in a)          # a different choice of elements
+    again = dense(circuits.matched_random_mask(circuit, params, seed=0), params)
+    assert all((again[p] == b[p]).all() for p in b)       # deterministic in the seed

@@ -257,6 +257,57 @@ def make_sequence_tasks(config: SequenceTaskConfig) -> datasets.Dataset:
                                        "task": names[order].tolist()}, features=features)
 
 
+def replay_mixture(new: datasets.Dataset, old: datasets.Dataset, fraction: float, *, seed: int = 0) -> datasets.Dataset:
+    """All of ``new`` plus a random subset of ``old`` that makes up ``fraction`` of the result, shuffled.
+
+    The fine-tuning set of a continual-learning update with a small replay buffer: ``fraction = 0.02``
+    adds ``round(0.02 / 0.98 * len(new))`` old rows (the buffer is reused every epoch). ``fraction = 0``
+    returns ``new`` shuffled.
+
+    Raises:
+      ValueError: ``fraction`` outside ``[0, 1)``, or more old rows asked for than ``old`` holds.
+
+    >>> c = SequenceTaskConfig(tasks=('copy',), n_examples=98, length=3, n_symbols=4)
+    >>> old = make_sequence_tasks(dataclasses.replace(c, tasks=('reverse', 'lookup'), n_examples=50))
+    >>> mix = replay_mixture(make_sequence_tasks(c), old, 0.02)
+    >>> len(mix), sorted(set(mix['task']))
+    (100, ['copy', 'lookup', 'reverse'])
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction = {fraction!r}: expected 0 <= fraction < 1.")
+    n_old = int(round(fraction / (1.0 - fraction) * len(new)))
+    if n_old > len(old):
+        raise ValueError(f"replay_mixture: {n_old} old rows needed for fraction {fraction} of {len(new)} new rows, "
+                         f"but old holds {len(old)}.")
+    rng = _rng(seed, "replay")
+    picked = old.select(np.sort(rng.choice(len(old), size=n_old, replace=False)).tolist())
+    if picked.features != new.features:
+        picked = picked.cast(new.features)
+    both = datasets.concatenate_datasets([new, picked]) if n_old else new
+    return both.select(rng.permutation(len(both)).tolist())
+
+
+def with_answers_of(data: Any, task: str, config: SequenceTaskConfig) -> dict[str, np.ndarray]:
+    """The same prompts (task token included) with the answers ``task`` would give.
+
+    Scoring a model on these rows with :func:`answer_correct` gives the share of prompts it answers *as*
+    ``task``: e.g. T1 prompts answered as the new task T3 after fine-tuning (the "ignore the task token"
+    shortcut). ``config`` supplies ``length``, ``n_symbols`` and the rules.
+
+    >>> c = SequenceTaskConfig(tasks=('reverse',), n_examples=1, length=3, n_symbols=4)
+    >>> row = with_answers_of(make_sequence_tasks(c), 'copy', c)
+    >>> describe(make_sequence_tasks(c)[0]['tokens'], 4), describe(row['tokens'][0], 4)
+    ('<bos> <reverse> s3 s0 s1 -> s1 s0 s3', '<bos> <reverse> s3 s0 s1 -> s3 s0 s1')
+    """
+    tokens, mask = _as_arrays(data)
+    if tokens.shape[1] != config.seq_len:
+        raise ValueError(f"rows have length {tokens.shape[1]}, but config.seq_len = {config.seq_len}.")
+    inputs = tokens[:, 2:2 + config.length] - FIRST_SYMBOL_ID
+    out = tokens.copy()
+    out[:, config.answer_slice] = solve(task, inputs, config) + FIRST_SYMBOL_ID
+    return {"tokens": out, "loss_mask": mask}
+
+
 def describe(tokens: Any, n_symbols: int) -> str:
     """A row as readable text (see :func:`token_names`).
 

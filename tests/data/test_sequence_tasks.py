@@ -158,3 +158,31 @@ def test_rows_are_well_formed_for_any_valid_config(length, shift, seed):
     assert tokens.shape == (9, 2 * length + 3) and tokens.max() < config.vocab_size
     # Every task's answer is a rearrangement or a bijective image of its input: the multiset size is kept.
     assert ((y >= 0) & (y < 5)).all() and sorted(map(len, x)) == sorted(map(len, y))
+
+
+def test_replay_mixture_holds_the_new_rows_and_the_asked_share_of_old_ones():
+    c = st.SequenceTaskConfig(tasks=("copy",), n_examples=196, length=3, n_symbols=4)
+    new = st.make_sequence_tasks(c)
+    old = st.make_sequence_tasks(st.SequenceTaskConfig(tasks=("reverse", "lookup"), n_examples=100, length=3,
+                                                       n_symbols=4, seed=1))
+    mix = st.replay_mixture(new, old, 0.02, seed=0)
+    tasks = mix["task"]
+    assert len(mix) == 200 and tasks.count("copy") == 196
+    assert sorted(map(tuple, mix.filter(lambda r: r["task"] == "copy")["tokens"])) == sorted(map(tuple, new["tokens"]))
+    assert mix["tokens"] == st.replay_mixture(new, old, 0.02, seed=0)["tokens"]   # deterministic
+    assert len(st.replay_mixture(new, old, 0.0)) == 196
+    with pytest.raises(ValueError, match="fraction"):
+        st.replay_mixture(new, old, 1.0)
+    with pytest.raises(ValueError, match="old holds"):
+        st.replay_mixture(new, old, 0.9)
+
+
+def test_with_answers_of_scores_prompts_answered_as_another_task():
+    c = st.SequenceTaskConfig(tasks=("reverse",), n_examples=20, length=3, n_symbols=4)
+    rows = st.make_sequence_tasks(c)
+    as_copy = st.with_answers_of(rows, "copy", c)
+    tokens = np.asarray(rows["tokens"])
+    np.testing.assert_array_equal(as_copy["tokens"][:, :6], tokens[:, :6])              # same prompts
+    np.testing.assert_array_equal(as_copy["tokens"][:, 6:], tokens[:, 2:5])             # copied answers
+    with pytest.raises(ValueError, match="seq_len"):
+        st.with_answers_of(rows, "copy", st.SequenceTaskConfig(length=4))

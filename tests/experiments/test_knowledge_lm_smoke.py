@@ -23,6 +23,12 @@ def test_main_job_writes_metrics_plots_and_report(results, monkeypatch):
     assert (results / "knowledge_lm" / "loss_curve.png").stat().st_size > 0
     report = (results / "REPORT.md").read_text()
     assert "| knowledge_lm | ok |" in report and "](knowledge_lm/loss_curve.png)" in report
+    # The trained models are cached: a second run restores them (no training) and measures the same.
+    assert len(list((results / "cache" / "pretrained").iterdir())) == 2
+    monkeypatch.setattr(knowledge_lm, "pretrain", lambda *a, **k: pytest.fail("trained again despite the cache"))
+    again = knowledge_lm.main(TINY, progress=False)
+    for key in ("train_loss_final", "answer_acc_known_frequent", "answer_rate_unknown"):
+        assert again[key] == metrics[key]
 
 
 def test_a_failing_experiment_is_reported_not_hidden(results, monkeypatch):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import math
 
 import jax
 import numpy as np
@@ -11,65 +10,78 @@ import pytest
 import idesign as ids
 from experiments import surgical_update as su
 
-TINY = dataclasses.replace(su.QUICK, t1="copy", t2="lookup", t3="reverse", length=3, n_symbols=4, n_train=64,
-                           n_eval=32, n_attribution=32, d_model=16, n_layers=1, n_heads=2, batch_size=16,
-                           pretrain_steps=30, warmup=5, finetune_steps=5, budget=0.1, budgets=(0.1, 0.5), seeds=(0, 1))
+TINY = dataclasses.replace(su.QUICK, length=3, n_symbols=4, n_train=64, n_eval=32, n_attribution=32, d_model=16,
+                           n_layers=1, n_heads=2, batch_size=16, pretrain_steps=20, warmup=5, finetune_steps=4,
+                           eval_every=2, replays=(0.05,), replay=0.05, budgets=(0.1, 0.5), budget=0.1,
+                           seeds=(0, 1))
 
 
-def test_main_writes_every_arm_budget_and_target(results):
-    metrics = su.main(TINY, progress=False)
+def test_main_writes_every_group_arm_and_target(results):
+    su.main(TINY, progress=False)
     saved = json.loads((results / "surgical_update" / "metrics.json").read_text())
-    for arm in su.ARMS:
-        for key in ("t1_acc", "t2_acc", "t3_acc", "t1_retention", "t2_retention", "t3_rel_full_ft", "frozen_fraction"):
-            assert f"{arm}.{key}" in saved and f"{arm}.{key}_std" in saved
-        for key in ("t1_acc", "t2_acc", "t3_acc"):
-            assert 0.0 <= saved[f"{arm}.{key}"] <= 1.0
-    for arm in su.FROZEN_ARMS:
-        for budget in ("10", "50"):
-            assert f"budget_{budget}.{arm}.t1_retention" in saved
-    for key in ("baseline.t1_acc", "baseline.t2_acc", "baseline.t3_acc"):
-        assert 0.0 <= saved[key] <= 1.0
-    assert saved["n_seeds"] == 2 and set(saved[k] for k in saved if k.startswith("targets.")) <= {0.0, 1.0}
-    # Frozen sizes: nothing for full_ft, the circuit within its budget, the random control exactly as large.
-    assert saved["full_ft.frozen_fraction"] == 0.0
-    assert 0.0 < saved["freeze_circuit.frozen_fraction"] <= 0.1
-    assert saved["freeze_random.frozen_fraction"] == saved["freeze_circuit.frozen_fraction"]
-    assert saved["budget_50.freeze_circuit.frozen_fraction"] > saved["budget_10.freeze_circuit.frozen_fraction"]
-    # Retentions are ratios of accuracies (undefined, null in the JSON, when a seed's baseline accuracy is 0).
-    for arm in su.ARMS:
-        assert math.isnan(metrics[f"{arm}.t1_retention"]) or metrics[f"{arm}.t1_retention"] >= 0.0
-    assert math.isnan(metrics["full_ft.t3_rel_full_ft"]) or metrics["full_ft.t3_rel_full_ft"] == 1.0
+    runs = [f"{g}_{a}" for g, a, _ in su.run_plan(TINY, {a: None for a in
+                                                            ("full_ft_unfrozen", "full_ft", "circuit", "random",
+                                                             "circuit_b50", "random_b50", "layers", "elements")})]
+    assert len(runs) == 4 + 8 + 1          # t3only, r5 (headline arms and the budget curve), joint
+    for run in runs:
+        for key in ("t1_acc", "t2_acc", "t3_acc", "t1_as_t3", "frozen_fraction", "reached_matched_t3"):
+            assert 0.0 <= saved[f"{run}.{key}_mean"] <= 1.0 and f"{run}.{key}_std" in saved
+    assert saved["n_seeds"] == 2 and {saved[k] for k in saved if k.startswith("targets.")} <= {0.0, 1.0}
+    assert saved["r5_circuit_minus_r5_random.t3_acc_n"] == 2 and "r5_circuit_minus_r5_random.t3_acc_se" in saved
+    # Frozen sizes: nothing for full_ft_unfrozen, the shared parameters for full_ft, more for the masked arms.
+    shared = saved["r5_full_ft.frozen_fraction_mean"]
+    assert saved["r5_full_ft_unfrozen.frozen_fraction_mean"] == 0.0 and shared > 0.0
+    assert shared < saved["r5_circuit.frozen_fraction_mean"] <= shared + 0.1
+    assert saved["r5_random.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
+    assert saved["r5_elements.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
+    assert saved["r5_circuit_b50.frozen_fraction_mean"] > saved["r5_circuit.frozen_fraction_mean"]
     readme = (results / "surgical_update" / "README.md").read_text()
-    assert "| freeze_circuit |" in readme and ("met" in readme)
+    assert "| r5_circuit |" in readme and "Is the world fair?" in readme and "| embed.embedding |" in readme
     assert (results / "surgical_update" / "retention_vs_t3.png").stat().st_size > 0
+    # the base models were cached once per seed, under the test's cache folder
+    assert len(list((results / "cache" / "pretrained").iterdir())) == 2
 
 
-def test_masks_fill_their_budgets_and_freezing_is_bit_exact():
-    apply, params = ids.init_transformer(su.model_config(TINY), seed=0)
-    batch = next(su.batches(su.task_data(TINY, (TINY.t1,), 16, seed=0), TINY, 0))
-    masks = su.arm_masks(TINY, apply, params, batch, seed=0)
-    total = su.n_params(params)
-    for budget, arms in masks.items():
-        sizes = {arm: su.frozen_count(m, params) for arm, m in arms.items()}
-        assert sizes["freeze_circuit"] <= budget * total and sizes["freeze_random"] == sizes["freeze_circuit"]
-        assert sizes["freeze_elements"] == int(budget * total)
-        # Whole layers: no single group added or removed would bring the size nearer the budget.
-        report = ids.tree.mask_size_report(arms["freeze_layers"], params).layers
-        assert all(s in (0, t) for s, t in report.values())
-        # Each group is added only when it brings the size nearer the budget: nearer than freezing nothing.
-        assert abs(sizes["freeze_layers"] - budget * total) < budget * total
-    # The masks in run_seed's order (the compiled fine-tuning step is shared with the test above).
-    chosen = [ids.tree.full_mask(params, False)] + [masks[b][arm] for b in sorted(masks) for arm in su.FROZEN_ARMS]
-    tuned = su.finetune_arms(TINY, params, [su.dense(m, params) for m in chosen], seed=0, progress=False)
-    for mask, new in zip(chosen, tuned):
-        dense = su.dense(mask, params)
-        for d, a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(new), jax.tree.leaves(params)):
+def test_masks_keep_their_promises_and_freezing_is_bit_exact():
+    model = su.model_config(TINY)
+    apply, params = ids.init_transformer(model, seed=0)
+    batch = next(su.batches(su.task_data(TINY, (TINY.t1,), 16, seed=0), 16, 0))
+    masks = su.arm_masks(TINY, params, batch, seed=0)
+    shared = su.dense(ids.circuits.shared_mask(params, model), params)
+    size = lambda m: su.frozen_count(m, params)
+    for arm, mask in masks.items():
+        if arm != "full_ft_unfrozen":   # every other arm freezes every shared element
+            assert all(np.asarray(m)[s].all() for m, s in zip(jax.tree.leaves(su.dense(mask, params)),
+                                                                jax.tree.leaves(shared)))
+    for c, r in (("circuit", "random"), ("circuit_b50", "random_b50")):
+        per_leaf = lambda m: [int(np.asarray(x).sum()) for x in jax.tree.leaves(su.dense(m, params))]
+        assert per_leaf(masks[c]) == per_leaf(masks[r])           # same count in every leaf
+    assert size(masks["elements"]) == size(masks["circuit"]) <= size(masks["full_ft"]) + 0.1 * su.n_params(params)
+    layers = su.dense(masks["layers"], params)
+    assert all(m.all() or not m.any() for m in jax.tree.leaves(layers))      # whole leaves only
+    assert any(m.all() and not s.any() for m, s in zip(jax.tree.leaves(layers), jax.tree.leaves(shared)))
+    # Fine-tune a few runs with two data groups; frozen elements keep their bits, others move.
+    plan = [("a", "full_ft_unfrozen", su.dense(masks["full_ft_unfrozen"], params)),
+            ("b", "circuit", su.dense(masks["circuit"], params)), ("a", "random", su.dense(masks["random"], params))]
+    rows = su.task_data(TINY, (TINY.t3,), 64, seed=0)
+    evals = su.eval_sets(TINY)
+    tuned, trajectory = su.finetune_runs(TINY, params, plan, {"a": rows, "b": rows.shuffle(seed=1)},
+                                         lambda p: su.accuracies(TINY, p, evals), seed=0, progress=False)
+    assert [s for s, _ in trajectory] == [0, 2, 4] and trajectory[0][1].shape == (3, 4)
+    for i, (_, _, mask) in enumerate(plan):
+        new = jax.tree.map(lambda x: np.asarray(x[i]), tuned)
+        for d, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(new), jax.tree.leaves(params)):
             a, b = np.asarray(a), np.asarray(b)
             assert np.array_equal(a[d].view(np.uint32), b[d].view(np.uint32))   # frozen: same bits
         assert any((np.asarray(a) != np.asarray(b))[~d].any()
-                   for d, a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(new), jax.tree.leaves(params)))
+                   for d, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(new), jax.tree.leaves(params)))
 
 
-def test_budget_must_be_in_the_sweep():
+def test_matched_t3_interpolates_and_config_is_checked():
+    assert su.at_matched(np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.8, 0.2]), 0.75) == pytest.approx(0.5)
+    assert su.at_matched(np.array([0.9, 1.0]), np.array([0.7, 0.1]), 0.5) == 0.7
+    assert np.isnan(su.at_matched(np.array([0.1, 0.2]), np.array([1.0, 1.0]), 0.5))
     with pytest.raises(ValueError, match="must be one of Config.budgets"):
         su.main(dataclasses.replace(TINY, budget=0.3), progress=False)
+    with pytest.raises(ValueError, match="must be one of Config.replays"):
+        su.main(dataclasses.replace(TINY, replay=0.03), progress=False)
