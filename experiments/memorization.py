@@ -16,7 +16,8 @@ Settings and arms.
   (``prune_svd``, energy ``ρ``) and ``random`` (``prune_random``: at each ρ, K-FAC's kept component count
   per layer, components drawn at random — the control for the curvature *ranking*), with ``ρ=1`` (no edit)
   as the control.
-- ``lm``: the reference transformer trained on the skill mixture of :mod:`idesign.data.skills`. Its
+- ``lm``: the reference transformer trained on the skill mixture of :mod:`idesign.data.skills` (once per
+  pretraining config and seed: ``ids.pretrain.cached`` restores it on later runs). Its
   memorized strings are samples of the same Markov language as its training text and its held-out text
   (only the repetition differs), so the band diagnostic compares inputs of one distribution; the
   ``unseen_strings`` control scores fresh samples as if memorized (the language's chance recall). K-FAC
@@ -317,17 +318,31 @@ def _lm_machinery(config: Config, vocab_size: int, seq_len: int):
     return model_config, apply, optimizer, ids.make_train_step(ids.lm_loss(apply), optimizer)
 
 
+def lm_pretrain_config(config: Config, corpus: skills.SkillCorpus, without: tuple[str, ...] = ()) -> dict:
+    """Everything that determines the skill-mixture LM's weights: the cache key (no edit or sweep settings)."""
+    return {"corpus": corpus.config, "without": list(without), **{f: getattr(config, f) for f in (
+        "d_model", "n_layers", "n_heads", "batch_size", "steps", "learning_rate", "weight_decay", "warmup")}}
+
+
 def train_lm(config: Config, corpus: skills.SkillCorpus, seed: int, *, progress: bool = False,
              without: tuple[str, ...] = ()):
-    """Trains the reference transformer on the skill mixture (less the skills in ``without``); ``(apply, params, log)``."""
+    """The reference transformer trained on the skill mixture (less the skills in ``without``): ``(apply, params,
+    final training loss)``, trained once per pretraining config and seed and then restored (``ids.pretrain.cached``)."""
     model_config, apply, optimizer, step = _lm_machinery(config, corpus.tokenizer.vocab_size, corpus.config.seq_len)
-    params = ids.init_transformer(model_config, seed=seed)[1]
-    docs = skills.to_numpy(corpus.train, LM_COLUMNS + ["skill"])
-    keep = ~np.isin(docs.pop("skill"), without)
-    batches = ids.train.iterate_batches({k: v[keep] for k, v in docs.items()}, config.batch_size, seed=seed)
-    state, log = ids.train.train(ids.init_train_state(params, optimizer), step, batches, num_steps=config.steps,
-                                 log_every=max(1, config.steps // 10), progress=progress, desc=f"{NAME} lm seed {seed}")
-    return apply, state.params, log
+
+    def train_fn(_, seed):
+        params = ids.init_transformer(model_config, seed=seed)[1]
+        docs = skills.to_numpy(corpus.train, LM_COLUMNS + ["skill"])
+        keep = ~np.isin(docs.pop("skill"), without)
+        batches = ids.train.iterate_batches({k: v[keep] for k, v in docs.items()}, config.batch_size, seed=seed)
+        state, log = ids.train.train(ids.init_train_state(params, optimizer), step, batches, num_steps=config.steps,
+                                     log_every=max(1, config.steps // 10), progress=progress,
+                                     desc=f"{NAME} lm seed {seed}")
+        return {"params": state.params, "train_loss": jnp.float32(log.history[-1]["loss"])}
+
+    like = lambda: {"params": ids.init_transformer(model_config, seed=0)[1], "train_loss": jnp.float32(0)}
+    out = ids.pretrain.cached("skills-lm", lm_pretrain_config(config, corpus, without), seed, train_fn, like=like)
+    return apply, out["params"], float(out["train_loss"])
 
 
 def _lm_scores(apply, params, items, text) -> dict[str, float]:
@@ -351,7 +366,7 @@ def _report_arm(row: dict, arm: str, after: dict, before: dict) -> None:
 
 def run_lm(config: Config, seed: int, *, progress: bool = False) -> tuple[dict[str, float], dict]:
     corpus = skills.make_skill_corpus(dataclasses.replace(config.corpus, seed=seed))
-    apply, params, log = train_lm(config, corpus, seed, progress=progress)
+    apply, params, train_loss = train_lm(config, corpus, seed, progress=progress)
     all_layers = list(dict.fromkeys(layer for _, layers in config.lm_layer_sets for layer in layers))
     train_docs = skills.to_numpy(corpus.train, LM_COLUMNS + ["skill"])
     factors = curvature.collect_factors(apply, params, {k: train_docs[k] for k in LM_COLUMNS}, all_layers, key=seed,
@@ -361,7 +376,7 @@ def run_lm(config: Config, seed: int, *, progress: bool = False) -> tuple[dict[s
     sweep_text, report_text = (skills.to_numpy(corpus.heldout_split(s), LM_COLUMNS) for s in ("sweep", "report"))
     before_sweep = _lm_scores(apply, params, sweep_items, sweep_text)
     before = _lm_scores(apply, params, report_items, report_text)
-    row = {"lm.train_loss_final": log.history[-1]["loss"], "lm.heldout_ppl_before": before["ppl"]}
+    row = {"lm.train_loss_final": train_loss, "lm.heldout_ppl_before": before["ppl"]}
     row.update({f"lm.before.acc.{s}": before[s] for s in EVAL_SKILLS})
     grid = [(i, rho) for i in range(len(config.lm_layer_sets)) for rho in config.rhos]
     curves, chosen = {}, {}

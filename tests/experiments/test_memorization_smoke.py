@@ -42,6 +42,8 @@ def test_main_writes_every_documented_key_with_sane_values(results):
     assert saved["classification.kfac.memorized_recall_before"] >= saved["classification.kfac.true_label_recovery_before"]
     assert all(math.isfinite(saved[f"lm.bands.ratio.{b}"]) and saved[f"lm.bands.ratio.{b}"] > 0 for b in range(4))
     assert metrics["minutes"] > 0
+    # one cached base model per seed, and one oracle (retrained without memorized strings) for the first seed
+    assert len(list((results / "cache" / "pretrained").glob("skills-lm-*"))) == 3
     for png in ("retention_vs_rho.png", "classification_vs_rho.png", "band_ratios.png"):
         assert (results / "memorization" / png).stat().st_size > 0
     readme = (results / "memorization" / "README.md").read_text()
