@@ -32,7 +32,7 @@ from idesign.hooks import Capture
 Array = jax.Array
 Params = Any
 
-__all__ = ["EditReport", "prune_low_curvature", "prune_svd", "keep_mask_by_mass", "BandActivations",
+__all__ = ["EditReport", "prune_low_curvature", "prune_svd", "prune_random", "keep_mask_by_mass", "BandActivations",
            "curvature_band_activations"]
 
 
@@ -224,6 +224,57 @@ def prune_svd(params: Params, layers: Sequence[str] | Mapping[str, str] | str, r
                       "mass_kept": float(jnp.where(keep, energy, 0).sum()) / total if total > 0 else 1.0,
                       "rel_weight_change": _rel_change(w, w_new)}
     return _replace_leaves(params, new), EditReport(rows, method="svd", rho=rho)
+
+
+def prune_random(params: Params, factors: Mapping[str, curv.KFACFactors | curv.KFACEigen],
+                 keep: Mapping[str, int], *, key: Array | int) -> tuple[Params, EditReport]:
+    """Control for :func:`prune_low_curvature`: keep ``keep[layer]`` K-FAC components chosen at random.
+
+    Same eigenbasis and the same number of kept components as a curvature-ranked edit, but *which*
+    components survive is uniform at random, so any effect of the ranking shows as a difference.
+    Pass the ``kept`` counts of a :func:`prune_low_curvature` report to match it exactly.
+
+    Args:
+      params: the parameter pytree (not modified).
+      factors: ``{layer: KFACFactors | KFACEigen}`` for every layer in ``keep`` (kernels at ``<layer>.kernel``).
+      keep: ``{layer: number of components to keep}``, each in ``[0, d_in * d_out]``.
+      key: a PRNG key or an int seed; layers draw from ``fold_in(key, i)`` in ``keep``'s order.
+
+    Returns:
+      ``(new_params, report)`` as :func:`prune_low_curvature` (``rho`` in the report is ``nan``).
+
+    >>> import jax, jax.numpy as jnp, idesign as ids
+    >>> f = {'l': ids.curvature.KFACFactors(jnp.diag(jnp.array([3., 2., 1.])), jnp.eye(2), jnp.float32(1))}
+    >>> new, report = ids.edit.prune_random({'l': {'kernel': jnp.ones((3, 2))}}, f, {'l': 4}, key=0)
+    >>> report['l']['kept'], int((new['l']['kernel'] == 0).sum())
+    (4, 2)
+    """
+    key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+    leaves = tree_lib.named_leaves(params)
+    new, rows = {}, {}
+    for i, (name, n_keep) in enumerate(keep.items()):
+        if name not in factors:
+            raise ValueError(tree_lib.unknown_name_message(name, list(factors), what="layer with factors"))
+        path = f"{name}.kernel"
+        kernel = _kernel(leaves, name, path)
+        d_in, d_out = np.shape(kernel)
+        if not isinstance(n_keep, (int, np.integer)) or not 0 <= n_keep <= d_in * d_out:
+            raise ValueError(f"keep[{name!r}] = {n_keep!r}: expected an int in [0, {d_in * d_out}] (d_in * d_out).")
+        eig = curv.eigendecompose(factors[name])
+        if eig.shapes != ((d_in, d_in), (d_out, d_out)):
+            raise ValueError(f"factors for layer {name!r} have A {list(eig.shapes[0])} and G {list(eig.shapes[1])}, "
+                             f"but its kernel {path!r} has shape {(d_in, d_out)}.")
+        order = jax.random.permutation(jax.random.fold_in(key, i), d_in * d_out)
+        mask = jnp.zeros(d_in * d_out, bool).at[order[:int(n_keep)]].set(True).reshape(d_in, d_out)
+        w = jnp.asarray(kernel, jnp.float32)
+        w_new = eig.u_a @ jnp.where(mask, eig.u_a.T @ w @ eig.u_g, 0.0) @ eig.u_g.T
+        pi = eig.mu[:, None] * eig.lam[None, :]
+        total = float(pi.sum())
+        new[path] = w_new
+        rows[name] = {"kept": int(n_keep), "total": d_in * d_out, "kept_fraction": int(n_keep) / (d_in * d_out),
+                      "mass_kept": float(jnp.where(mask, pi, 0).sum()) / total if total > 0 else 1.0,
+                      "rel_weight_change": _rel_change(w, w_new)}
+    return _replace_leaves(params, new), EditReport(rows, method="random", rho=float("nan"))
 
 
 class BandActivations(NamedTuple):

@@ -149,3 +149,24 @@ def test_band_activations_see_inputs_along_low_curvature_directions():
     with pytest.raises(ValueError, match="n_bands"):
         edit.curvature_band_activations(apply, params, f["fc"], "fc", {"inputs": memorized}, {"inputs": clean},
                                         n_bands=0, forward=fwd)
+
+
+def test_prune_random_keeps_the_requested_count_of_eigenbasis_components():
+    import idesign as ids
+    kx, kw = jax.random.split(jax.random.key(7))
+    a = jax.random.normal(kx, (5, 5))
+    f = {"l": ids.curvature.KFACFactors(a @ a.T + jnp.eye(5), jnp.diag(jnp.array([2.0, 1.0, 0.5])), jnp.float32(1))}
+    w = jax.random.normal(kw, (5, 3))
+    eig = ids.curvature.eigendecompose(f["l"])
+    new, report = ids.edit.prune_random({"l": {"kernel": w}}, f, {"l": 6}, key=1)
+    c_old = eig.u_a.T @ w @ eig.u_g
+    c_new = eig.u_a.T @ new["l"]["kernel"] @ eig.u_g
+    kept = np.abs(np.asarray(c_new)) > 1e-5
+    assert report["l"]["kept"] == 6 == kept.sum()
+    np.testing.assert_allclose(np.asarray(c_new)[kept], np.asarray(c_old)[kept], atol=1e-5)   # survivors unchanged
+    again, _ = ids.edit.prune_random({"l": {"kernel": w}}, f, {"l": 6}, key=1)
+    other, _ = ids.edit.prune_random({"l": {"kernel": w}}, f, {"l": 6}, key=2)
+    np.testing.assert_array_equal(again["l"]["kernel"], new["l"]["kernel"])
+    assert not np.array_equal(other["l"]["kernel"], new["l"]["kernel"])
+    with pytest.raises(ValueError, match=r"keep\['l'\] = 16: expected an int in \[0, 15\]"):
+        ids.edit.prune_random({"l": {"kernel": w}}, f, {"l": 16}, key=0)

@@ -3,16 +3,28 @@
 The corpus exists to measure *which skills a weight edit keeps* (Merullo et al. 2025, arXiv
 2510.24256; ``shared/METHODS.md`` §3). Every document is one short row in a closed word-level
 vocabulary (:class:`~idesign.data.tokenizer.WordTokenizer`), and every skill has an exact-match
-test: a prompt and a fixed-length answer, scored by greedy decoding.
+test: a prompt and a fixed-length answer (scored by greedy decoding in :mod:`idesign.evaluation`).
+
+**Text and memorized strings come from one language.** A random sparse Markov chain over the symbol
+alphabet (each symbol has ``text_branching`` possible successors with random probabilities) generates
+``text`` documents, each seen once in training. The memorized strings are ``n_strings`` further samples
+of the *same* chain, each repeated ``string_repeats`` times; held-out text contains fresh samples of it.
+So a memorized string differs from held-out text only in having been repeated — not in its tokens,
+length or format — and a diagnostic that compares the two inputs measures memorization, not token
+statistics. Recalling a memorized continuation needs the string itself: the language alone gives the
+``unseen_strings`` control (fresh samples scored the same way), a few percent.
 
 ======================  ==========================================  =====================================
 skill                   training document                           evaluation
 ======================  ==========================================  =====================================
-``memorized``           ``<bos> quote s7 s30 ... s2 <eos>``:        exact recall of the continuation
-                        random symbol strings, each repeated        after the first ``prefix_len``
+``memorized``           ``<bos> quote s7 s3 ... s2 <eos>``: samples  exact recall of the continuation
+                        of the Markov language, each repeated       after the first ``prefix_len``
                         ``string_repeats`` times                    symbols (of the *trained* strings)
-``arithmetic``          ``<bos> 4 7 + 0 8 = 0 5 5 <eos>``:           the 3-digit sum of *held-out* pairs
-                        2-digit addition, zero padded
+(``text``)              ``<bos> quote s1 s5 ... <eos>``: fresh       not scored by exact match; part of
+                        samples of the same language, seen once     ``heldout_text`` (perplexity)
+``arithmetic``          ``<bos> 4 7 + 0 8 = 5 5 0 <eos>``:           the 3-digit sum of *held-out* pairs
+                        2-digit addition, zero padded, the sum
+                        written least significant digit first
 ``facts_frequent``      ``<bos> e12 lives in c3 <eos>``: each       the city after ``e12 lives in``;
 ``facts_rare``          entity's fact repeated a Zipf-distributed    closed-book recall of trained facts
                         number of times; the more frequent half     (a fact cannot be held out and
@@ -20,13 +32,15 @@ skill                   training document                           evaluation
 ``logic``               ``<bos> pattern s4 s9 s4 s9 s4 s9 s4 s9 s4  the next ``pattern_answer`` symbols
                         <eos>``: a periodic sequence (period 2      of *held-out* motifs: the rule
                         or 3) over random motifs                    "repeat the motif" must generalise
+``unseen_strings``      (none: a control)                           memorized-string scoring on fresh
+                                                                    samples of the language (chance)
 ======================  ==========================================  =====================================
 
 Splits (:class:`SkillCorpus`): ``train`` (documents, shuffled), ``eval`` (one row per test item) and
-``heldout_text`` (documents of the generalising skills, arithmetic and logic, built only from held-out
-instances, for perplexity). ``eval`` and ``heldout_text`` rows carry a ``split`` column, ``'sweep'``
-or ``'report'`` (alternating), so an experiment can choose a hyperparameter on one half and report
-on the other.
+``heldout_text`` (documents never trained on, for perplexity: a third each of fresh ``text``,
+held-out ``arithmetic`` and held-out ``logic``). ``eval`` and ``heldout_text`` rows carry a ``split``
+column, ``'sweep'`` or ``'report'`` (alternating within each skill), so an experiment can choose a
+hyperparameter on one half and report on the other.
 
 Columns. ``train`` and ``heldout_text``: ``tokens`` [seq_len] (right-padded with ``<pad>``),
 ``valid`` (1 on real tokens), ``loss_mask`` (1 on every real token after ``<bos>``; the columns
@@ -40,21 +54,19 @@ Everything is a deterministic function of :class:`SkillConfig` (its ``seed`` inc
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from idesign.data.tokenizer import WordTokenizer
 
-__all__ = ["SKILLS", "SkillConfig", "SkillCorpus", "make_skill_corpus", "make_skill_tokenizer",
-           "to_numpy", "greedy_answers", "exact_match", "skill_accuracy", "perplexity"]
+__all__ = ["SKILLS", "CONTROLS", "SkillConfig", "SkillCorpus", "make_skill_corpus", "make_skill_tokenizer",
+           "markov_language", "to_numpy"]
 
 SKILLS: tuple[str, ...] = ("memorized", "arithmetic", "facts_frequent", "facts_rare", "logic")
+CONTROLS: tuple[str, ...] = ("unseen_strings",)   # scored like ``memorized``, on strings never trained on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +74,13 @@ class SkillConfig:
     """Sizes of the skill mixture.
 
     Attributes:
-      n_symbols: size of the symbol alphabet ``s0 ...`` shared by memorized strings and patterns.
-      n_strings: memorized random strings; ``string_len`` symbols each, repeated ``string_repeats``
-        times in training; recall is scored on the last ``string_len - prefix_len`` symbols.
+      n_symbols: size of the symbol alphabet ``s0 ...`` shared by the text language and patterns.
+      text_branching: successors each symbol may have in the Markov text language (>= 2, so a
+        continuation cannot be recalled without the string); their probabilities are Dirichlet(1).
+      n_text_docs: fresh text documents in training, each a sample of ``string_len`` symbols, seen once.
+      n_strings: memorized strings: samples of the same language, ``string_len`` symbols each (distinct
+        first ``prefix_len`` symbols), repeated ``string_repeats`` times in training; recall is scored
+        on the last ``string_len - prefix_len`` symbols.
       arithmetic_train_fraction: share of the 10,000 ordered 2-digit pairs used for training; the
         rest is the held-out pool.
       n_entities, n_cities: the fact table (entity ``e<k>`` lives in one of ``n_cities`` cities).
@@ -72,8 +88,9 @@ class SkillConfig:
       pattern_periods, pattern_shown, pattern_answer: motif periods, symbols shown, symbols to predict.
       pattern_train_fraction: share of the motifs used for training (the rest are held out).
       n_pattern_train: logic training documents (drawn from the training motifs, with repeats).
-      n_eval: held-out test items for arithmetic and for logic (each).
-      n_heldout_text: held-out perplexity documents (half arithmetic, half logic).
+      n_eval: held-out test items for arithmetic and for logic (each); the ``unseen_strings`` control has
+        ``n_strings`` items, as many as ``memorized``.
+      n_heldout_text: held-out perplexity documents (a third each: text, arithmetic, logic).
       seed: everything above is drawn from it.
 
     >>> SkillConfig(n_strings=4).seq_len
@@ -81,6 +98,8 @@ class SkillConfig:
     """
 
     n_symbols: int = 24
+    text_branching: int = 3
+    n_text_docs: int = 3000
     n_strings: int = 48
     string_len: int = 12
     prefix_len: int = 4
@@ -101,13 +120,16 @@ class SkillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        positive = ("n_symbols", "n_strings", "string_len", "prefix_len", "string_repeats", "n_entities",
+        positive = ("n_symbols", "text_branching", "n_text_docs", "n_strings", "string_len", "prefix_len", "string_repeats", "n_entities",
                     "n_cities", "fact_docs", "pattern_shown", "pattern_answer", "n_pattern_train", "n_eval",
                     "n_heldout_text", "min_fact_repeats")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"SkillConfig.{name} must be a positive int; got {value!r}.")
+        if not 2 <= self.text_branching <= self.n_symbols:
+            raise ValueError(f"SkillConfig.text_branching={self.text_branching} must be in [2, n_symbols={self.n_symbols}] "
+                             "(with one successor a string is predictable, not memorized).")
         if self.prefix_len >= self.string_len:
             raise ValueError(f"SkillConfig.prefix_len={self.prefix_len} must be < string_len={self.string_len} "
                              "(something must be left to recall).")
@@ -129,7 +151,7 @@ class SkillConfig:
 def make_skill_tokenizer(config: SkillConfig) -> WordTokenizer:
     """The closed vocabulary of a corpus: specials, digits, ``+ = quote pattern lives in``, symbols, entities, cities.
 
-    >>> tok = make_skill_tokenizer(SkillConfig(n_symbols=2, n_entities=2, n_cities=2))
+    >>> tok = make_skill_tokenizer(SkillConfig(n_symbols=2, text_branching=2, n_entities=2, n_cities=2))
     >>> tok.encode("e1 lives in c0")
     [25, 20, 21, 26]
     """
@@ -215,6 +237,67 @@ def _pattern_words(motif: tuple[int, ...], length: int) -> list[str]:
     return [f"s{motif[i % len(motif)]}" for i in range(length)]
 
 
+def markov_language(config: SkillConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The text language: ``(successors, probs)``, each ``[n_symbols, text_branching]``.
+
+    Symbol ``s`` is followed by ``successors[s, k]`` with probability ``probs[s, k]`` (distinct successors;
+    probabilities Dirichlet(1), drawn from the config's seed). A string starts at a uniform symbol.
+
+    >>> succ, probs = markov_language(SkillConfig(n_symbols=5, text_branching=2))
+    >>> succ.shape, bool(np.allclose(probs.sum(1), 1.0))
+    ((5, 2), True)
+    """
+    rng = _rng(config, 7)
+    successors = np.stack([rng.choice(config.n_symbols, config.text_branching, replace=False)
+                           for _ in range(config.n_symbols)])
+    return successors, rng.dirichlet(np.ones(config.text_branching), config.n_symbols)
+
+
+def _sample_text(successors: np.ndarray, probs: np.ndarray, n: int, length: int, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """``[n, length]`` symbol ids: ``n`` independent walks of the Markov chain (vectorised over walks)."""
+    out = np.empty((n, length), np.int64)
+    out[:, 0] = rng.integers(0, len(successors), n)
+    cum = np.cumsum(probs, axis=1)
+    for t in range(1, length):
+        u = rng.random(n)[:, None]
+        k = np.minimum((u > cum[out[:, t - 1]]).sum(1), successors.shape[1] - 1)
+        out[:, t] = successors[out[:, t - 1], k]
+    return out
+
+
+def _sample_excluding(successors: np.ndarray, probs: np.ndarray, n: int, length: int, rng: np.random.Generator,
+                      exclude: np.ndarray) -> np.ndarray:
+    """``n`` walks none of which equals a row of ``exclude`` (rejection sampling)."""
+    banned = {tuple(row) for row in np.asarray(exclude).tolist()}
+    out = np.zeros((0, length), np.int64)
+    for _ in range(100):
+        draw = _sample_text(successors, probs, 2 * (n - len(out)) + 8, length, rng)
+        draw = draw[[tuple(row) not in banned for row in draw.tolist()]]
+        out = np.concatenate([out, draw])[:n]
+        if len(out) == n:
+            return out
+    raise ValueError(f"SkillConfig: the text language has too few distinct strings of length {length} to hold "
+                     f"{len(banned)} out; raise n_symbols or text_branching.")
+
+
+def _distinct_prefix_samples(successors: np.ndarray, probs: np.ndarray, config: SkillConfig, n: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples whose first ``prefix_len`` symbols all differ, so a prompt names one string."""
+    chosen: dict[tuple[int, ...], np.ndarray] = {}
+    for _ in range(100):
+        for s in _sample_text(successors, probs, 2 * n, config.string_len, rng):
+            chosen.setdefault(tuple(s[:config.prefix_len].tolist()), s)
+            if len(chosen) == n:
+                return np.stack(list(chosen.values()))
+    raise ValueError(f"SkillConfig: could not draw {n} strings (2 n_strings) with distinct {config.prefix_len}-"
+                     f"symbol prefixes from the text language; raise n_symbols, text_branching or prefix_len.")
+
+
+def _text_words(symbols: np.ndarray) -> list[str]:
+    return ["quote"] + [f"s{int(x)}" for x in symbols]
+
+
 def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     """Builds the corpus (deterministic in ``config``); see the module docstring for the formats.
 
@@ -229,8 +312,8 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     >>> items = to_numpy(c.eval)
     >>> i = list(items['skill']).index('arithmetic')
     >>> c.tokenizer.decode(items['tokens'][i][:items['prompt_len'][i] + items['answer_len'][i]])
-    '1 9 + 9 8 = 1 1 7'
-    >>> sorted(set(c.eval['skill'])) == sorted(SKILLS)
+    '1 9 + 9 8 = 7 1 1'
+    >>> sorted(set(c.eval['skill'])) == sorted(SKILLS + CONTROLS)
     True
     """
     tok = make_skill_tokenizer(config)
@@ -238,23 +321,37 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     evals: list[tuple[str, list[str], int]] = []       # (skill, words, answer_len)
     heldout: list[tuple[str, list[str]]] = []
 
+    successors, probs = markov_language(config)
     rng = _rng(config, 1)
-    strings = rng.integers(0, config.n_symbols, (config.n_strings, config.string_len))
-    for s in strings:
-        words = ["quote"] + [f"s{int(x)}" for x in s]
-        train += [("memorized", words)] * config.string_repeats
-        evals.append(("memorized", words, config.string_len - config.prefix_len))
+    n_third = config.n_heldout_text // 3
+    strings = _distinct_prefix_samples(successors, probs, config, 2 * config.n_strings, rng)
+    memorized, unseen = strings[:config.n_strings], strings[config.n_strings:]
+    answer = config.string_len - config.prefix_len
+    for s in memorized:
+        train += [("memorized", _text_words(s))] * config.string_repeats
+        evals.append(("memorized", _text_words(s), answer))
+    evals += [("unseen_strings", _text_words(s), answer) for s in unseen]
+    # Held out means never trained on: held-out text avoids the memorized strings, training text avoids
+    # the held-out text and the unseen strings (exact repeats are likely in a low-entropy language).
+    rng = _rng(config, 6)
+    heldout_text = _sample_excluding(successors, probs, n_third, config.string_len, rng, memorized)
+    text = _sample_excluding(successors, probs, config.n_text_docs, config.string_len, rng,
+                             np.concatenate([unseen, heldout_text]))
+    train += [("text", _text_words(s)) for s in text]
+    heldout += [("text", _text_words(s)) for s in heldout_text]
 
     rng = _rng(config, 2)
     pairs = rng.permutation(10_000)
     n_train = int(round(config.arithmetic_train_fraction * len(pairs)))
     def sum_words(p):
         a, b = divmod(int(p), 100)
-        return _digits(a, 2) + ["+"] + _digits(b, 2) + ["="] + _digits(a + b, 3)
+        # The sum is written least significant digit first, so each answer digit depends on two shown
+        # digits and the carry just written: a rule a small transformer learns in a few epochs.
+        return _digits(a, 2) + ["+"] + _digits(b, 2) + ["="] + _digits(a + b, 3)[::-1]
     train += [("arithmetic", sum_words(p)) for p in pairs[:n_train]]
     pool = pairs[n_train:]
     evals += [("arithmetic", sum_words(p), 3) for p in pool[:config.n_eval]]
-    heldout += [("arithmetic", sum_words(p)) for p in pool[config.n_eval:][:config.n_heldout_text // 2]]
+    heldout += [("arithmetic", sum_words(p)) for p in pool[config.n_eval:][:n_third]]
 
     rng = _rng(config, 3)
     cities = rng.integers(0, config.n_cities, config.n_entities)
@@ -280,7 +377,7 @@ def make_skill_corpus(config: SkillConfig) -> SkillCorpus:
     for i in picks[:config.n_eval]:
         evals.append(("logic", ["pattern"] + _pattern_words(pool_motifs[i], total), config.pattern_answer))
     rest = picks[config.n_eval:] if len(picks) > config.n_eval else picks
-    for i in np.resize(rest, config.n_heldout_text - config.n_heldout_text // 2):
+    for i in np.resize(rest, config.n_heldout_text - 2 * n_third):
         heldout.append(("logic", ["pattern"] + _pattern_words(pool_motifs[i], total)))
 
     order = _rng(config, 5).permutation(len(train))
@@ -304,8 +401,12 @@ def _documents(docs: Sequence[tuple[str, list[str]]], tok: WordTokenizer, seq_le
         cols["valid"].append(valid)
         cols["loss_mask"].append([0] + valid[1:])
         cols["skill"].append(skill)
-    if with_split:
-        cols["split"] = [("sweep", "report")[i % 2] for i in range(len(docs))]
+    if with_split:  # alternate within each skill, so both halves hold every skill
+        seen: dict[str, int] = {}
+        cols["split"] = []
+        for skill, _ in docs:
+            cols["split"].append(("sweep", "report")[seen.get(skill, 0) % 2])
+            seen[skill] = seen.get(skill, 0) + 1
     return datasets.Dataset.from_dict(cols, features=_features(with_split, eval_items=False))
 
 
@@ -337,151 +438,6 @@ def _features(with_split: bool, *, eval_items: bool) -> datasets.Features:
     return datasets.Features(f)
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-@functools.lru_cache(maxsize=16)
-def _decoder(apply: Callable, answer_len: int) -> Callable:
-    """``(params, buf [B, T], prompt_len [B]) -> [B, answer_len]``: ragged prompts, one compilation per shape."""
-    def run(params, buf, prompt_len):
-        rows = jnp.arange(buf.shape[0])
-        last = buf.shape[1] - 1
-        # Blank everything after each prompt; causal attention means the read position p-1+k only
-        # ever sees the prompt and the k tokens written so far.
-        buf = jnp.where(jnp.arange(buf.shape[1])[None] < prompt_len[:, None], buf, 0)
-
-        def body(k, buf):
-            logits, _ = apply(params, buf)
-            nxt = jnp.argmax(logits[rows, jnp.clip(prompt_len - 1 + k, 0, last)], -1).astype(buf.dtype)
-            return buf.at[rows, jnp.minimum(prompt_len + k, last)].set(nxt)
-
-        buf = jax.lax.fori_loop(0, answer_len, body, buf)
-        return buf[rows[:, None], jnp.minimum(prompt_len[:, None] + jnp.arange(answer_len)[None], last)]
-
-    return jax.jit(run)
-
-
-def _decode(apply: Callable, params: Any, buf: np.ndarray, prompt_len: np.ndarray, answer_len: int,
-            batch_size: int) -> np.ndarray:
-    n = len(buf)
-    batch_size = max(1, min(batch_size, n))
-    fn = _decoder(apply, int(answer_len))
-    out = []
-    for i in range(0, n, batch_size):
-        chunk, plen = buf[i:i + batch_size], prompt_len[i:i + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:  # repeat the last row so the last batch has the compiled shape
-            chunk, plen = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]), np.concatenate([plen, np.repeat(plen[-1:], pad)])
-        out.append(np.asarray(fn(params, jnp.asarray(chunk, jnp.int32), jnp.asarray(plen, jnp.int32)))[:batch_size - pad])
-    return np.concatenate(out) if out else np.zeros((0, answer_len), np.int32)
-
-
-def greedy_answers(apply: Callable, params: Any, prompts: Any, answer_len: int, *, batch_size: int = 256
-                   ) -> np.ndarray:
-    """Greedy continuations ``[N, answer_len]`` of equal-length prompts ``[N, P]`` (batched, jitted).
-
-    The last batch is padded to ``batch_size`` rows, so one shape compiles once.
-
-    >>> import numpy as np, idesign as ids
-    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
-    >>> greedy_answers(apply, params, np.ones((3, 4), np.int32), 2, batch_size=2).shape
-    (3, 2)
-    """
-    prompts = np.asarray(prompts, np.int32)
-    if prompts.ndim != 2 or prompts.shape[1] < 1:
-        raise ValueError(f"greedy_answers: prompts must have shape [N, P >= 1]; got {prompts.shape}.")
-    if answer_len < 1:
-        raise ValueError(f"greedy_answers: answer_len must be >= 1; got {answer_len}.")
-    n, p = prompts.shape
-    buf = np.concatenate([prompts, np.zeros((n, answer_len), np.int32)], axis=1)
-    return _decode(apply, params, buf, np.full(n, p), int(answer_len), batch_size)
-
-
-def exact_match(apply: Callable, params: Any, items: datasets.Dataset | Mapping[str, Any], *,
-                batch_size: int = 256) -> np.ndarray:
-    """Per item: does greedy decoding after ``tokens[:prompt_len]`` reproduce the whole answer?
-
-    All items are decoded together (ragged prompts, ``max(answer_len)`` steps), so a model
-    compiles one decoder per batch shape whatever the mix of skills.
-
-    Args:
-      apply, params: the model.
-      items: rows with ``tokens``, ``prompt_len``, ``answer_len`` (e.g. :attr:`SkillCorpus.eval`);
-        ``tokens`` must have room for each answer (``prompt_len + answer_len <= seq_len``).
-      batch_size: rows per decoding batch.
-
-    Returns:
-      a bool array, one entry per item, in the items' order.
-
-    >>> import idesign as ids
-    >>> c = make_skill_corpus(SkillConfig(n_strings=2, n_entities=4, fact_docs=20, n_pattern_train=10,
-    ...                                   n_eval=4, n_heldout_text=4))
-    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=c.tokenizer.vocab_size,
-    ...                                      d_model=8, n_heads=2, n_layers=1, max_len=c.config.seq_len))
-    >>> exact_match(apply, params, c.eval).shape
-    (14,)
-    """
-    cols = _columns(items, ("tokens", "prompt_len", "answer_len"))
-    tokens, plen, alen = np.asarray(cols["tokens"], np.int32), np.asarray(cols["prompt_len"]), np.asarray(cols["answer_len"])
-    if len(tokens) == 0:
-        return np.zeros(0, bool)
-    if np.any(plen < 1) or np.any(alen < 1) or np.any(plen + alen > tokens.shape[1]):
-        bad = int(np.flatnonzero((plen < 1) | (alen < 1) | (plen + alen > tokens.shape[1]))[0])
-        raise ValueError(f"exact_match: item {bad} has prompt_len={plen[bad]}, answer_len={alen[bad]} for tokens of "
-                         f"length {tokens.shape[1]}; expected prompt_len >= 1, answer_len >= 1 and their sum <= length.")
-    a = int(alen.max())
-    pred = _decode(apply, params, tokens, plen, a, batch_size)
-    gold = tokens[np.arange(len(tokens))[:, None], np.minimum(plen[:, None] + np.arange(a)[None], tokens.shape[1] - 1)]
-    return np.all((pred == gold) | (np.arange(a)[None] >= alen[:, None]), axis=1)
-
-
-def skill_accuracy(correct: np.ndarray, items: datasets.Dataset | Mapping[str, Any]) -> dict[str, float]:
-    """``{skill: share of items answered exactly}`` from :func:`exact_match`'s output.
-
-    >>> skill_accuracy(np.array([True, False, True]), {'skill': ['logic', 'logic', 'arithmetic']})
-    {'arithmetic': 1.0, 'logic': 0.5}
-    """
-    skills = np.asarray(_columns(items, ("skill",))["skill"])
-    correct = np.asarray(correct, bool)
-    if correct.shape != skills.shape:
-        raise ValueError(f"skill_accuracy: {correct.shape[0]} results for {skills.shape[0]} items.")
-    return {str(s): float(correct[skills == s].mean()) for s in sorted(set(skills.tolist()))}
-
-
-def perplexity(apply: Callable, params: Any, docs: datasets.Dataset | Mapping[str, Any], *,
-               batch_size: int = 256) -> float:
-    """``exp`` of the mean next-token NLL over the scored tokens of ``docs`` (``lm_loss``'s positions).
-
-    >>> import idesign as ids
-    >>> c = make_skill_corpus(SkillConfig(n_strings=2, n_entities=4, fact_docs=20, n_pattern_train=10,
-    ...                                   n_eval=4, n_heldout_text=4))
-    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=c.tokenizer.vocab_size,
-    ...                                      d_model=8, n_heads=2, n_layers=1, max_len=c.config.seq_len))
-    >>> 20 < perplexity(apply, params, c.heldout_text) < 150
-    True
-    """
-    from idesign.train import evaluate, iterate_batches, lm_loss, make_eval_step
-    step = _eval_step(apply) if _hashable(apply) else make_eval_step(lm_loss(apply))
-    cols = _columns(docs, ("tokens", "valid", "loss_mask"))
-    batches = iterate_batches({k: np.asarray(v) for k, v in cols.items()}, batch_size, epochs=1, shuffle=False,
-                              drop_remainder=False)
-    return float(np.exp(evaluate(step, params, batches)["loss"]))
-
-
-def _hashable(x: Any) -> bool:
-    try:
-        hash(x)
-        return True
-    except TypeError:
-        return False
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_step(apply: Callable) -> Callable:
-    from idesign.train import lm_loss, make_eval_step
-    return make_eval_step(lm_loss(apply))
-
-
 def to_numpy(ds: datasets.Dataset, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Columns of a dataset as numpy arrays (``[rows, seq_len]`` for the token columns), in one Arrow read.
 
@@ -489,9 +445,9 @@ def to_numpy(ds: datasets.Dataset, columns: Sequence[str] | None = None) -> dict
     :func:`idesign.train.iterate_batches` or :func:`idesign.curvature.collect_factors`.
 
     >>> c = make_skill_corpus(SkillConfig(n_strings=2, n_entities=4, fact_docs=20, n_pattern_train=10,
-    ...                                   n_eval=4, n_heldout_text=4))
+    ...                                   n_text_docs=10, n_eval=4, n_heldout_text=6))
     >>> to_numpy(c.train, ['tokens'])['tokens'].shape
-    (5085, 15)
+    (5095, 15)
     """
     columns = list(ds.column_names if columns is None else columns)
     missing = [n for n in columns if n not in ds.column_names]
@@ -499,12 +455,3 @@ def to_numpy(ds: datasets.Dataset, columns: Sequence[str] | None = None) -> dict
         raise ValueError(f"the dataset lacks the columns {missing}; it has {ds.column_names}.")
     data = ds.select_columns(columns).with_format("numpy")[:]
     return {n: np.asarray(data[n]) for n in columns}
-
-
-def _columns(items: Any, names: Sequence[str]) -> dict[str, Any]:
-    if hasattr(items, "column_names"):
-        return to_numpy(items, names)
-    missing = [n for n in names if n not in items]
-    if missing:
-        raise ValueError(f"items lack the columns {missing}; they have {sorted(items)}.")
-    return {n: items[n] for n in names}

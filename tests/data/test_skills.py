@@ -1,16 +1,13 @@
-"""The skill-mixture corpus: formats, splits, determinism, and the exact-match evaluator."""
+"""The skill-mixture corpus: formats, the shared text language, splits, determinism (evaluators: tests/test_evaluation.py)."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import idesign as ids
 from idesign.data import skills
 
 SMALL = skills.SkillConfig(n_symbols=8, n_strings=6, string_len=8, prefix_len=3, string_repeats=5, n_entities=10,
-                           n_cities=4, fact_docs=80, min_fact_repeats=2, n_pattern_train=60, n_eval=20,
-                           n_heldout_text=20)
+                           n_cities=4, fact_docs=80, min_fact_repeats=2, n_pattern_train=60, n_text_docs=200,
+                           n_eval=20, n_heldout_text=30)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +20,9 @@ def _words(corpus, row):
 
 
 def test_every_skill_has_train_and_eval_rows_and_lm_loss_columns(corpus):
-    assert set(corpus.train["skill"]) == set(corpus.eval["skill"]) == set(skills.SKILLS)
-    assert set(corpus.heldout_text["skill"]) == {"arithmetic", "logic"}
+    assert set(corpus.train["skill"]) == set(skills.SKILLS) | {"text"}
+    assert set(corpus.eval["skill"]) == set(skills.SKILLS + skills.CONTROLS)
+    assert set(corpus.heldout_text["skill"]) == {"text", "arithmetic", "logic"}
     for ds in (corpus.train, corpus.eval, corpus.heldout_text):
         tokens, valid, mask = (np.asarray(ds.with_format("numpy")[c]) for c in ("tokens", "valid", "loss_mask"))
         assert tokens.shape[1] == SMALL.seq_len
@@ -33,6 +31,8 @@ def test_every_skill_has_train_and_eval_rows_and_lm_loss_columns(corpus):
         assert np.all(mask[:, 0] == 0) and np.all(tokens[valid == 0] == corpus.tokenizer.pad_id)
     summary = corpus.summary()
     assert summary["train"]["memorized"] == SMALL.n_strings * SMALL.string_repeats
+    assert summary["train"]["text"] == SMALL.n_text_docs
+    assert summary["heldout_text"] == {"text": 10, "arithmetic": 10, "logic": 10}
 
 
 def test_arithmetic_is_correct_and_held_out_pairs_never_appear_in_training(corpus):
@@ -41,7 +41,7 @@ def test_arithmetic_is_correct_and_held_out_pairs_never_appear_in_training(corpu
     assert len(arith) == SMALL.n_eval
     for r in arith:
         w = _words(corpus, r)
-        a, b, c = int("".join(w[0:2])), int("".join(w[3:5])), int("".join(w[6:9]))
+        a, b, c = int("".join(w[0:2])), int("".join(w[3:5])), int("".join(w[6:9][::-1]))     # sum written least significant digit first
         assert w[2] == "+" and w[5] == "=" and a + b == c
         assert r["prompt_len"] == 7 and r["answer_len"] == 3     # <bos> a1 a0 + b1 b0 =
         assert " ".join(w) not in train_text
@@ -69,6 +69,42 @@ def test_memorized_strings_are_repeated_and_recall_targets_the_continuation(corp
     for r in mem_eval:
         assert train_tokens.count(tuple(r["tokens"])) == SMALL.string_repeats
         assert r["prompt_len"] == 2 + SMALL.prefix_len and r["answer_len"] == SMALL.string_len - SMALL.prefix_len
+    unseen = [r for r in corpus.eval if r["skill"] == "unseen_strings"]
+    all_train = {tuple(t) for t in corpus.train["tokens"]}
+    assert len(unseen) == SMALL.n_strings and all(tuple(r["tokens"]) not in all_train for r in unseen)
+    assert {(r["prompt_len"], r["answer_len"]) for r in unseen} == {(mem_eval[0]["prompt_len"], mem_eval[0]["answer_len"])}
+    prefixes = [tuple(r["tokens"][:r["prompt_len"]]) for r in mem_eval + unseen]
+    assert len(set(prefixes)) == len(prefixes)          # a prompt names exactly one string
+
+
+def _symbols(corpus, rows, skill):
+    """Symbol ids of the string documents of one skill (after ``<bos> quote``)."""
+    words = [_words(corpus, r) for r in rows if r["skill"] == skill]
+    assert words and all(w[0] == "quote" and len(w) == SMALL.string_len + 1 for w in words)
+    return np.array([[int(x[1:]) for x in w[1:]] for w in words])
+
+
+def test_memorized_strings_text_and_held_out_text_come_from_one_markov_language(corpus):
+    successors, probs = skills.markov_language(SMALL)
+    allowed = np.zeros((SMALL.n_symbols, SMALL.n_symbols), bool)
+    allowed[np.arange(SMALL.n_symbols)[:, None], successors] = True
+    samples = {name: _symbols(corpus, rows, skill) for name, rows, skill in (
+        ("memorized", corpus.eval, "memorized"), ("unseen", corpus.eval, "unseen_strings"),
+        ("text", corpus.train, "text"), ("heldout", corpus.heldout_text, "text"))}
+    for name, s in samples.items():
+        assert allowed[s[:, :-1], s[:, 1:]].all(), f"{name}: a transition outside the language"
+    # The training text's transition frequencies estimate the language's probabilities.
+    s = samples["text"]
+    counts = np.zeros((SMALL.n_symbols, SMALL.n_symbols))
+    np.add.at(counts, (s[:, :-1].ravel(), s[:, 1:].ravel()), 1)
+    est = counts / counts.sum(1, keepdims=True)
+    truth = np.zeros_like(est)
+    truth[np.arange(SMALL.n_symbols)[:, None], successors] = probs
+    assert np.abs(est - truth).max() < 0.15           # ~175 transitions per symbol: sd of a share <= 0.04
+    # Memorized and held-out text rows have the same format and length: only repetition sets them apart.
+    mem_len = {int(v.sum()) for r, v in ((r, np.asarray(r["valid"])) for r in corpus.train) if r["skill"] == "memorized"}
+    held_len = {int(np.sum(r["valid"])) for r in corpus.heldout_text if r["skill"] == "text"}
+    assert mem_len == held_len == {SMALL.string_len + 3}
 
 
 def test_facts_follow_a_zipf_law_and_split_into_frequent_and_rare_halves(corpus):
@@ -108,55 +144,8 @@ def test_bad_configs_are_refused_with_the_field_named():
         skills.SkillConfig(pattern_periods=(4,), pattern_shown=6)
     with pytest.raises(ValueError, match="n_strings must be a positive int"):
         skills.SkillConfig(n_strings=0)
-
-
-class _Oracle:
-    """A fake model that puts all mass on a fixed next token per position: ``table[tokens[t]]``."""
-
-    def __init__(self, table):
-        self.table = jnp.asarray(table)
-
-    def __call__(self, params, tokens, hooks=None, valid=None):
-        return jax.nn.one_hot(self.table[tokens], self.table.shape[0]) * 10.0, {}
-
-
-def test_exact_match_against_a_model_with_known_greedy_outputs():
-    # Successor model: after token v it predicts v + 1 (mod 6). Prompt [1, 2] → greedy [3, 4].
-    apply = _Oracle((np.arange(6) + 1) % 6)
-    items = {"tokens": np.array([[1, 2, 3, 4, 0], [1, 2, 3, 5, 0], [0, 1, 2, 3, 4]], np.int32),
-             "prompt_len": np.array([2, 2, 3]), "answer_len": np.array([2, 2, 2])}
-    correct = skills.exact_match(apply, None, items, batch_size=2)
-    assert correct.tolist() == [True, False, True]
-    np.testing.assert_array_equal(skills.greedy_answers(apply, None, np.array([[4]]), 3), [[5, 0, 1]])
-    assert skills.skill_accuracy(correct, {"skill": ["a", "a", "b"]}) == {"a": 0.5, "b": 1.0}
-
-
-@pytest.fixture(scope="module")
-def model(corpus):
-    cfg = ids.TransformerConfig(vocab_size=corpus.tokenizer.vocab_size, d_model=16, n_heads=2, n_layers=1,
-                                max_len=SMALL.seq_len)
-    return ids.init_transformer(cfg, seed=3)
-
-
-def test_exact_match_is_greedy_decoding_on_a_real_model(corpus, model):
-    apply, params = model
-    items = skills.to_numpy(corpus.eval)
-    correct = skills.exact_match(apply, params, items, batch_size=16)
-    rows = np.flatnonzero(items["skill"] == "logic")[:5]
-    tokens, p, a = items["tokens"][rows], int(items["prompt_len"][rows[0]]), int(items["answer_len"][rows[0]])
-    got = skills.greedy_answers(apply, params, tokens[:, :p], a, batch_size=2)
-    # Greedy means: with the generated tokens appended, each one is the argmax after its prefix.
-    seq = np.concatenate([tokens[:, :p], got], axis=1)
-    logits = np.asarray(jax.jit(apply)(params, jnp.asarray(seq))[0])
-    np.testing.assert_array_equal(logits[:, p - 1:p + a - 1].argmax(-1), got)
-    np.testing.assert_array_equal(correct[rows], np.all(got == tokens[:, p:p + a], axis=1))
-    with pytest.raises(ValueError, match="item 0 has prompt_len=12, answer_len=5 for tokens of length 12"):
-        skills.exact_match(apply, params, {**items, "prompt_len": np.full(len(correct), 12)})
-
-
-def test_perplexity_is_exp_of_the_lm_loss(corpus, model):
-    apply, params = model
-    data = skills.to_numpy(corpus.heldout_text, ["tokens", "loss_mask", "valid"])
-    loss, _ = jax.jit(ids.lm_loss(apply))(params, {k: jnp.asarray(v) for k, v in data.items()})
-    np.testing.assert_allclose(skills.perplexity(apply, params, corpus.heldout_text, batch_size=7),
-                               float(jnp.exp(loss)), rtol=1e-4)
+    with pytest.raises(ValueError, match="text_branching=1 must be in"):
+        skills.SkillConfig(text_branching=1)
+    with pytest.raises(ValueError, match="distinct 3-symbol prefixes"):
+        skills.make_skill_corpus(skills.SkillConfig(n_symbols=3, text_branching=2, n_strings=7, n_eval=4, prefix_len=3,
+                                                    string_len=5, pattern_periods=(2,), pattern_shown=4))
