@@ -114,7 +114,7 @@ class Config:
     max_val_drop: float = 0.02
     # lm
     corpus: skills.SkillConfig = skills.SkillConfig(n_strings=32, string_len=10, prefix_len=3, string_repeats=40,
-                                                    min_fact_repeats=3)
+                                                    min_fact_repeats=3, arithmetic_train_fraction=0.8)
     # candidate edit sites: (name, layers); the layer set is chosen with ρ on the sweep split
     lm_layer_sets: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("block 0", ("blocks.0.mlp.up", "blocks.0.mlp.down")), ("block 1", ("blocks.1.mlp.up", "blocks.1.mlp.down")),
@@ -125,7 +125,7 @@ class Config:
     n_layers: int = 2
     n_heads: int = 4
     batch_size: int = 64
-    steps: int = 1200
+    steps: int = 2000                 # 1,200 steps leave held-out addition unlearned (accuracy 0.14 over 5 seeds)
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup: int = 100
@@ -133,7 +133,7 @@ class Config:
     kfac_batch_size: int = 256
     # both
     fisher: str = "true"
-    rhos: tuple[float, ...] = (0.4, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+    rhos: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
     n_bands: int = 10
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
 
