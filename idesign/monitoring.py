@@ -6,7 +6,7 @@ emits, sampled or injected, is fed to the teacher in the same decode step (``ste
 probe scores the teacher's activation at ``site`` for each token that can belong to an answer
 span (``span_tokens``); a span is a maximal run of such tokens that the policy *sampled*, and its
 score is the running max of the token logits (the span-max rule of Obeso et al. 2025), read where
-``reading`` says (:func:`idesign.rl.read_span`): at the token itself (``"answer"``), at the position
+``reading`` says (:func:`idesign.probes.read_span`): at the token itself (``"answer"``), at the position
 it was predicted from (``"prediction"``: the teacher's activation at the previous real token, which
 for the first generated token is the last prompt token, captured during ``prefill``), or the max of
 both (``"both"``). The monitor therefore reads exactly what :func:`idesign.rl.probe_scores` reads on
@@ -35,8 +35,8 @@ import numpy as np
 
 from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
 from idesign.hooks import Capture
+from idesign.probes import READINGS
 from idesign.probes import score as probe_score
-from idesign.rl import READINGS
 
 Array = jax.Array
 PyTree = Any
@@ -82,7 +82,7 @@ class ProbeMonitor(Monitor):
       threshold: probability above which a span fires (0.7 in RLFR).
       max_events: at most this many injections per row.
       reading: where a span token is read, ``"answer"``, ``"prediction"`` or ``"both"``
-        (:func:`idesign.rl.read_span`; static).
+        (:func:`idesign.probes.read_span`; static).
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> from idesign import probes

@@ -6,7 +6,7 @@ The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067)
   teacher**. :func:`probe_scores` prefills the student's completion through the *teacher's*
   parameters and reads a probe there; ``stop_gradient`` on the teacher and the probe means no
   gradient ever reaches them (the reward is a constant to the policy gradient anyway).
-  :func:`read_span` says *where* a span is read: at its tokens (``"answer"``), at the position
+  :func:`idesign.probes.read_span` (re-exported here) says *where* a span is read: at its tokens (``"answer"``), at the position
   each token was predicted from (``"prediction"``: the nearest real token before it, e.g. the
   last prompt token for the first answer token), or both (``"both"``). In a shallow model the
   residual stream at an answer token is dominated by that token's own embedding; the
@@ -52,6 +52,7 @@ import optax
 
 from idesign.hooks import Capture
 from idesign.probes import score as probe_score
+from idesign.probes._span import READINGS, read_span  # noqa: F401  (re-exported: rl.read_span)
 from idesign.train import TrainState
 
 Array = jax.Array
@@ -289,51 +290,6 @@ def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, targe
 
 # ----------------------------------------------------------------------------------------------
 # Rewards
-
-
-READINGS = ("answer", "prediction", "both")
-
-
-def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
-    """``[B, T]`` bool: the positions a probe reads for the span ``span_mask`` under ``reading``.
-
-    The *prediction position* of a span token is the nearest real (``valid``) position before it:
-    the activation there is the one the token was sampled from. ``"answer"`` reads the span's
-    tokens, ``"prediction"`` their prediction positions, ``"both"`` the union (for a contiguous
-    span: the position before it plus its tokens). A span token with no real token before it has
-    no prediction position.
-
-    Args:
-      span_mask: ``[B, T]`` bool, the span's tokens.
-      valid: ``[B, T]`` bool, real tokens (padding is skipped when looking back).
-      reading: one of :data:`READINGS`.
-
-    Returns:
-      ``[B, T]`` bool.
-
-    >>> import jax.numpy as jnp
-    >>> from idesign import rl
-    >>> span = jnp.array([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], bool)
-    >>> valid = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], bool)   # row 1: a hole before its span
-    >>> rl.read_span(span, valid, "prediction").astype(int).tolist()
-    [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
-    >>> rl.read_span(span, valid, "both").astype(int).tolist()
-    [[0, 0, 1, 1, 1], [0, 1, 0, 1, 0]]
-    """
-    if reading not in READINGS:
-        raise ValueError(f"read_span: reading={reading!r}; expected one of {READINGS}.")
-    span = jnp.asarray(span_mask, bool)
-    if reading == "answer":
-        return span
-    valid = jnp.asarray(valid, bool)
-    if span.ndim != 2 or valid.shape != span.shape:
-        raise ValueError(f"read_span: span_mask {tuple(span.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
-    B, T = span.shape
-    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
-    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
-    hit = (span & (before >= 0)).astype(jnp.int32)
-    predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
-    return predicted_from if reading == "prediction" else predicted_from | span
 
 
 def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, site: str, tokens: Array,
