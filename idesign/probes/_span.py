@@ -303,3 +303,38 @@ def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
     hit = (span & (before >= 0)).astype(jnp.int32)
     predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
     return predicted_from if reading == "prediction" else predicted_from | span
+
+
+def read_span_ids(span_ids: Array, valid: Array, reading: str = "answer") -> Array:
+    """Span ids ``[B, T]`` extended to the positions ``reading`` reads (:func:`read_span`), span by span.
+
+    With ``"prediction"`` or ``"both"``, the prediction position of each span token takes the span's
+    id (for ``"prediction"`` the span's own tokens then keep it only where they predict a later span
+    token). Where two spans would claim one position, the later span wins. Scoring
+    :func:`span_scores` on the result reads every span where :func:`read_span` reads it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from idesign import probes
+      >>> ids = jnp.array([[0, 0, 1, 1, 0, 2]])
+      >>> probes.read_span_ids(ids, jnp.ones((1, 6), bool), "both").tolist()
+      [[0, 1, 1, 1, 2, 2]]
+      >>> probes.read_span_ids(ids, jnp.ones((1, 6), bool), "prediction").tolist()
+      [[0, 1, 1, 0, 2, 0]]
+    """
+    if reading not in READINGS:
+        raise ValueError(f"read_span_ids: reading={reading!r}; expected one of {READINGS}.")
+    ids = jnp.asarray(span_ids, jnp.int32)
+    if reading == "answer":
+        return ids
+    valid = jnp.asarray(valid, bool)
+    if ids.ndim != 2 or valid.shape != ids.shape:
+        raise ValueError(f"read_span_ids: span_ids {tuple(ids.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
+    B, T = ids.shape
+    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
+    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
+    hit = (ids > 0) & (before >= 0)
+    # Scatter each token's id onto its prediction position (max: the later span wins a shared position).
+    predicted = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].max(
+        jnp.where(hit, ids, 0))
+    return predicted if reading == "prediction" else jnp.where(ids > 0, ids, predicted)
