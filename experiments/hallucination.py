@@ -65,6 +65,7 @@ Run: ``python -m experiments.hallucination --quick`` (CPU) or ``--full`` (GPU; n
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import NamedTuple
 
@@ -91,6 +92,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
+_VERSION = "1"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Config:
     n_families: int = 16
     n_first: int = 40
     family_share: float = 0.75
+    marker_rate: float = 0.1  # random retractions in pretraining: the base model can explore retracting
     seq_len: int = 64
     d_model: int = 64
     n_layers: int = 3
@@ -111,21 +114,21 @@ class Config:
     warmup: int = 50
     # Probes.
     probe_samples: int = 2
-    probe_steps: int = 200
+    probe_steps: int = 400
     probe_Cs: tuple[float, ...] = (0.1, 1.0, 10.0)
-    cv_folds: int = 3
+    cv_folds: int = 2
     attention_steps: int = 200
     consistency_k: int = 6
     # Generation, monitor, best-of-N.
     max_new_tokens: int = 22
-    gen_batch: int = 256
+    gen_batch: int = 192
     threshold: float = 0.7
     max_events: int = 2
     bon_n: int = 16
     bon_prompts: int = 256
     # RL.
     rl_steps: int = 40
-    prompts_per_step: int = 32
+    prompts_per_step: int = 24
     group_size: int = 8
     rl_learning_rate: float = 3e-4
     kl_coef: float = 0.02
@@ -141,13 +144,14 @@ FULL = Config(n_known=1600, n_unknown=640, n_families=30, d_model=256, n_layers=
               attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16, rl_learning_rate=1e-4,
               gen_batch=1024, bon_prompts=1024)
 
-_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "seq_len", "d_model", "n_layers",
+_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "seq_len", "d_model", "n_layers",
                 "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
 def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
     return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
-                               n_first=config.n_first, family_share=config.family_share, seed=seed)
+                               n_first=config.n_first, family_share=config.family_share,
+                               marker_rate=config.marker_rate, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -754,7 +758,14 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     rt = Runtime(config, cw.make_claim_tokenizer().vocab_size)
     per_seed, histories = [], []
     for seed in config.seeds:
-        row, history = run_seed(rt, config, seed, progress)
+        # A finished seed is kept (keyed by the config without `seeds`), so seeds can run in parallel processes.
+        key = ids.pretrain.cache_key(NAME, dataclasses.replace(config, seeds=()), seed, version=_VERSION)[:16]
+        path = _common.results_dir(NAME) / f"seed{seed}-{key}.json"
+        if path.exists():
+            row, history = json.loads(path.read_text())
+        else:
+            row, history = run_seed(rt, config, seed, progress)
+            path.write_text(json.dumps([row, history]))
         per_seed.append(row)
         histories.append(history)
     metrics = _common.aggregate_seeds(per_seed)
