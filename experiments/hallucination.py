@@ -114,23 +114,23 @@ class Config:
     warmup: int = 50
     # Probes.
     probe_samples: int = 2
-    probe_steps: int = 400
-    probe_Cs: tuple[float, ...] = (0.1, 1.0, 10.0)
+    probe_steps: int = 200
+    probe_Cs: tuple[float, ...] = (1.0, 10.0)
     cv_folds: int = 2
     attention_steps: int = 200
     consistency_k: int = 6
     # Generation, monitor, best-of-N.
     max_new_tokens: int = 22
-    gen_batch: int = 192
+    gen_batch: int = 128
     threshold: float = 0.7
     max_events: int = 2
     bon_n: int = 16
-    bon_prompts: int = 256
+    bon_prompts: int = 128
     # RL.
-    rl_steps: int = 40
-    prompts_per_step: int = 24
+    rl_steps: int = 24
+    prompts_per_step: int = 16
     group_size: int = 8
-    rl_learning_rate: float = 3e-4
+    rl_learning_rate: float = 5e-4
     kl_coef: float = 0.02
     clip_eps: float = 0.2
     retract_budget: float = 0.4
