@@ -31,9 +31,11 @@ over the distinct values: the semantic-entropy analogue), and a logistic on thos
 Rewards (:func:`idesign.rl.claim_scores`, :func:`idesign.rl.slot_rewards`): the teacher prefills the
 student's completion; each claim gets P(hallucinated) from the probe. A slot (an asked attribute) that ends
 in a kept claim (maintained, or a correction after ``<retract>``) earns ``clip(1 - p, 0.1, 0.95)``; one that
-ends retracted earns ``0.65 * clip(p(retracted claim) - lam, 0, 1)``; an unaddressed slot 0. A completion
+ends retracted earns ``0.65 * clip(p(retracted claim) - lam, 0, 1)``; an unaddressed slot (or ``unknown`` without a claim) ``0.1``, what a sure hallucination earns. A completion
 earns the mean over the slots its prompt asks (1 for QA, 4 for long-form) plus ``-0.2`` if malformed. ``lam``
-holds the retraction rate at most ``retract_budget`` (0.4, fixed in advance). The oracle arm uses the true
+holds the retraction rate at most ``retract_budget`` (0.3, fixed before the run; the first run used RLFR's 0.4 with
+a multiplier step of 0.2, which did not hold the rate in 24 steps, and gave an unaddressed slot 0, which made a kept
+hallucination (0.1) worth more than silence). The oracle arm uses the true
 labels as ``p``; the live arm reads the student's own activations.
 
 Arms (greedy on held-out prompts): ``base``; ``base_monitor`` (:class:`idesign.monitoring.ProbeMonitor`
@@ -133,8 +135,8 @@ class Config:
     rl_learning_rate: float = 5e-4
     kl_coef: float = 0.02
     clip_eps: float = 0.2
-    retract_budget: float = 0.4
-    lagrange_lr: float = 0.2
+    retract_budget: float = 0.3
+    lagrange_lr: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -759,12 +761,14 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     per_seed, histories = [], []
     for seed in config.seeds:
         # A finished seed is kept (keyed by the config without `seeds`), so seeds can run in parallel processes.
-        key = ids.pretrain.cache_key(NAME, dataclasses.replace(config, seeds=()), seed, version=_VERSION)[:16]
+        key = ids.pretrain.cache_key(NAME, dataclasses.replace(config, seeds=()), 0, version=_VERSION)[-12:]
         path = _common.results_dir(NAME) / f"seed{seed}-{key}.json"
         if path.exists():
             row, history = json.loads(path.read_text())
         else:
+            t_seed = time.perf_counter()
             row, history = run_seed(rt, config, seed, progress)
+            row["seed_minutes"] = (time.perf_counter() - t_seed) / 60
             path.write_text(json.dumps([row, history]))
         per_seed.append(row)
         histories.append(history)

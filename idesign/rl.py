@@ -471,20 +471,21 @@ def slot_rewards(p_kept: Array, p_retracted: Array, outcome: Array, lam: Array |
     ``outcome`` is 0 where the slot ends in a kept claim (maintained, or a correction after a
     retraction) with probability ``p_kept``; 1 where it ends retracted, the retracted claim having
     probability ``p_retracted``; 2 where there is nothing to score (not addressed, or abstained
-    without a claim): reward 0.
+    without a claim): reward ``clip[0]``, what a sure hallucination earns, so that neither saying more
+    nor saying less is rewarded for itself.
 
     >>> import jax.numpy as jnp
     >>> from idesign import rl
     >>> r = rl.slot_rewards(jnp.array([0.0, 1.0, 0.0, 0.0]), jnp.array([0.0, 0.0, 1.0, 0.5]),
     ...                 jnp.array([0, 0, 1, 2]), 0.0)
     >>> [round(float(r), 3) for r in r]
-    [0.95, 0.1, 0.65, 0.0]
+    [0.95, 0.1, 0.65, 0.1]
     """
     lo, hi = config.clip
     kept = jnp.clip(1.0 - jnp.nan_to_num(p_kept), lo, hi)
     retract = config.retract_cap * jnp.clip(jnp.nan_to_num(p_retracted) - lam, 0.0, 1.0)
     outcome = jnp.asarray(outcome)
-    return jnp.where(outcome == 0, kept, jnp.where(outcome == 1, retract, 0.0))
+    return jnp.where(outcome == 0, kept, jnp.where(outcome == 1, retract, lo))
 
 
 def retraction_lagrange_update(state: LagrangeState, retract_rate: Array | float,
