@@ -733,12 +733,12 @@ def conclusions(m) -> list[str]:
              f"{best_name} {baselines[best_name]:.3f}: the span-max probe is "
              f"{'above' if m['probe.auc'] > baselines[best_name] else 'NOT above'} every baseline (means over seeds)."]
     oracle_red, oracle_acc = m["rl_oracle.relative_reduction"], m["rl_oracle.known_acc"] - m["base.known_acc"]
-    lines.append(f"Oracle RL: hallucination {base:.3f} -> {rate('rl_oracle'):.3f} ({100 * oracle_red:.0f}% lower), "
+    lines.append(f"Oracle RL: hallucination {base:.3f} -> {rate('rl_oracle'):.3f} ({-100 * oracle_red:+.0f}% relative), "
                  f"known accuracy {100 * oracle_acc:+.1f} points: the fair-test target (<= 0.6 x base, within 5 "
                  f"points) was met in {m['rl_oracle.meets_target'] * 100:.0f}% of seeds.")
     red = m["rl_frozen_probe.relative_reduction"]
     acc = m["rl_frozen_probe.known_acc"] - m["base.known_acc"]
-    lines.append(f"rl_frozen_probe: {base:.3f} -> {rate('rl_frozen_probe'):.3f} ({100 * red:.0f}% lower) with known "
+    lines.append(f"rl_frozen_probe: {base:.3f} -> {rate('rl_frozen_probe'):.3f} ({-100 * red:+.0f}% relative) with known "
                  f"accuracy {100 * acc:+.1f} points; target (>= 40% lower, within 5 points) "
                  f"{'met' if red >= 0.4 and acc >= -0.05 else 'not met'}.")
     lines.append(f"Monitor: base {base:.3f} -> {rate('base_monitor'):.3f}; rl_frozen_probe "
