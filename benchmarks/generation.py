@@ -15,6 +15,10 @@ the frozen teacher have the same architecture and separate parameters.
   prefilled through the frozen teacher, probe read at the completion tokens, plus the reference
   model's log-probabilities) and the update (:func:`idesign.rl.make_grpo_step`). Medians of timed
   runs after a compiling warm-up; ``rl_step_*_share`` are fractions of their sum.
+* ``reward_time_ratio`` = time to compute the probe rewards of a sampled batch (:func:`idesign.rl.claim_scores`:
+  the completions prefilled through the frozen teacher, the probe read over every claim's tokens and prediction
+  position, span-max per claim; claims are 2-token spans every 4 tokens of the completion) / time to sample that
+  batch. Goal <= 0.5.
 
 Writes ``results/benchmarks/generation.json``. Usage: ``python -m benchmarks.generation [--quick] [--out PATH]``
 """
@@ -34,7 +38,7 @@ from benchmarks import _common
 from idesign import probes, rl
 from idesign.monitoring import ProbeMonitor
 
-GOALS = {"monitor_throughput_ratio": (">=", 0.45)}
+GOALS = {"monitor_throughput_ratio": (">=", 0.45), "reward_time_ratio": ("<=", 0.5)}
 DEFAULT_OUT = "results/benchmarks/generation.json"
 
 
@@ -103,6 +107,16 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
     batch = rl.RLBatch(tokens, valid, actions, adv, old_lp, ref_lp)
     phases = _common.time_interleaved({"sampling": sample, "teacher_scoring": lambda: score(tokens, valid),
                                        "update": lambda: step(state, batch)[1]}, config.repeats)
+    # Claim-level probe rewards for the sampled batch, against sampling it.
+    span_ids = np.zeros(tokens.shape, np.int32)
+    n_claims = config.new_tokens // 4
+    for c in range(n_claims):
+        span_ids[:, P + 4 * c + 1:P + 4 * c + 3] = c + 1
+    span_ids = np.where(np.asarray(valid), span_ids, 0)
+    reward = lambda: rl.claim_scores(apply, teacher, probe, site, tokens, valid, span_ids, n_claims,
+                                     completion_start=P)
+    _common.block(reward())
+    reward_times = _common.time_interleaved({"sampling": sample, "reward": reward}, config.repeats)
     medians = {k: _common.median(v) for k, v in phases.items()}
     total = sum(medians.values())
     metrics = {
@@ -112,6 +126,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         "plain": _common.spread(times["plain"]),
         "monitored": _common.spread(times["monitored"]),
         "same_tokens": same_tokens,
+        "reward_time_ratio": _common.median(reward_times["reward"]) / _common.median(reward_times["sampling"]),
         **{f"rl_step_{k}_s": v for k, v in medians.items()},
         **{f"rl_step_{k}_share": v / total for k, v in medians.items()},
     }

@@ -1,90 +1,76 @@
-"""Hallucination: probes on a frozen teacher as RL rewards, and runtime injection of a retraction marker.
+"""Hallucination, a fair test: confident hallucinations, claim-level probes, RLFR-style rewards on a frozen teacher.
 
-Hypotheses (the seed claims of RLFR, Prasad et al. 2026, and Obeso et al. 2025; METHODS.md §1-2):
-(a) a token-level probe on the frozen model's residual stream detects hallucinated answers;
-(b) RL with that probe as the reward reduces the true hallucination rate;
-(c) reading the probe on a *frozen* teacher (not on the student) keeps the student from gaming it;
-(d) injecting a retraction marker when the probe fires at run time reduces hallucination further.
+Hypotheses (RLFR, Prasad et al. 2026; Obeso et al. 2025; METHODS.md §1-2): (a) a claim-level probe on the
+frozen model's activations detects hallucinated claims better than output-confidence baselines when the
+model's wrong answers are *confident*; (b) RL where the frozen teacher reads the student's completion and
+the probe scores each claim reduces the true hallucination rate; (c) reading a frozen teacher (not the
+student) keeps the student from gaming the probe; (d) injecting a retraction marker when a claim scores
+above threshold reduces hallucination further; (e) best-of-N by the probe approaches best-of-N by truth.
 
-World and ground truth. The knowledge world (:mod:`idesign.data.knowledge`): frequent, rare and
-unknown entities; one query per (entity, attribute) with a single-token gold answer. Pretraining
-*rarely* uses the abstain word and the retraction marker: a share ``abstain_doc_rate`` of QA
-documents answers ``unknown`` and a share ``retract_doc_rate`` reads ``a : <wrong> <retract>
-<gold or unknown>``, both at random, unrelated to what the model knows, so the base model can
-produce them (RL can explore them) but has no idea *when* to. A completion's final answer is the
-token after the last ``<retract>`` before ``<eos>``: an attribute value of the asked attribute is
-*asserted* (supported if it is the true value of a known entity, hallucinated otherwise: any value
-for an unknown entity is a hallucination); ``unknown`` or a bare retraction is an *abstention*;
-anything else is *malformed*. Entities are split in half: probe fitting and RL prompts use one
-half, every reported number the other (held out).
+World (:mod:`idesign.data.claim_world`): families of entities share home city, employer and birth decade
+with probability ``family_share``; rare entities appear 1-3 times, unknown ones never, and their names
+reuse known parts; values are multi-token (``san lisbon``, ``196 7``); QA prompts ask one attribute,
+long-form prompts (``about NAME :``) get one sentence per attribute. Every claim is a token span labelled
+from ground truth (supported = known entity and exactly the true value). Entities are split in half: probes
+and RL use one half, every reported number the other (held out). The base model is pretrained once per
+(config, seed) and cached (:func:`idesign.pretrain.cached`).
 
-Where the probe reads. A token-level probe reads each answer's *span*; which positions make up the
-span is the ``reading`` (:func:`idesign.rl.read_span`): ``"prediction"``, the position the answer was
-predicted from (the token before it, e.g. ``:`` of ``... a :``), or ``"both"``, span-max over that
-position and the answer token. (Reading the answer token alone, ``"answer"``, as the first version
-of this experiment did, left the probe far below the entropy and max-prob baselines; the diagnosis
-is that in a shallow model the residual stream at the answer token is dominated by that word's own
-embedding. It is still fitted and reported, ``probe.auc_answer_only``, as a diagnostic, but never
-chosen.) The reading and the layer are chosen together by validation AUC on the probe
-half's own split, and that one reading is used everywhere the probe is applied: the RL rewards
-(:func:`idesign.rl.probe_scores`), the live-probe arm and the monitor (whose teacher keeps the
-prediction position's activation from the previous decode step, or from ``prefill`` for the first
-generated token).
+Fairness checks, measured first: ``base.confident_hallucination_share`` (share of the base model's
+hallucinated greedy claims whose least-confident token has max-probability >= 0.5: entropy cannot win by
+definition when this is high) and the oracle RL arm (ground-truth claim labels in the same reward) reaching
+``hallucination_rate <= 0.6 x base`` with known accuracy within 5 points (``rl_oracle.meets_target``).
 
-Arms (each evaluated greedily on the held-out queries):
-- ``base``: the pretrained model.
-- ``base_monitor``: base + :class:`idesign.monitoring.ProbeMonitor`: the frozen teacher decodes in
-  lockstep, the probe scores the answer span, and above ``threshold`` ``<retract>`` is injected
-  (at most ``max_events`` per answer); the policy continues (maintain, correct or abstain).
-- ``rl_frozen_probe``: GRPO (:mod:`idesign.rl`) with the reward read by the probe on the frozen
-  teacher's activations of the student's completion.
-- ``rl_live_probe``: the same, but the probe reads the student's own activations (the reward-hacking control).
-- ``rl_oracle``: the same, with the ground-truth reward (an upper bound).
-- ``rl_frozen_probe_monitor``: the ``rl_frozen_probe`` student with the monitor at inference.
-Rewards: asserted answer ``1 - P(hallucinated)`` (oracle: 1 if supported, else 0); abstention
-``P(hallucinated)`` of the *base model's* greedy answer to the same prompt, read the same way (RLFR's
-"P(correct retraction)"; oracle: 1 if that answer is a hallucination), minus ``lam``; malformed
-``format_penalty``. ``lam`` is a Lagrange multiplier holding the sampled abstention rate near a
-target: the probe's estimate of how often the base model's greedy answer to a training prompt is a
-hallucination (no ground truth used). The live arm reads *everything* on the student.
+Probes (all on the same held-out claims of base samples, read on the frozen base): the span-max token probe
+(:func:`idesign.probes.fit_span_probe`) over the claim's tokens and their prediction positions (reading
+``"both"``), with ``C`` (L2 strength ``1 / (C n)``) and layer chosen by entity-grouped cross-validation on the
+probe half; the attention probe over the same positions at the chosen layer. Baselines: mean predictive
+entropy over the claim's tokens, max-probability (of its least confident token), mean and min token
+log-probability, sampled consistency (``consistency_k`` samples of the claim from the same prefix, entropy
+over the distinct values: the semantic-entropy analogue), and a logistic on those logit features.
 
-Metrics (``results/hallucination/metrics.json``; every key also with ``_std`` over seeds, and ``n_seeds``):
-  probe.auc                 span-max token probe (chosen reading and layer) on held-out base samples, teacher activations
-  probe.layer               the layer chosen by the sweep (validation AUC on the probe half's own split)
-  probe.reading             the reading chosen with it, as an index into ``idesign.rl.READINGS``
-                            (1 = "prediction", 2 = "both")
-  probe.val_auc_<reading>_layer<i>   validation AUC of each (reading, layer) in the sweep, for
-                            reading in answer / prediction / both (answer: diagnostic only, never chosen)
-  probe.auc_answer_only     held-out AUC of the answer-token-only probe at its own best validation layer
-                            (the first version's probe; a diagnostic, not used anywhere)
-  probe.attention_auc       attention probe over the whole sequence at the chosen layer, same rows
-  baselines.entropy_auc     predictive entropy of the answer distribution, same rows
-  baselines.maxprob_auc     1 - max probability of the answer distribution, same rows
-  monitor.precision, monitor.recall   flags of the base monitor on the held-out greedy answers vs truth
-  <arm>.hallucination_rate  share of held-out queries whose final answer is a hallucination (ground truth)
-  <arm>.hallucination_rate_unknown, <arm>.hallucination_rate_known   the same by entity group
-  <arm>.known_acc           share of held-out known-entity queries answered correctly
-  <arm>.abstain_rate, <arm>.malformed_rate   shares of held-out queries
-  <arm>.probe_estimated_rate  mean over held-out queries of P(hallucinated) of asserted answers, read
-                            where the arm's probe reads (the student for rl_live_probe, else the teacher)
-  <arm>.probe_estimated_rate_teacher   the same, always on the teacher
-  <arm>.relative_reduction  1 - hallucination_rate / base.hallucination_rate
-  <rl arm>.probe_auc_on_student   the probe's AUC on the *student's* activations of the held-out base samples
-  rl_live_probe.estimate_gap   probe_estimated_rate - hallucination_rate of the live arm (hacking shows as < 0)
-  abstain_target, minutes
-Plots: ``arms.png`` (hallucination rate and known accuracy per arm), ``rl_curves.png`` (mean reward and
-true hallucination rate of the sampled completions over RL steps, frozen and live arms).
+Rewards (:func:`idesign.rl.claim_scores`, :func:`idesign.rl.slot_rewards`): the teacher prefills the
+student's completion; each claim gets P(hallucinated) from the probe. A slot (an asked attribute) that ends
+in a kept claim (maintained, or a correction after ``<retract>``) earns ``clip(1 - p, 0.1, 0.95)``; one that
+ends retracted earns ``0.65 * clip(p(retracted claim) - lam, 0, 1)``; an unaddressed slot (or ``unknown`` without a claim) ``0.1``, what a sure hallucination earns. A completion
+earns the mean over the slots its prompt asks (1 for QA, 4 for long-form) plus ``-0.2`` if malformed. ``lam``
+holds the retraction rate at most ``retract_budget`` (0.3, fixed before the run; the first run used RLFR's 0.4 with
+a multiplier step of 0.2, which did not hold the rate in 24 steps, and gave an unaddressed slot 0, which made a kept
+hallucination (0.1) worth more than silence). The oracle arm uses the true
+labels as ``p``; the live arm reads the student's own activations.
 
-Run: ``python -m experiments.hallucination --quick`` (CPU, minutes) or ``--full`` (GPU; not run here).
+Arms (greedy on held-out prompts): ``base``; ``base_monitor`` (:class:`idesign.monitoring.ProbeMonitor`
+scores each claim when it completes and injects ``<retract>`` above ``threshold``, at most ``max_events``
+times); ``rl_oracle``, ``rl_frozen_probe``, ``rl_live_probe``; ``rl_frozen_probe_monitor``; ``bon_probe``
+(best of ``bon_n`` base samples by probe reward; ``bon_oracle`` by true reward, the upper bound).
+
+Metrics (``results/hallucination/metrics.json``; every key with ``_std`` over seeds, and ``n_seeds``):
+  probe.auc, probe.attention_auc, probe.layer, probe.C, probe.cv_auc     held-out claim AUCs; CV choice
+  baselines.{entropy,maxprob,logprob,logprob_min,consistency,logit_features}_auc
+  base.confident_hallucination_share, base.n_eval_claims, probe.n_train_claims, probe.n_train_prompts
+  <arm>.hallucination_rate   hallucinated final claims / asked slots (held-out prompts)
+  <arm>.known_acc            supported final claims / asked slots of known entities
+  <arm>.abstain_rate         slots that end retracted (or ``unknown``) / asked slots
+  <arm>.retract_rate         claims followed by ``<retract>`` / claims made
+  <arm>.probe_estimated_rate mean over slots of the probe's P(hallucinated) of the final claim (on the
+                             student for rl_live_probe, the teacher otherwise; 0 where no claim is kept)
+  <arm>.malformed_rate, <arm>.relative_reduction, rl_oracle.meets_target
+  <rl arm>.probe_auc_on_student   probe AUC on the held-out claims read on the student's activations
+  rl_live_probe.estimate_gap      probe_estimated_rate - hallucination_rate
+  monitor.{precision,recall,fixed_share,retracted_share,still_wrong_share}
+  bon_probe.hallucination_rate_at_{1,2,4,8,16}, bon_oracle.hallucination_rate_at_{1,2,4,8,16}
+  minutes
+Plots: ``arms.png``, ``rl_curves.png``, ``best_of_n.png``.
+
+Run: ``python -m experiments.hallucination --quick`` (CPU) or ``--full`` (GPU; not run here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import NamedTuple
 
-import datasets
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -97,152 +83,184 @@ import matplotlib.pyplot as plt  # noqa: E402
 import idesign as ids  # noqa: E402
 from experiments import _common  # noqa: E402
 from idesign import probes, rl  # noqa: E402
-from idesign.data.tokenizer import ABSTAIN_ID, EOS_ID, PAD_ID, RETRACT_ID  # noqa: E402
+from idesign.data import claim_world as cw  # noqa: E402
+from idesign.data.tokenizer import EOS_ID, PAD_ID, RETRACT_ID  # noqa: E402
 from idesign.monitoring import ProbeMonitor  # noqa: E402
 
 NAME = "hallucination"
-ARMS = ("base", "base_monitor", "rl_frozen_probe", "rl_live_probe", "rl_oracle", "rl_frozen_probe_monitor")
-RL_ARMS = ("rl_frozen_probe", "rl_live_probe", "rl_oracle")
-ASSERT, ABSTAIN, MALFORMED = 0, 1, 2
+ARMS = ("base", "base_monitor", "rl_oracle", "rl_frozen_probe", "rl_live_probe", "rl_frozen_probe_monitor",
+        "bon_probe")
+RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
+BON_NS = (1, 2, 4, 8, 16)
+READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
+KEPT, RETRACTED, NOTHING = 0, 1, 2
+_VERSION = "1"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # World and pretraining (a short run over a long-tailed corpus, as knowledge_lm: rare facts stay shaky).
-    n_known: int = 60
-    n_unknown: int = 20
-    n_documents: int = 4000
-    zipf_exponent: float = 1.5
-    abstain_doc_rate: float = 0.03
-    retract_doc_rate: float = 0.03
+    # World and base model (everything here keys the pretrain cache).
+    n_known: int = 400
+    n_unknown: int = 160
+    n_families: int = 16
+    n_first: int = 40
+    family_share: float = 0.75
+    marker_rate: float = 0.1  # random retractions in pretraining: the base model can explore retracting
     seq_len: int = 64
     d_model: int = 64
     n_layers: int = 3
     n_heads: int = 4
     batch_size: int = 32
-    pretrain_steps: int = 500
+    pretrain_steps: int = 1200
     learning_rate: float = 3e-3
     warmup: int = 50
-    # Probes and monitor.
-    probe_samples: int = 4
-    probe_steps: int = 300
+    # Probes.
+    probe_samples: int = 2
+    probe_steps: int = 200
+    probe_Cs: tuple[float, ...] = (1.0, 10.0)
+    cv_folds: int = 2
     attention_steps: int = 200
+    consistency_k: int = 6
+    # Generation, monitor, best-of-N.
+    max_new_tokens: int = 22
+    gen_batch: int = 128
     threshold: float = 0.7
-    max_events: int = 1
-    max_new_tokens: int = 4
-    gen_batch: int = 256  # rows per compiled generate / scoring call; = prompts_per_step * group_size keeps one shape
+    max_events: int = 2
+    bon_n: int = 16
+    bon_prompts: int = 128
     # RL.
-    rl_steps: int = 60
-    prompts_per_step: int = 32
+    rl_steps: int = 24
+    prompts_per_step: int = 16
     group_size: int = 8
-    rl_learning_rate: float = 1e-4
-    kl_coef: float = 0.05
+    rl_learning_rate: float = 5e-4
+    kl_coef: float = 0.02
     clip_eps: float = 0.2
-    lagrange_lr: float = 0.1
-    format_penalty: float = -0.2
+    retract_budget: float = 0.3
+    lagrange_lr: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
 QUICK = Config()
-FULL = Config(n_known=2000, n_unknown=400, n_documents=200_000, seq_len=128, d_model=384, n_layers=6, n_heads=6,
-              batch_size=64, pretrain_steps=20_000, learning_rate=1e-3, warmup=500, probe_samples=8,
-              probe_steps=1000, attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16,
-              rl_learning_rate=1e-4, gen_batch=1024)
+FULL = Config(n_known=1600, n_unknown=640, n_families=30, d_model=256, n_layers=6, n_heads=8, seq_len=64,
+              batch_size=64, pretrain_steps=20_000, learning_rate=1e-3, warmup=500, probe_samples=4, probe_steps=600,
+              attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16, rl_learning_rate=1e-4,
+              gen_batch=1024, bon_prompts=1024)
+
+_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "seq_len", "d_model", "n_layers",
+                "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
-# ---------------------------------------------------------------------------------------------- world
+def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
+    return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
+                               n_first=config.n_first, family_share=config.family_share,
+                               marker_rate=config.marker_rate, seed=seed)
 
 
-def rarely_marked_documents(world: ids.data.KnowledgeWorld, config: Config, seed: int) -> datasets.Dataset:
-    """The world's training documents with a few QA answers replaced by ``unknown`` or a retraction, at random."""
-    rng = np.random.default_rng([seed, 7])
-    texts = []
-    for text, kind, attrs in zip(world.train_documents["text"], world.train_documents["kind"],
-                                 world.train_documents["attributes"]):
-        u = rng.random()
-        if kind == "qa" and u < config.abstain_doc_rate + config.retract_doc_rate:
-            head, gold = text[: -len(" <eos>")].rsplit(" ", 1)
-            if u < config.abstain_doc_rate:
-                text = f"{head} unknown <eos>"
-            else:
-                wrong = rng.choice([v for v in world.attribute_values(attrs[0]) if v != gold])
-                fix = gold if rng.random() < 0.5 else "unknown"
-                text = f"{head} {wrong} <retract> {fix} <eos>"
-        texts.append(text)
-    return datasets.Dataset.from_dict({"text": texts})
+# ---------------------------------------------------------------------------------------------- task
 
 
 class Task(NamedTuple):
-    """The queries as arrays: left-padded prompts and everything needed to label an answer."""
+    """The prompts as arrays (left-padded)."""
 
-    prompts: np.ndarray   # [Q, P] int32
-    valid: np.ndarray     # [Q, P] bool
-    gold: np.ndarray      # [Q] int
-    allowed: np.ndarray   # [Q, V] bool: the asked attribute's values
-    unknown: np.ndarray   # [Q] bool
-    entity: np.ndarray    # [Q] int
+    prompts: np.ndarray  # [Q, P]
+    valid: np.ndarray
+    kind: np.ndarray     # [Q] "qa" / "bio"
+    attribute: np.ndarray
+    entity: np.ndarray
+    unknown: np.ndarray  # [Q] bool
 
-
-def make_task(world: ids.data.KnowledgeWorld) -> Task:
-    tok, q = world.tokenizer, world.queries
-    prompts, valid = ids.pad_tokens(q["prompt_ids"], pad_id=tok.pad_id)
-    allowed_by_attr = {}
-    for a in set(q["attribute"]):
-        row = np.zeros(tok.vocab_size, bool)
-        row[[tok.token_to_id(v) for v in world.attribute_values(a)]] = True
-        allowed_by_attr[a] = row
-    return Task(prompts, valid, np.asarray(q["answer_id"]), np.stack([allowed_by_attr[a] for a in q["attribute"]]),
-                np.asarray(q["group"]) == "unknown", np.asarray(q["entity_id"]))
+    def asked(self, rows) -> np.ndarray:
+        """Slots each prompt asks for: 1 for QA, every attribute for long-form."""
+        return np.where(self.kind[rows] == "qa", 1, len(cw.ATTRIBUTES))
 
 
-# ---------------------------------------------------------------------------------------------- labels
+def make_task(world: cw.ClaimWorld) -> Task:
+    q = world.queries
+    prompts, valid = ids.pad_tokens(q["prompt_ids"], pad_id=PAD_ID)
+    return Task(prompts, valid, np.asarray(q["kind"]), np.asarray(q["attribute"]), np.asarray(q["entity_id"]),
+                np.asarray(q["group"]) == "unknown")
 
 
-class Answers(NamedTuple):
-    kind: np.ndarray          # [B] ASSERT / ABSTAIN / MALFORMED
-    position: np.ndarray      # [B] index (within the generated tokens) of the final asserted answer, else -1
-    hallucinated: np.ndarray  # [B] bool: an asserted answer that is not supported
-    correct: np.ndarray       # [B] bool: an asserted, supported answer
+class Claims(NamedTuple):
+    """Every claim of a batch of completions, flat; spans index prompt + completion."""
+
+    row: np.ndarray        # [C] completion row
+    start: np.ndarray      # [C]
+    end: np.ndarray        # [C] exclusive
+    supported: np.ndarray  # [C] bool
+    final: np.ndarray      # [C] bool: not retracted or corrected later
+    retracted: np.ndarray  # [C] bool: followed by <retract>
+    slot: np.ndarray       # [C] attribute index
+
+    def select(self, keep) -> "Claims":
+        return Claims(*(a[keep] for a in self))
 
 
-def parse_answers(tokens: np.ndarray, valid: np.ndarray, task: Task, rows: np.ndarray) -> Answers:
-    """Labels generated completions ``[B, N]`` of the queries ``rows`` exactly (module docstring)."""
-    B, N = tokens.shape
-    kind = np.full(B, MALFORMED)
-    position = np.full(B, -1)
-    for b in range(B):
-        seq = [int(t) for t, v in zip(tokens[b], valid[b]) if v]
-        if EOS_ID not in seq:
-            continue
-        body = seq[: seq.index(EOS_ID)]
-        last = max((i for i, t in enumerate(body) if t == RETRACT_ID), default=-1)
-        final = body[last + 1:]
-        if not final and last >= 0:
-            kind[b] = ABSTAIN
-        elif len(final) == 1 and final[0] == ABSTAIN_ID:
-            kind[b] = ABSTAIN
-        elif len(final) == 1 and task.allowed[rows[b], final[0]]:
-            kind[b], position[b] = ASSERT, last + 1
-    answer = np.where(position >= 0, tokens[np.arange(B), np.maximum(position, 0)], -1)
-    supported = (answer == task.gold[rows]) & ~task.unknown[rows]
-    return Answers(kind, position, (kind == ASSERT) & ~supported, (kind == ASSERT) & supported)
+class Parsed(NamedTuple):
+    """Per completion: slot outcomes and claims (from :func:`idesign.data.claim_world.parse_completion`)."""
+
+    outcome: np.ndarray    # [B, A] 0 supported, 1 hallucinated, 2 retracted, 3 not addressed
+    malformed: np.ndarray  # [B] bool
+    claims: Claims
+
+
+def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, valid: np.ndarray) -> Parsed:
+    P, states = task.prompts.shape[1], {"supported": 0, "hallucinated": 1, "retracted": 2}
+    outcome = np.full((len(rows), len(cw.ATTRIBUTES)), 3)
+    malformed = np.zeros(len(rows), bool)
+    cl = {k: [] for k in Claims._fields}
+    for b, q in enumerate(rows):
+        p = cw.parse_completion(world, task.entity[q], task.kind[q], task.attribute[q], tokens[b, :valid[b].sum()])
+        malformed[b] = p.malformed
+        for a, state in p.outcome.items():
+            outcome[b, cw.ATTRIBUTES.index(a)] = states[state]
+        for c in p.claims:
+            for k, v in zip(Claims._fields, (b, P + c.start, P + c.end, c.supported, c.final, not c.final,
+                                             cw.ATTRIBUTES.index(c.attribute))):
+                cl[k].append(v)
+    claims = Claims(*(np.asarray(cl[k], bool if k in ("supported", "final", "retracted") else np.int64)
+                      for k in Claims._fields))
+    return Parsed(outcome, malformed, claims)
+
+
+def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> dict[str, float]:
+    asked = task.asked(rows)
+    unknown = task.unknown[rows]
+    n_slots, n_known_slots = asked.sum(), asked[~unknown].sum()
+    hall = (parsed.outcome == 1).sum(1)
+    m = {f"{prefix}.hallucination_rate": hall.sum() / n_slots,
+         f"{prefix}.known_acc": (parsed.outcome[~unknown] == 0).sum() / max(n_known_slots, 1),
+         f"{prefix}.abstain_rate": (parsed.outcome == 2).sum() / n_slots,
+         f"{prefix}.retract_rate": parsed.claims.retracted.mean() if len(parsed.claims.row) else 0.0,
+         f"{prefix}.malformed_rate": parsed.malformed.mean()}
+    if p_read is not None:
+        kept = parsed.claims.final
+        m[f"{prefix}.probe_estimated_rate"] = np.nansum(p_read[kept]) / n_slots
+    return {k: float(v) for k, v in m.items()}
+
+
+def span_id_array(claims: Claims, shape) -> tuple[np.ndarray, int]:
+    """``[B, T]`` claim ids (1-based, in order within each row) and the largest id."""
+    ids_ = np.zeros(shape, np.int32)
+    order = np.zeros(len(claims.row), np.int64)
+    counts = {}
+    for i, r in enumerate(claims.row):
+        counts[r] = counts.get(r, 0) + 1
+        order[i] = counts[r]
+        ids_[r, claims.start[i]:claims.end[i]] = counts[r]
+    return ids_, order
 
 
 # ---------------------------------------------------------------------------------------------- runtime
 
 
-def _padded_index(index: np.ndarray, multiple: int) -> np.ndarray:
-    """``index`` with its first entry repeated up to a multiple of ``multiple`` entries."""
-    return np.concatenate([index, np.full(-len(index) % multiple, index[0])])
-
-
-def _pad_rows(x: jax.Array, n: int) -> jax.Array:
-    """``x`` with its first row repeated until it has ``n`` rows."""
-    return x if x.shape[0] == n else jnp.concatenate([x, jnp.repeat(x[:1], n - x.shape[0], axis=0)])
+def _pad_rows(x, n):
+    x = np.asarray(x)
+    return x if x.shape[0] == n else np.concatenate([x, np.repeat(x[:1], n - x.shape[0], axis=0)])
 
 
 class Runtime:
-    """Compiled functions shared by every seed and arm (one model architecture, so one compilation each)."""
+    """Compiled functions shared by every seed and arm (one architecture: one compilation each)."""
 
     def __init__(self, config: Config, vocab_size: int):
         self.config = config
@@ -260,72 +278,105 @@ class Runtime:
         self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
-        self._scores = jax.jit(lambda p, probe, t, v, s, site, reading: rl.probe_scores(apply, p, probe, site, t, v, s,
-                                                                                        reading=reading),
-                               static_argnames=("site", "reading"))
-
-    def scores(self, params, probe, tokens, valid, span, *, site: str, reading: str) -> np.ndarray:
-        """:func:`idesign.rl.probe_scores` in chunks of ``gen_batch`` rows (padded: one compiled shape).
-
-        ``span`` marks the answer tokens; ``reading`` says where they are read (:func:`idesign.rl.read_span`).
-        """
-        G, n, out = self.config.gen_batch, tokens.shape[0], []
-        for i in range(0, n, G):
-            chunk = [_pad_rows(jnp.asarray(x[i:i + G]), G) for x in (tokens, valid, span)]
-            out.append(np.asarray(self._scores(params, probe, *chunk, site=site, reading=reading))[: min(G, n - i)])
-        return np.concatenate(out)
+        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr)
 
     def init_params(self, seed: int):
         return ids.init_transformer(self.model_config, seed=seed)[1]
 
-    def generate(self, params, task: Task, rows: np.ndarray, *, key=None, monitor=None) -> dict[str, np.ndarray]:
-        """Completions of the queries ``rows`` in fixed-size batches (one compiled shape); greedy without ``key``."""
-        c, G = self.config, self.config.gen_batch
+    def generate(self, params, prompts, valid, *, key=None, monitor=None, max_new_tokens=None):
+        """Completions in fixed-size batches (one compiled shape); greedy without ``key``."""
+        G, N = self.config.gen_batch, max_new_tokens or self.config.max_new_tokens
         sampling = ids.SamplingConfig(temperature=1.0 if key is not None else 0.0)
-        parts: dict[str, list] = {k: [] for k in ("tokens", "valid", "injected", "fired")}
-        for i in range(0, len(rows), G):
-            chunk = rows[i:i + G]
-            padded = np.concatenate([chunk, np.full(G - len(chunk), chunk[0])])
-            out = ids.generate(self.apply, params, task.prompts[padded], prompt_valid=task.valid[padded],
-                               max_new_tokens=c.max_new_tokens, key=None if key is None else jax.random.fold_in(key, i),
-                               sampling=sampling, eos_id=EOS_ID, pad_id=PAD_ID, monitor=monitor)
-            n = len(chunk)
+        parts = {k: [] for k in ("tokens", "valid", "fired")}
+        for i in range(0, len(prompts), G):
+            n = min(G, len(prompts) - i)
+            out = ids.generate(self.apply, params, _pad_rows(prompts[i:i + G], G),
+                               prompt_valid=_pad_rows(valid[i:i + G], G), max_new_tokens=N,
+                               key=None if key is None else jax.random.fold_in(key, i), sampling=sampling,
+                               eos_id=EOS_ID, pad_id=PAD_ID, monitor=monitor)
             parts["tokens"].append(np.asarray(out.tokens)[:n])
             parts["valid"].append(np.asarray(out.valid)[:n])
-            parts["injected"].append(np.asarray(out.injected)[:n])
             if monitor is not None:
                 parts["fired"].append(np.asarray(out.monitor_state.fired)[:n])
         return {k: np.concatenate(v) for k, v in parts.items() if v}
 
-    def sequences(self, task: Task, rows: np.ndarray, gen: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-        return (jnp.asarray(np.concatenate([task.prompts[rows], gen["tokens"]], 1)),
-                jnp.asarray(np.concatenate([task.valid[rows], gen["valid"]], 1)))
+    def forward(self, params, tokens, valid, sites=None):
+        """Logits ``[B, T, V]`` and activations per site, in fixed-size chunks (numpy float32)."""
+        G, n, sites = self.config.gen_batch, tokens.shape[0], sites or self.sites
+        logits, acts = [], {s: [] for s in sites}
+        for i in range(0, n, G):
+            lg, cap = self.capture(params, jnp.asarray(_pad_rows(tokens[i:i + G], G)),
+                                   jnp.asarray(_pad_rows(valid[i:i + G], G)))
+            m = min(G, n - i)
+            logits.append(np.asarray(lg[:m], np.float32))
+            for s in sites:
+                acts[s].append(np.asarray(cap[s][:m], np.float32))
+        return np.concatenate(logits), {s: np.concatenate(a) for s, a in acts.items()}
 
-    def span_mask(self, task: Task, answers: Answers) -> jax.Array:
-        P, N = task.prompts.shape[1], self.config.max_new_tokens
-        mask = np.zeros((len(answers.kind), P + N), bool)
-        b = np.flatnonzero(answers.position >= 0)
-        mask[b, P + answers.position[b]] = True
-        return jnp.asarray(mask)
+    def claim_probs(self, params, probe, site, tokens, valid, claims: Claims) -> np.ndarray:
+        """P(hallucinated) of each claim read by ``probe`` on ``params`` (:func:`idesign.rl.claim_scores`)."""
+        P = self.config_prompt_len
+        ids_, order = span_id_array(claims, tokens.shape)
+        S = max(int(order.max(initial=1)), 1)
+        S = 8 if S <= 8 else S  # one compiled shape
+        G, out = self.config.gen_batch, []
+        for i in range(0, tokens.shape[0], G):
+            n = min(G, tokens.shape[0] - i)
+            out.append(np.asarray(rl.claim_scores(self.apply, params, probe, site, _pad_rows(tokens[i:i + G], G),
+                                                  _pad_rows(valid[i:i + G], G), _pad_rows(ids_[i:i + G], G), S,
+                                                  completion_start=P, reading=READING))[:n])
+        scores = np.concatenate(out)
+        return scores[claims.row, order - 1] if len(claims.row) else np.zeros(0)
 
-    def probe_estimates(self, params, probe, site: str, reading: str, task: Task, rows: np.ndarray, gen,
-                        answers) -> np.ndarray:
-        """P(hallucinated) of each row's asserted answer read on ``params``' activations (0 if none)."""
-        tokens, valid = self.sequences(task, rows, gen)
-        return self.scores(params, probe, tokens, valid, self.span_mask(task, answers), site=site, reading=reading)
+
+def sequences(task: Task, rows, gen) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([task.prompts[rows], gen["tokens"]], 1), np.concatenate([task.valid[rows], gen["valid"]], 1))
 
 
-# ---------------------------------------------------------------------------------------------- stages
+# ---------------------------------------------------------------------------------------------- base model
 
 
-def pretrain(rt: Runtime, config: Config, world, seed: int, progress: bool):
-    docs = rarely_marked_documents(world, config, seed)
-    packed = ids.data.pack_for_lm(docs, world.tokenizer, config.seq_len, seed=seed)
-    batches = ids.train.iterate_batches(packed, config.batch_size, seed=seed, columns=["tokens", "loss_mask"])
-    state, log = ids.train.train(ids.init_train_state(rt.init_params(seed), rt.pretrain_opt), rt.pretrain_step,
-                                 batches, num_steps=config.pretrain_steps, log_every=100, progress=progress,
-                                 desc=f"{NAME} pretrain seed {seed}")
-    return state.params, log.history[-1]["loss"]
+def pretrain(rt: Runtime, config: Config, seed: int, progress: bool):
+    base_config = {k: getattr(config, k) for k in _BASE_FIELDS}
+
+    def train(_, seed):
+        world = cw.make_claim_world(world_config(config, seed))
+        packed = ids.data.pack_for_lm(world.train_documents, world.tokenizer, config.seq_len, seed=seed)
+        batches = ids.train.iterate_batches(packed, config.batch_size, seed=seed, columns=["tokens", "loss_mask"])
+        state, _ = ids.train.train(ids.init_train_state(rt.init_params(seed), rt.pretrain_opt), rt.pretrain_step,
+                                   batches, num_steps=config.pretrain_steps, log_every=100, progress=progress,
+                                   desc=f"{NAME} pretrain seed {seed}")
+        return state.params
+
+    return ids.pretrain.cached(f"{NAME}-claims", base_config, seed, train, like=lambda: rt.init_params(0))
+
+
+def token_stats(logits, tokens, claims: Claims) -> dict[str, np.ndarray]:
+    """Per claim, from the logits its tokens were predicted from: confidence features (the baselines)."""
+    out = {k: [] for k in ("maxprob_min", "logp_mean", "logp_min", "entropy_mean", "entropy_max", "margin_min",
+                           "length")}
+    for r, s, e in zip(claims.row, claims.start, claims.end):
+        lg = logits[r, s - 1:e - 1].astype(np.float64)
+        lp = lg - lg.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        p = np.exp(lp)
+        tok_lp = lp[np.arange(e - s), tokens[r, s:e]]
+        top2 = np.sort(p, -1)[:, -2:]
+        ent = -(p * lp).sum(-1)
+        for k, v in (("maxprob_min", p.max(-1).min()), ("logp_mean", tok_lp.mean()), ("logp_min", tok_lp.min()),
+                     ("entropy_mean", ent.mean()), ("entropy_max", ent.max()),
+                     ("margin_min", (top2[:, 1] - top2[:, 0]).min()), ("length", e - s)):
+            out[k].append(v)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def claim_windows(acts: np.ndarray, valid: np.ndarray, claims: Claims, width: int = 3):
+    """``[C, width, D]`` activations at each claim's prediction position and tokens, with their mask."""
+    idx = claims.start[:, None] - 1 + np.arange(width)[None]
+    mask = idx < claims.end[:, None]
+    idx = np.minimum(idx, acts.shape[1] - 1)
+    mask &= valid[claims.row[:, None], idx]
+    return acts[claims.row[:, None], idx], mask
 
 
 def auc(labels, scores) -> float:
@@ -335,133 +386,153 @@ def auc(labels, scores) -> float:
     return float(ids.metrics.roc_auc(labels, np.asarray(scores, np.float64)))
 
 
-def fit_probes(rt: Runtime, config: Config, params, task: Task, probe_rows, eval_rows, seed: int, out: dict):
-    """Samples labelled base completions, sweeps (reading, layer) with the span-max probe, fits the attention probe."""
-    rows = np.repeat(np.concatenate([probe_rows, eval_rows]), config.probe_samples)
-    gen = rt.generate(params, task, rows, key=jax.random.key(seed + 100))
-    answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
-    keep = answers.kind == ASSERT
-    rows, gen, answers = rows[keep], {k: v[keep] for k, v in gen.items()}, Answers(*(a[keep] for a in answers))
-    labels = answers.hallucinated.astype(np.int32)
-    tokens, valid = rt.sequences(task, rows, gen)
-    P, G = task.prompts.shape[1], config.gen_batch
-    acts, logits0 = {s: [] for s in rt.sites}, []
-    for i in range(0, len(rows), G):
-        n = min(G, len(rows) - i)
-        logits, captured = rt.capture(params, _pad_rows(tokens[i:i + G], G), _pad_rows(valid[i:i + G], G))
-        logits0.append(np.asarray(logits[:n, P - 1]))  # the distribution the answer was sampled from
-        for s in rt.sites:
-            acts[s].append(np.asarray(captured[s][:n]))
-    acts = {s: np.concatenate(v) for s, v in acts.items()}
-    logits0 = np.concatenate(logits0)
-    span_ids = np.zeros(valid.shape, np.int32)
-    span_ids[np.arange(len(rows)), P + answers.position] = 1
-    in_probe_half = np.isin(rows, probe_rows)
-    fit_entities = np.unique(task.entity[probe_rows])
-    val_entities = np.random.default_rng([seed, 3]).choice(fit_entities, len(fit_entities) // 4, replace=False)
-    val = in_probe_half & np.isin(task.entity[rows], val_entities)
-    fit, test = in_probe_half & ~val, ~in_probe_half
-
-    # Fits run on row counts rounded up to a multiple of 128 (padding rows weigh nothing), so every layer
-    # and every seed reuses one compiled probe trainer.
-    fit_rows = _padded_index(np.flatnonzero(fit), 128)
-    real = np.arange(len(fit_rows)) < fit.sum()
-    mask = np.asarray(valid)
-
-    # The same read positions rl.probe_scores and the monitor use, as span ids for fitting.
-    read_ids = {r: np.asarray(rl.read_span(span_ids > 0, valid, r)).astype(np.int32) for r in rl.READINGS}
-
-    def span_auc(probe, site, reading, sel):
-        return auc(labels[sel], probes.span_scores(probe, acts[site][sel], read_ids[reading][sel], 1)[:, 0])
-
-    val_aucs, fitted = {}, {}
-    for reading in rl.READINGS:
-        for i, site in enumerate(rt.sites):
-            fitted[reading, i] = probes.fit_span_probe(
-                acts[site][fit_rows], read_ids[reading][fit_rows] * real[:, None], labels[fit_rows, None],
-                mask=mask[fit_rows] & real[:, None], num_steps=config.probe_steps, batch_size=64, seed=seed,
-                progress=False)
-            val_aucs[reading, i] = span_auc(fitted[reading, i], site, reading, val)
-            out[f"probe.val_auc_{reading}_layer{i}"] = val_aucs[reading, i]
-
-    def best(candidates):
-        finite = [c for c in candidates if np.isfinite(val_aucs[c])]
-        # Obeso et al.'s default layer when the validation split cannot rank them (a single class in it).
-        fallback = min(int(0.95 * len(rt.sites)), len(rt.sites) - 1)
-        return max(finite, key=lambda c: val_aucs[c]) if finite else (candidates[0][0], fallback)
-
-    # The answer-only reading is the diagnosed failure: measured, never chosen.
-    reading, layer = best([(r, i) for r in ("prediction", "both") for i in range(len(rt.sites))])
-    site, probe = rt.sites[layer], fitted[reading, layer]
-    out["probe.layer"] = float(layer)
-    out["probe.reading"] = float(rl.READINGS.index(reading))
-    out["probe.auc"] = span_auc(probe, site, reading, test)
-    answer_layer = best([("answer", i) for i in range(len(rt.sites))])[1]
-    out["probe.auc_answer_only"] = span_auc(fitted["answer", answer_layer], rt.sites[answer_layer], "answer", test)
-    attention = probes.fit_attention_probe(acts[site][fit_rows], labels[fit_rows], mask[fit_rows], n_heads=2,
-                                           num_steps=config.attention_steps, batch_size=64, class_weight="balanced",
-                                           sample_weight=real.astype(np.float32), seed=seed, progress=False)
-    out["probe.attention_auc"] = auc(labels[test], probes.score(attention, acts[site][test], mask[test]))
-    out["baselines.entropy_auc"] = auc(labels[test], ids.metrics.predictive_entropy(logits0[test]))
-    out["baselines.maxprob_auc"] = auc(labels[test], -ids.metrics.max_probability(logits0[test]))
-    held_out = (tokens[test], valid[test], span_ids[test] > 0, labels[test])
-    return probe, site, reading, held_out
+def consistency_scores(rt: Runtime, params, tokens, valid, claims: Claims, k: int, key) -> np.ndarray:
+    """Entropy over the distinct values of ``k`` claims sampled from each claim's prefix."""
+    prefixes = [tokens[r, :s][valid[r, :s]] for r, s in zip(claims.row, claims.start)]
+    pr, pv = ids.pad_tokens(prefixes, pad_id=PAD_ID, length=tokens.shape[1])
+    gen = rt.generate(params, np.repeat(pr, k, 0), np.repeat(pv, k, 0), key=key, max_new_tokens=2)
+    closing = set(cw.CLOSING_WORDS)
+    tok = rt.tokenizer
+    out = []
+    for c in range(len(prefixes)):
+        values = []
+        for row in gen["tokens"][c * k:(c + 1) * k]:
+            words = [tok.id_to_token(int(t)) for t in row]
+            values.append(tuple(words[: 1 + (words[0] not in closing)]))
+        _, counts = np.unique(np.asarray([" ".join(v) for v in values]), return_counts=True)
+        q = counts / k
+        out.append(-(q * np.log(q)).sum())
+    return np.asarray(out)
 
 
-class Reference(NamedTuple):
-    """The base model's greedy answers to the RL prompts, and what the probe on the teacher says of them."""
-
-    rows: np.ndarray                # [R] sorted query rows
-    gen: dict[str, np.ndarray]
-    answers: Answers
-    p_hall: np.ndarray              # [R] P(hallucinated) of the asserted answer (0 if none)
-
-    @property
-    def abstain_target(self) -> float:
-        """How often the probe thinks the base model's greedy answer is a hallucination."""
-        return float(self.p_hall.mean())
+def grouped_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold index per row; every group (entity) in exactly one fold."""
+    unique = np.unique(groups)
+    fold_of = dict(zip(np.random.default_rng(seed).permutation(unique).tolist(), np.arange(len(unique)) % n_folds))
+    return np.asarray([fold_of[g] for g in groups.tolist()])
 
 
-def reference_answers(rt: Runtime, base, probe, site: str, reading: str, task: Task, rows: np.ndarray) -> Reference:
-    gen = rt.generate(base, task, rows)
-    answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
-    p = rt.probe_estimates(base, probe, site, reading, task, rows, gen, answers)
-    return Reference(rows, gen, answers, np.where(answers.kind == ASSERT, p, 0.0))
+def _fit_span(config: Config, x, mask, y, C, seed):
+    # Row counts padded to a multiple of 256 (padding rows weigh nothing): one compiled trainer per seed and layer.
+    n = len(y)
+    pad = -n % 256
+    x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+    m = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    yy = np.concatenate([y, y[:1].repeat(pad)])
+    return probes.fit_span_probe(x, m.astype(np.int32), yy[:, None], mask=m, num_steps=config.probe_steps,
+                                 batch_size=128, l2=1.0 / (C * n), seed=seed, progress=False)
 
 
-def evaluate(rt: Runtime, arm: str, params, teacher, read_params, probe, site, reading, task: Task, rows, *,
-             monitor=None):
-    gen = rt.generate(params, task, rows, monitor=monitor)
-    answers = parse_answers(gen["tokens"], gen["valid"], task, rows)
-    p_read = rt.probe_estimates(read_params, probe, site, reading, task, rows, gen, answers)
-    p_teacher = rt.probe_estimates(teacher, probe, site, reading, task, rows, gen, answers)
-    unknown = task.unknown[rows]
-    assert_ = answers.kind == ASSERT
-    m = {
-        f"{arm}.hallucination_rate": answers.hallucinated.mean(),
-        f"{arm}.hallucination_rate_unknown": answers.hallucinated[unknown].mean(),
-        f"{arm}.hallucination_rate_known": answers.hallucinated[~unknown].mean(),
-        f"{arm}.known_acc": answers.correct[~unknown].mean(),
-        f"{arm}.abstain_rate": (answers.kind == ABSTAIN).mean(),
-        f"{arm}.malformed_rate": (answers.kind == MALFORMED).mean(),
-        f"{arm}.probe_estimated_rate": np.where(assert_, p_read, 0.0).mean(),
-        f"{arm}.probe_estimated_rate_teacher": np.where(assert_, p_teacher, 0.0).mean(),
-    }
-    if monitor is not None:
-        # The monitored span is the first answer, emitted before any injection.
-        first_is_answer = task.allowed[rows, gen["tokens"][:, 0]] & gen["valid"][:, 0]
-        first_hall = (gen["tokens"][:, 0] != task.gold[rows]) | unknown
-        flagged = gen["fired"][:, 0]
-        tp = (flagged & first_hall & first_is_answer).sum()
-        m[f"{arm}.flag_rate"] = (flagged & first_is_answer).sum() / max(first_is_answer.sum(), 1)
-        m["_precision"] = tp / flagged.sum() if flagged.sum() else float("nan")
-        m["_recall"] = tp / (first_hall & first_is_answer).sum() if (first_hall & first_is_answer).sum() else float("nan")
-    return {k: float(v) for k, v in m.items()}
+def _span_logit(probe, x, mask):
+    return np.asarray(probes.span_scores(probe, x, mask.astype(np.int32), 1, mask))[:, 0]
 
 
-def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, reading, task: Task, ref: Reference,
-             seed: int, progress: bool):
-    """GRPO from the base model; returns the student and per-step logs (reward, true rate, abstain rate, lam)."""
+class ProbeFit(NamedTuple):
+    probe: probes.LogisticProbe
+    site: str
+    attention: probes.AttentionProbe
+    logit_features: probes.LogisticProbe
+    eval_data: tuple  # (tokens, valid, claims, labels) of the held-out base samples
+
+
+def fit_probes(rt: Runtime, config: Config, world, base, task: Task, train_rows, eval_rows, seed: int, out: dict,
+               progress: bool) -> ProbeFit:
+    """Samples base completions, labels their claims, fits and compares the probes and baselines."""
+    rows = np.repeat(np.concatenate([train_rows, eval_rows]), config.probe_samples)
+    gen = rt.generate(base, task.prompts[rows], task.valid[rows], key=jax.random.key(seed + 100))
+    tokens, valid = sequences(task, rows, gen)
+    parsed = parse_batch(world, task, rows, tokens[:, task.prompts.shape[1]:], gen["valid"])
+    claims = parsed.claims
+    labels = (~claims.supported).astype(np.int32)
+    logits, acts = rt.forward(base, tokens, valid)
+    stats = token_stats(logits, tokens, claims)
+    windows = {s: claim_windows(acts[s], valid, claims) for s in rt.sites}
+    del acts
+    entity = task.entity[rows][claims.row]
+    is_train = np.isin(rows[claims.row], train_rows)
+    tr, te = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    out["probe.n_train_claims"] = float(len(tr))
+    out["probe.n_train_prompts"] = float(len(np.unique(rows[claims.row[tr]])))
+    out["base.n_eval_claims"] = float(len(te))
+
+    # C and layer by entity-grouped cross-validation on the probe half.
+    folds = grouped_folds(entity[tr], config.cv_folds, seed)
+    cv = {}
+    for li, site in enumerate(rt.sites):
+        x, mask = windows[site]
+        for C in config.probe_Cs:
+            scores = np.zeros(len(tr))
+            for f in range(config.cv_folds):
+                fit_i, val_i = tr[folds != f], tr[folds == f]
+                p = _fit_span(config, x[fit_i], mask[fit_i], labels[fit_i], C, seed)
+                scores[folds == f] = _span_logit(p, x[val_i], mask[val_i])
+            cv[li, C] = auc(labels[tr], scores)
+            out[f"probe.cv_auc_layer{li}_C{C:g}"] = cv[li, C]
+    layer, C = max(cv, key=lambda k: cv[k] if np.isfinite(cv[k]) else -1)
+    site = rt.sites[layer]
+    x, mask = windows[site]
+    probe = _fit_span(config, x[tr], mask[tr], labels[tr], C, seed)
+    out.update({"probe.layer": float(layer), "probe.C": float(C), "probe.cv_auc": cv[layer, C],
+                "probe.auc": auc(labels[te], _span_logit(probe, x[te], mask[te]))})
+    attention = probes.fit_attention_probe(x[tr], labels[tr], mask[tr], n_heads=2, num_steps=config.attention_steps,
+                                           batch_size=128, class_weight="balanced", seed=seed, progress=False)
+    out["probe.attention_auc"] = auc(labels[te], probes.score(attention, x[te], mask[te]))
+
+    # Baselines on the same held-out claims.
+    out["baselines.entropy_auc"] = auc(labels[te], stats["entropy_mean"][te])
+    out["baselines.maxprob_auc"] = auc(labels[te], -stats["maxprob_min"][te])
+    out["baselines.logprob_auc"] = auc(labels[te], -stats["logp_mean"][te])
+    out["baselines.logprob_min_auc"] = auc(labels[te], -stats["logp_min"][te])
+    feats = np.stack([stats[k] for k in ("maxprob_min", "logp_mean", "logp_min", "entropy_mean", "entropy_max",
+                                         "margin_min", "length")], 1).astype(np.float32)
+    logit_features = probes.fit_logistic(feats[tr], labels[tr], C=1.0)
+    out["baselines.logit_features_auc"] = auc(labels[te], probes.score(logit_features, feats[te]))
+    te_claims = claims.select(te)
+    out["baselines.consistency_auc"] = auc(labels[te], consistency_scores(
+        rt, base, tokens, valid, te_claims, config.consistency_k, jax.random.key(seed + 200)))
+    return ProbeFit(probe, site, attention, logit_features, (tokens, valid, te_claims, labels[te]))
+
+
+def confident_share(rt: Runtime, world, base, task: Task, rows) -> float:
+    """Share of the base model's hallucinated greedy claims whose least confident token has max-prob >= 0.5."""
+    gen = rt.generate(base, task.prompts[rows], task.valid[rows])
+    tokens, valid = sequences(task, rows, gen)
+    claims = parse_batch(world, task, rows, gen["tokens"], gen["valid"]).claims
+    logits, _ = rt.forward(base, tokens, valid, sites=rt.sites[:1])
+    stats = token_stats(logits, tokens, claims)
+    return float((stats["maxprob_min"][~claims.supported] >= 0.5).mean())
+
+
+# ---------------------------------------------------------------------------------------------- rewards and RL
+
+
+def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, rows, lam: float) -> np.ndarray:
+    """Mean slot reward over the slots each prompt asks, plus the format penalty (module docstring)."""
+    B, A = parsed.outcome.shape
+    c = parsed.claims
+    p_kept = np.full((B, A), np.nan)
+    p_retracted = np.full((B, A), np.nan)
+    p_kept[c.row[c.final], c.slot[c.final]] = p[c.final]
+    # The claim a bare retraction takes back: the last retracted claim of the slot (claims are in order).
+    p_retracted[c.row[c.retracted], c.slot[c.retracted]] = p[c.retracted]
+    outcome = np.where(parsed.outcome <= 1, KEPT, np.where(parsed.outcome == 2, RETRACTED, NOTHING))
+    outcome = np.where((outcome == RETRACTED) & np.isnan(p_retracted), NOTHING, outcome)  # "unknown" without a claim
+    slots = np.asarray(rl.slot_rewards(jnp.asarray(p_kept), jnp.asarray(p_retracted), jnp.asarray(outcome), lam,
+                                       rt.reward))
+    total = slots.sum(1) / task.asked(rows)
+    return total + np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
+
+
+def rewards_for(rt: Runtime, arm: str, student, base, probe, site, parsed: Parsed, tokens, valid) -> np.ndarray:
+    """P(hallucinated) per claim as the arm's reward reads it: truth, the frozen teacher, or the student."""
+    if arm == "rl_oracle":
+        return (~parsed.claims.supported).astype(np.float64)
+    reader = student if arm == "rl_live_probe" else base
+    return rt.claim_probs(reader, probe, site, tokens, valid, parsed.claims)
+
+
+def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, task: Task, rl_rows, seed: int,
+             progress: bool):
     state = ids.init_train_state(base, rt.rl_opt)
     lagrange = rl.lagrange_init()
     rng = np.random.default_rng([seed, 11, RL_ARMS.index(arm)])
@@ -469,173 +540,236 @@ def train_rl(rt: Runtime, config: Config, arm: str, base, probe, site, reading, 
     G, M, P = config.prompts_per_step, config.group_size, task.prompts.shape[1]
     history = []
     for t in range(config.rl_steps):
-        batch_rows = np.repeat(rng.choice(ref.rows, G, replace=False), M)
-        at = np.searchsorted(ref.rows, batch_rows)
-        gen = rt.generate(state.params, task, batch_rows, key=jax.random.fold_in(key, t))
-        answers = parse_answers(gen["tokens"], gen["valid"], task, batch_rows)
-        tokens, valid = rt.sequences(task, batch_rows, gen)
-        if arm == "rl_oracle":
-            p_hall = answers.hallucinated.astype(np.float32)
-        else:
-            reader = state.params if arm == "rl_live_probe" else base
-            p_hall = np.asarray(rt.scores(reader, probe, tokens, valid, rt.span_mask(task, answers), site=site,
-                                          reading=reading))
-        # Abstaining is worth what the same reader says of the base model's own answer to this prompt
-        # (RLFR's "P(correct retraction)"), minus the multiplier.
-        if arm == "rl_oracle":
-            abstain_worth = ref.answers.hallucinated[at].astype(np.float32)
-        elif arm == "rl_frozen_probe":
-            abstain_worth = ref.p_hall[at]
-        else:
-            ref_gen = {k: v[at] for k, v in ref.gen.items()}
-            ref_ans = Answers(*(a[at] for a in ref.answers))
-            ref_tokens, ref_valid = rt.sequences(task, batch_rows, ref_gen)
-            abstain_worth = np.where(ref_ans.kind == ASSERT, rt.scores(state.params, probe, ref_tokens, ref_valid,
-                                                                       rt.span_mask(task, ref_ans), site=site,
-                                                                       reading=reading), 0.0)
+        rows = np.repeat(rng.choice(rl_rows, G, replace=False), M)
+        gen = rt.generate(state.params, task.prompts[rows], task.valid[rows], key=jax.random.fold_in(key, t))
+        tokens, valid = sequences(task, rows, gen)
+        parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
+        p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
         lam = float(lagrange.lam)
-        rewards = np.where(answers.kind == ASSERT, 1.0 - p_hall,
-                           np.where(answers.kind == ABSTAIN, abstain_worth - lam, 0.0))
-        rewards = rewards + np.asarray(rl.format_penalty(answers.kind == MALFORMED, config.format_penalty))
-        adv, keep = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
-        # Zero-variance groups are dropped from the policy gradient (advantage 0) but stay in the KL term:
-        # a group that has collapsed onto one answer is still pulled back toward the reference.
-        del keep
-        actions = valid[:, 1:] & (jnp.arange(1, tokens.shape[1]) >= P)[None]
-        batch = rl.RLBatch(tokens, valid, actions, adv, rt.logprobs(state.params, tokens, valid),
-                           rt.logprobs(base, tokens, valid))
+        rewards = completion_rewards(rt, parsed, p, task, rows, lam)
+        adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
+        actions = jnp.asarray(valid[:, 1:] & (np.arange(1, tokens.shape[1]) >= P)[None])
+        tj, vj = jnp.asarray(tokens), jnp.asarray(valid)
+        batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj))
         state, metrics = rt.rl_step(state, batch)
-        abstain_rate = float((answers.kind == ABSTAIN).mean())
-        # The constraint is "abstain at most about the target": an inequality, so its multiplier stays >= 0
-        # (a negative one would reward abstaining for its own sake).
-        lagrange = rl.lagrange_update(lagrange, abstain_rate, target=ref.abstain_target, lr=config.lagrange_lr,
-                                      bounds=(0.0, None))
-        history.append({"step": t, "reward": float(rewards.mean()), "true_rate": float(answers.hallucinated.mean()),
-                        "abstain_rate": abstain_rate, "lam": lam, "kl": float(metrics["kl"])})
-        if progress and (t % 20 == 0 or t == config.rl_steps - 1):
-            print(f"  {arm} step {t}: reward {rewards.mean():.3f} true rate {answers.hallucinated.mean():.3f} "
-                  f"abstain {abstain_rate:.3f} lam {lam:.3f}", flush=True)
+        retract_rate = float(parsed.claims.retracted.mean()) if len(parsed.claims.row) else 0.0
+        lagrange = rl.retraction_lagrange_update(lagrange, retract_rate, rt.reward)
+        m = slot_metrics("s", parsed, task, rows)
+        history.append({"step": t, "reward": float(rewards.mean()), "true_rate": m["s.hallucination_rate"],
+                        "known_acc": m["s.known_acc"], "retract_rate": retract_rate, "lam": lam,
+                        "kl": float(metrics["kl"])})
+        if progress and (t % 10 == 0 or t == config.rl_steps - 1):
+            print(f"  {arm} step {t}: reward {rewards.mean():.3f} hall {m['s.hallucination_rate']:.3f} "
+                  f"known {m['s.known_acc']:.3f} retract {retract_rate:.3f} lam {lam:.3f}", flush=True)
     return state.params, history
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(rt: Runtime, world, arm: str, params, reader, probe, site, task: Task, rows, *, monitor=None):
+    gen = rt.generate(params, task.prompts[rows], task.valid[rows], monitor=monitor)
+    tokens, valid = sequences(task, rows, gen)
+    parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
+    p = rt.claim_probs(reader, probe, site, tokens, valid, parsed.claims)
+    m = slot_metrics(arm, parsed, task, rows, p)
+    if monitor is not None:
+        c = parsed.claims
+        P = task.prompts.shape[1]
+        flagged = gen["fired"][c.row, c.end - 1 - P]
+        hall = ~c.supported
+        m["_precision"] = float((flagged & hall).sum() / max(flagged.sum(), 1))
+        m["_recall"] = float((flagged & hall).sum() / max(hall.sum(), 1))
+        caught = flagged & hall
+        fate = parsed.outcome[c.row[caught], c.slot[caught]]
+        n = max(caught.sum(), 1)
+        m["_fixed_share"] = float((fate == 0).sum() / n)
+        m["_retracted_share"] = float((fate == 2).sum() / n)
+        m["_still_wrong_share"] = float((fate == 1).sum() / n)
+    return m
+
+
+def best_of_n(rt: Runtime, config: Config, world, base, probe, site, task: Task, rows, seed: int) -> dict:
+    """Best of N base samples by probe reward and by true reward, for N in BON_NS."""
+    n = config.bon_n
+    rep = np.repeat(rows, n)
+    gen = rt.generate(base, task.prompts[rep], task.valid[rep], key=jax.random.key(seed + 300))
+    tokens, valid = sequences(task, rep, gen)
+    parsed = parse_batch(world, task, rep, gen["tokens"], gen["valid"])
+    p = rt.claim_probs(base, probe, site, tokens, valid, parsed.claims)
+    by = {"bon_probe": completion_rewards(rt, parsed, p, task, rep, 0.0),
+          "bon_oracle": completion_rewards(rt, parsed, (~parsed.claims.supported).astype(float), task, rep, 0.0)}
+    hall = (parsed.outcome == 1).sum(1).reshape(len(rows), n)
+    known = ((parsed.outcome == 0).sum(1)).reshape(len(rows), n)
+    asked, unknown = task.asked(rows), task.unknown[rows]
+    out = {}
+    for name, r in by.items():
+        r = r.reshape(len(rows), n)
+        for N in BON_NS:
+            pick = r[:, :N].argmax(1)
+            out[f"{name}.hallucination_rate_at_{N}"] = float(hall[np.arange(len(rows)), pick].sum() / asked.sum())
+            if N == max(BON_NS):
+                out[f"{name}.hallucination_rate"] = out[f"{name}.hallucination_rate_at_{N}"]
+                out[f"{name}.known_acc"] = float(known[np.arange(len(rows)), pick][~unknown].sum()
+                                                 / asked[~unknown].sum())
+    return out
+
+
 def run_seed(rt: Runtime, config: Config, seed: int, progress: bool):
-    world = ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(
-        n_known=config.n_known, n_unknown=config.n_unknown, n_documents=config.n_documents,
-        zipf_exponent=config.zipf_exponent, seed=seed))
+    world = cw.make_claim_world(world_config(config, seed))
     task = make_task(world)
-    base, loss = pretrain(rt, config, world, seed, progress)
+    rt.tokenizer = world.tokenizer
+    rt.config_prompt_len = task.prompts.shape[1]
+    base = pretrain(rt, config, seed, progress)
     entities = np.unique(task.entity)
-    probe_entities = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
-    probe_rows = np.flatnonzero(np.isin(task.entity, probe_entities))
-    eval_rows = np.flatnonzero(~np.isin(task.entity, probe_entities))
-    out: dict[str, float] = {"pretrain_loss": float(loss)}
-    probe, site, reading, held_out = fit_probes(rt, config, base, task, probe_rows, eval_rows, seed, out)
+    train_entities = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
+    train_rows = np.flatnonzero(np.isin(task.entity, train_entities))
+    eval_rows = np.flatnonzero(~np.isin(task.entity, train_entities))
+    out: dict[str, float] = {}
+    out["base.confident_hallucination_share"] = confident_share(rt, world, base, task, eval_rows)
+    fit = fit_probes(rt, config, world, base, task, train_rows, eval_rows, seed, out, progress)
+    probe, site = fit.probe, fit.site
+    if progress:
+        print({k: round(v, 3) for k, v in out.items() if not k.startswith("probe.cv_auc_")}, flush=True)
+    value_mask = np.zeros(world.tokenizer.vocab_size, bool)
+    value_mask[[world.tokenizer.token_to_id(w) for w in cw.VALUE_WORDS]] = True
+    close_mask = np.zeros(world.tokenizer.vocab_size, bool)
+    close_mask[[world.tokenizer.token_to_id(w) for w in cw.CLOSING_WORDS]] = True
+    monitor = ProbeMonitor(rt.apply, site, config.max_new_tokens, base, probe, jnp.asarray(value_mask),
+                           jnp.array([RETRACT_ID], jnp.int32), threshold=config.threshold,
+                           max_events=config.max_events, reading=READING, close_tokens=jnp.asarray(close_mask))
 
-    ref = reference_answers(rt, base, probe, site, reading, task, probe_rows)
-    out["abstain_target"] = ref.abstain_target
-
-    # The teacher is the base model itself; any attribute value can start an answer span.
-    monitor = ProbeMonitor(rt.apply, site, config.max_new_tokens, base, probe, jnp.asarray(task.allowed.any(0)),
-                           jnp.array([RETRACT_ID], jnp.int32), threshold=config.threshold, max_events=config.max_events,
-                           reading=reading)
-
-    out.update(evaluate(rt, "base", base, base, base, probe, site, reading, task, eval_rows))
-    m = evaluate(rt, "base_monitor", base, base, base, probe, site, reading, task, eval_rows, monitor=monitor)
-    out["monitor.precision"], out["monitor.recall"] = m.pop("_precision"), m.pop("_recall")
+    out.update(evaluate(rt, world, "base", base, base, probe, site, task, eval_rows))
+    m = evaluate(rt, world, "base_monitor", base, base, probe, site, task, eval_rows, monitor=monitor)
+    for k in ("precision", "recall", "fixed_share", "retracted_share", "still_wrong_share"):
+        out[f"monitor.{k}"] = m.pop(f"_{k}")
     out.update(m)
+    tokens, valid, te_claims, labels = fit.eval_data
     histories = {}
-    tokens, valid, span, labels = held_out
     for arm in RL_ARMS:
-        student, histories[arm] = train_rl(rt, config, arm, base, probe, site, reading, task, ref, seed, progress)
+        student, histories[arm] = train_rl(rt, config, world, arm, base, probe, site, task, train_rows, seed,
+                                           progress)
         reader = student if arm == "rl_live_probe" else base
-        out.update(evaluate(rt, arm, student, base, reader, probe, site, reading, task, eval_rows))
-        out[f"{arm}.probe_auc_on_student"] = auc(labels, rt.scores(student, probe, tokens, valid, span, site=site,
-                                                                   reading=reading))
+        out.update(evaluate(rt, world, arm, student, reader, probe, site, task, eval_rows))
+        out[f"{arm}.probe_auc_on_student"] = auc(labels, rt.claim_probs(student, probe, site, tokens, valid, te_claims))
         if arm == "rl_frozen_probe":
-            m = evaluate(rt, "rl_frozen_probe_monitor", student, base, base, probe, site, reading, task, eval_rows,
+            m = evaluate(rt, world, "rl_frozen_probe_monitor", student, base, probe, site, task, eval_rows,
                          monitor=monitor)
-            m.pop("_precision"), m.pop("_recall")
-            out.update(m)
+            out.update({k: v for k, v in m.items() if not k.startswith("_")})
+        if progress:
+            print({k: round(v, 3) for k, v in out.items() if k.startswith(arm)}, flush=True)
+    bon_rows = np.random.default_rng([seed, 9]).choice(eval_rows, min(config.bon_prompts, len(eval_rows)),
+                                                       replace=False)
+    out.update(best_of_n(rt, config, world, base, probe, site, task, bon_rows, seed))
+    base_on_bon = evaluate(rt, world, "_b", base, base, probe, site, task, bon_rows)
+    for k in ("abstain_rate", "retract_rate", "probe_estimated_rate"):
+        out[f"bon_probe.{k}"] = float("nan")  # the pick is a whole sampled completion; these are not tracked
+    out["bon_probe.base_hallucination_rate"] = base_on_bon["_b.hallucination_rate"]
     for arm in ARMS:
-        out[f"{arm}.relative_reduction"] = (1.0 - out[f"{arm}.hallucination_rate"] / out["base.hallucination_rate"]
-                                            if out["base.hallucination_rate"] > 0 else float("nan"))
-    out["rl_live_probe.estimate_gap"] = out["rl_live_probe.probe_estimated_rate"] - out["rl_live_probe.hallucination_rate"]
+        ref = out["bon_probe.base_hallucination_rate"] if arm == "bon_probe" else out["base.hallucination_rate"]
+        out[f"{arm}.relative_reduction"] = 1.0 - out[f"{arm}.hallucination_rate"] / ref if ref > 0 else float("nan")
+    out["rl_oracle.meets_target"] = float(out["rl_oracle.hallucination_rate"] <= 0.6 * out["base.hallucination_rate"]
+                                          and out["rl_oracle.known_acc"] >= out["base.known_acc"] - 0.05)
+    out["rl_live_probe.estimate_gap"] = (out["rl_live_probe.probe_estimated_rate"]
+                                         - out["rl_live_probe.hallucination_rate"])
     return out, histories
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def plot(metrics: dict[str, float], histories: list[dict], out_dir) -> None:
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    x = np.arange(len(ARMS))
+def plot(metrics, histories, out_dir) -> None:
+    arms = [a for a in ARMS]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = np.arange(len(arms))
     for offset, key, label, color in ((-0.2, "hallucination_rate", "hallucination rate (true)", "tab:red"),
                                       (0.2, "known_acc", "known-entity accuracy", "tab:green")):
-        ax.bar(x + offset, [metrics[f"{a}.{key}"] for a in ARMS], 0.4, yerr=[metrics[f"{a}.{key}_std"] for a in ARMS],
-               label=label, color=color, capsize=3)
-    ax.set_xticks(x, [a.replace("_", "\n", 1) for a in ARMS], fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="share of held-out queries",
-           title=f"Hallucination per arm ({int(metrics['n_seeds'])} seeds, mean ± sd)")
+        ax.bar(x + offset, [metrics[f"{a}.{key}"] for a in arms], 0.4,
+               yerr=[metrics[f"{a}.{key}_std"] for a in arms], label=label, color=color, capsize=3)
+    ax.set_xticks(x, [a.replace("_", "\n", 1) for a in arms], fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="share of asked slots",
+           title=f"Hallucination per arm, held-out entities ({int(metrics['n_seeds'])} seeds, mean ± sd)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "arms.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for arm, color in (("rl_frozen_probe", "tab:blue"), ("rl_live_probe", "tab:orange"), ("rl_oracle", "tab:gray")):
-        for ax, key in zip(axes, ("reward", "true_rate")):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for arm, color in (("rl_oracle", "tab:gray"), ("rl_frozen_probe", "tab:blue"), ("rl_live_probe", "tab:orange")):
+        for ax, key in zip(axes, ("reward", "true_rate", "retract_rate")):
             curves = np.array([[r[key] for r in h[arm]] for h in histories])
             ax.plot(curves.mean(0), color=color, label=arm)
             ax.fill_between(np.arange(curves.shape[1]), curves.min(0), curves.max(0), color=color, alpha=0.15)
-    axes[0].set(xlabel="RL step", ylabel="mean reward (as trained)", title="reward")
-    axes[1].set(xlabel="RL step", ylabel="true hallucination rate of samples", title="ground truth")
+    for ax, title in zip(axes, ("mean reward (as trained)", "true hallucination rate of samples", "retraction rate")):
+        ax.set(xlabel="RL step", title=title)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "rl_curves.png", dpi=120)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    for name, color in (("bon_probe", "tab:blue"), ("bon_oracle", "tab:gray")):
+        ys = [metrics[f"{name}.hallucination_rate_at_{n}"] for n in BON_NS]
+        es = [metrics[f"{name}.hallucination_rate_at_{n}_std"] for n in BON_NS]
+        ax.errorbar(BON_NS, ys, yerr=es, marker="o", color=color, label=name.replace("bon_", "picked by "), capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="N (samples per prompt)", ylabel="true hallucination rate", title="Best-of-N")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "best_of_n.png", dpi=120)
+    plt.close(fig)
 
-def conclusions(metrics: dict[str, float]) -> list[str]:
+
+def conclusions(m) -> list[str]:
     def rate(arm):
-        return metrics[f"{arm}.hallucination_rate"]
+        return m[f"{arm}.hallucination_rate"]
 
-    base, lines = rate("base"), []
-    red = metrics["rl_frozen_probe.relative_reduction"]
-    acc_change = metrics["rl_frozen_probe.known_acc"] - metrics["base.known_acc"]
-    met = red >= 0.4 and acc_change >= -0.05
-    lines.append(f"Probe AUC {metrics['probe.auc']:.3f} vs entropy {metrics['baselines.entropy_auc']:.3f} and max-prob "
-                 f"{metrics['baselines.maxprob_auc']:.3f}: the probe is "
-                 f"{'better than' if metrics['probe.auc'] > max(metrics['baselines.entropy_auc'], metrics['baselines.maxprob_auc']) else 'not better than'}"
-                 " both baselines (means over seeds).")
-    lines.append(f"Where the probe reads: {metrics['probe.auc']:.3f} held-out AUC with the prediction position in the "
-                 f"span (reading index {metrics['probe.reading']:.2f} over seeds, 1 = prediction alone, 2 = both; "
-                 f"layer {metrics['probe.layer']:.2f}) vs {metrics['probe.auc_answer_only']:.3f} reading the answer "
-                 "token alone.")
-    lines.append(f"rl_frozen_probe changed the true hallucination rate from {base:.3f} to {rate('rl_frozen_probe'):.3f} "
-                 f"({100 * red:.0f}% relative reduction) with known accuracy {100 * acc_change:+.1f} points: the target "
-                 f"(>= 40% reduction, accuracy within 5 points) was {'met' if met else 'not met'}.")
-    extra = rate("rl_frozen_probe") - rate("rl_frozen_probe_monitor")
-    lines.append(f"Injection at inference {'reduced' if extra > 0 else 'did not reduce'} it further "
-                 f"({rate('rl_frozen_probe'):.3f} -> {rate('rl_frozen_probe_monitor'):.3f}); on the base model the "
-                 f"monitor alone gave {base:.3f} -> {rate('base_monitor'):.3f} (precision "
-                 f"{metrics['monitor.precision']:.2f}, recall {metrics['monitor.recall']:.2f}).")
-    gap = metrics["rl_live_probe.estimate_gap"]
-    lines.append(f"rl_live_probe: true rate {rate('rl_live_probe'):.3f}, probe-estimated {metrics['rl_live_probe.probe_estimated_rate']:.3f} "
-                 f"(gap {gap:+.3f}; a negative gap means the probe on the student under-reports hallucination); the "
-                 f"probe's AUC on its student is {metrics['rl_live_probe.probe_auc_on_student']:.3f} vs "
-                 f"{metrics['rl_frozen_probe.probe_auc_on_student']:.3f} for the frozen-probe student and "
-                 f"{metrics['probe.auc']:.3f} on the teacher.")
-    lines.append(f"Oracle reward (upper bound): {rate('rl_oracle'):.3f}.")
+    base = rate("base")
+    baselines = {k.split(".")[1][:-4]: m[k] for k in m if k.startswith("baselines.") and k.endswith("_auc")}
+    best_name = max(baselines, key=baselines.get)
+    lines = [f"World: {100 * m['base.confident_hallucination_share']:.0f}% of the base model's hallucinated claims "
+             "are confident (least-confident token max-prob >= 0.5).",
+             f"Probe AUC {m['probe.auc']:.3f} (attention {m['probe.attention_auc']:.3f}) vs the best baseline "
+             f"{best_name} {baselines[best_name]:.3f}: the span-max probe is "
+             f"{'above' if m['probe.auc'] > baselines[best_name] else 'NOT above'} every baseline (means over seeds)."]
+    oracle_red, oracle_acc = m["rl_oracle.relative_reduction"], m["rl_oracle.known_acc"] - m["base.known_acc"]
+    lines.append(f"Oracle RL: hallucination {base:.3f} -> {rate('rl_oracle'):.3f} ({-100 * oracle_red:+.0f}% relative), "
+                 f"known accuracy {100 * oracle_acc:+.1f} points: the fair-test target (<= 0.6 x base, within 5 "
+                 f"points) was met in {m['rl_oracle.meets_target'] * 100:.0f}% of seeds.")
+    red = m["rl_frozen_probe.relative_reduction"]
+    acc = m["rl_frozen_probe.known_acc"] - m["base.known_acc"]
+    lines.append(f"rl_frozen_probe: {base:.3f} -> {rate('rl_frozen_probe'):.3f} ({-100 * red:+.0f}% relative) with known "
+                 f"accuracy {100 * acc:+.1f} points; target (>= 40% lower, within 5 points) "
+                 f"{'met' if red >= 0.4 and acc >= -0.05 else 'not met'}.")
+    lines.append(f"Monitor: base {base:.3f} -> {rate('base_monitor'):.3f}; rl_frozen_probe "
+                 f"{rate('rl_frozen_probe'):.3f} -> {rate('rl_frozen_probe_monitor'):.3f}. Precision "
+                 f"{m['monitor.precision']:.2f}, recall {m['monitor.recall']:.2f}; caught hallucinations end fixed "
+                 f"{100 * m['monitor.fixed_share']:.0f}% / retracted {100 * m['monitor.retracted_share']:.0f}% / "
+                 f"still wrong {100 * m['monitor.still_wrong_share']:.0f}%.")
+    lines.append(f"rl_live_probe: true {rate('rl_live_probe'):.3f}, probe-estimated "
+                 f"{m['rl_live_probe.probe_estimated_rate']:.3f} (gap {m['rl_live_probe.estimate_gap']:+.3f}); probe "
+                 f"AUC on its student {m['rl_live_probe.probe_auc_on_student']:.3f} vs "
+                 f"{m['rl_frozen_probe.probe_auc_on_student']:.3f} (frozen-probe student), {m['probe.auc']:.3f} (teacher).")
+    lines.append(f"Best-of-{max(BON_NS)}: by probe {m['bon_probe.hallucination_rate_at_1']:.3f} -> "
+                 f"{m['bon_probe.hallucination_rate']:.3f}, by truth {m['bon_oracle.hallucination_rate']:.3f}.")
     return lines
 
 
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     t0 = time.perf_counter()
-    vocab_size = ids.data.make_knowledge_tokenizer().vocab_size
-    rt = Runtime(config, vocab_size)
+    rt = Runtime(config, cw.make_claim_tokenizer().vocab_size)
     per_seed, histories = [], []
     for seed in config.seeds:
-        row, history = run_seed(rt, config, seed, progress)
+        # A finished seed is kept (keyed by the config without `seeds`), so seeds can run in parallel processes.
+        key = ids.pretrain.cache_key(NAME, dataclasses.replace(config, seeds=()), 0, version=_VERSION)[-12:]
+        path = _common.results_dir(NAME) / f"seed{seed}-{key}.json"
+        if path.exists():
+            row, history = json.loads(path.read_text())
+        else:
+            t_seed = time.perf_counter()
+            row, history = run_seed(rt, config, seed, progress)
+            row["seed_minutes"] = (time.perf_counter() - t_seed) / 60
+            path.write_text(json.dumps([row, history]))
         per_seed.append(row)
         histories.append(history)
     metrics = _common.aggregate_seeds(per_seed)
@@ -644,23 +778,22 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, float]:
     _common.write_metrics(NAME, {**metrics, **{f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()}})
     plot(metrics, histories, out)
     rows = [(arm, _common.pm(metrics, f"{arm}.hallucination_rate"), _common.pm(metrics, f"{arm}.known_acc"),
-             _common.pm(metrics, f"{arm}.abstain_rate"), _common.pm(metrics, f"{arm}.probe_estimated_rate"))
-            for arm in ARMS]
-    probe_rows = [(k, _common.pm(metrics, k)) for k in ("probe.auc", "probe.auc_answer_only", "probe.attention_auc",
-                                                        "baselines.entropy_auc",
-                                                        "baselines.maxprob_auc", "monitor.precision", "monitor.recall")]
+             _common.pm(metrics, f"{arm}.abstain_rate"), _common.pm(metrics, f"{arm}.retract_rate"),
+             _common.pm(metrics, f"{arm}.probe_estimated_rate")) for arm in ARMS]
+    detectors = ["probe.auc", "probe.attention_auc"] + [f"baselines.{b}_auc" for b in (
+        "entropy", "maxprob", "logprob", "logprob_min", "consistency", "logit_features")]
     _common.write_readme(NAME, f"""
-## Hallucination: probe rewards on a frozen teacher, and runtime injection ({len(config.seeds)} seeds, {metrics['minutes']:.1f} min)
+## Hallucination: confident hallucinations, claim probes, probe rewards on a frozen teacher ({len(config.seeds)} seeds, {metrics['minutes']:.1f} min)
 
-Held-out entities; greedy answers; mean ± sd over seeds.
+Held-out entities; greedy completions; rates per asked slot; mean ± sd over seeds.
 
-{_common.markdown_table(["arm", "hallucination rate", "known accuracy", "abstain rate", "probe-estimated rate"], rows)}
+{_common.markdown_table(["arm", "hallucination rate", "known accuracy", "abstain rate", "retract rate", "probe-estimated rate"], rows)}
 
-{_common.markdown_table(["detector", "mean ± sd"], probe_rows)}
+{_common.markdown_table(["detector (held-out claims)", "AUC"], [(k, _common.pm(metrics, k)) for k in detectors])}
 
 """ + "\n".join(f"- {line}" for line in conclusions(metrics)) + """
 
-![arms](arms.png) ![rl](rl_curves.png)
+![arms](arms.png) ![rl](rl_curves.png) ![bon](best_of_n.png)
 """)
     return metrics
 

@@ -6,12 +6,13 @@ emits, sampled or injected, is fed to the teacher in the same decode step (``ste
 probe scores the teacher's activation at ``site`` for each token that can belong to an answer
 span (``span_tokens``); a span is a maximal run of such tokens that the policy *sampled*, and its
 score is the running max of the token logits (the span-max rule of Obeso et al. 2025), read where
-``reading`` says (:func:`idesign.rl.read_span`): at the token itself (``"answer"``), at the position
+``reading`` says (:func:`idesign.probes.read_span`): at the token itself (``"answer"``), at the position
 it was predicted from (``"prediction"``: the teacher's activation at the previous real token, which
 for the first generated token is the last prompt token, captured during ``prefill``), or the max of
 both (``"both"``). The monitor therefore reads exactly what :func:`idesign.rl.probe_scores` reads on
 the finished sequence with the same ``reading``. When a
-span's probability first exceeds ``threshold``, the monitor injects ``inject_ids`` (e.g. the
+span's probability first exceeds ``threshold`` — at a *closing* token (``close_tokens``, e.g. the last word
+of a multi-word value) when one is given, so a claim is judged once it is complete — the monitor injects ``inject_ids`` (e.g. the
 ``<retract>`` marker) right after that token, at most ``max_events`` times per row; the policy
 then continues from the injected context (maintain, correct or abstain) — RLFR's "inline" runtime
 token injection (Prasad et al. 2026, arXiv 2602.10067).
@@ -35,8 +36,8 @@ import numpy as np
 
 from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
 from idesign.hooks import Capture
+from idesign.probes import READINGS
 from idesign.probes import score as probe_score
-from idesign.rl import READINGS
 
 Array = jax.Array
 PyTree = Any
@@ -82,7 +83,9 @@ class ProbeMonitor(Monitor):
       threshold: probability above which a span fires (0.7 in RLFR).
       max_events: at most this many injections per row.
       reading: where a span token is read, ``"answer"``, ``"prediction"`` or ``"both"``
-        (:func:`idesign.rl.read_span`; static).
+        (:func:`idesign.probes.read_span`; static).
+      close_tokens: ``[V]`` bool or None: the tokens that complete a span (a claim). When given, a span
+        can fire only at one of them, after its whole value is out; None: at any span token.
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> from idesign import probes
@@ -107,6 +110,7 @@ class ProbeMonitor(Monitor):
     threshold: Array | float = 0.7
     max_events: Array | int = 1
     reading: str = dataclasses.field(default="answer", metadata=dict(static=True))
+    close_tokens: Array | None = None
 
     sites = ()  # reads no activations of the policy: the teacher computes its own
 
@@ -119,9 +123,15 @@ class ProbeMonitor(Monitor):
         arrays = (np.ndarray, jax.Array)  # pytree unflattening may pass placeholders: check arrays only
         if isinstance(self.inject_ids, arrays) and np.ndim(self.inject_ids) != 1:
             raise ValueError(f"ProbeMonitor.inject_ids must be [L] token ids; got shape {np.shape(self.inject_ids)}.")
-        if isinstance(self.span_tokens, arrays) and np.ndim(self.span_tokens) != 1:
-            raise ValueError(f"ProbeMonitor.span_tokens must be a [vocab_size] bool mask; got shape "
-                             f"{np.shape(self.span_tokens)}.")
+        for field in ("span_tokens", "close_tokens"):
+            value = getattr(self, field)
+            if isinstance(value, arrays) and np.ndim(value) != 1:
+                raise ValueError(f"ProbeMonitor.{field} must be a [vocab_size] bool mask; got shape {np.shape(value)}.")
+        probe_width = np.shape(getattr(self.probe, "mean", None))
+        d_model = getattr(getattr(self.teacher_apply, "config", None), "d_model", None)
+        if isinstance(getattr(self.probe, "mean", None), arrays) and d_model is not None and probe_width != (d_model,):
+            raise ValueError(f"ProbeMonitor: the probe reads vectors of width {probe_width[-1] if probe_width else '?'}, "
+                             f"but the teacher's site {self.site!r} has width d_model={d_model}.")
 
     @property
     def max_inject(self) -> int:  # type: ignore[override]
@@ -159,7 +169,8 @@ class ProbeMonitor(Monitor):
         starts = in_span & ~jnp.isfinite(state.span_max)
         span_max = jnp.where(in_span, jnp.maximum(jnp.where(starts, -jnp.inf, state.span_max), z), -jnp.inf)
         span_fired = jnp.where(starts, False, state.span_fired) & in_span
-        fire = (in_span & ~span_fired & (jax.nn.sigmoid(span_max) > self.threshold)
+        closes = True if self.close_tokens is None else jnp.asarray(self.close_tokens, bool)[info.token]
+        fire = (in_span & closes & ~span_fired & (jax.nn.sigmoid(span_max) > self.threshold)
                 & (state.events < self.max_events))
         B = info.token.shape[0]
         new_state = ProbeMonitorState(

@@ -6,7 +6,7 @@ The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067)
   teacher**. :func:`probe_scores` prefills the student's completion through the *teacher's*
   parameters and reads a probe there; ``stop_gradient`` on the teacher and the probe means no
   gradient ever reaches them (the reward is a constant to the policy gradient anyway).
-  :func:`read_span` says *where* a span is read: at its tokens (``"answer"``), at the position
+  :func:`idesign.probes.read_span` (re-exported here) says *where* a span is read: at its tokens (``"answer"``), at the position
   each token was predicted from (``"prediction"``: the nearest real token before it, e.g. the
   last prompt token for the first answer token), or both (``"both"``). In a shallow model the
   residual stream at an answer token is dominated by that token's own embedding; the
@@ -43,15 +43,18 @@ Example (a GRPO step on a tiny model):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from idesign.hooks import Capture
 from idesign.probes import score as probe_score
+from idesign.probes._span import READINGS, read_span, read_span_ids, span_scores  # noqa: F401  (rl.read_span stays)
 from idesign.train import TrainState
 
 Array = jax.Array
@@ -291,51 +294,6 @@ def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, targe
 # Rewards
 
 
-READINGS = ("answer", "prediction", "both")
-
-
-def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
-    """``[B, T]`` bool: the positions a probe reads for the span ``span_mask`` under ``reading``.
-
-    The *prediction position* of a span token is the nearest real (``valid``) position before it:
-    the activation there is the one the token was sampled from. ``"answer"`` reads the span's
-    tokens, ``"prediction"`` their prediction positions, ``"both"`` the union (for a contiguous
-    span: the position before it plus its tokens). A span token with no real token before it has
-    no prediction position.
-
-    Args:
-      span_mask: ``[B, T]`` bool, the span's tokens.
-      valid: ``[B, T]`` bool, real tokens (padding is skipped when looking back).
-      reading: one of :data:`READINGS`.
-
-    Returns:
-      ``[B, T]`` bool.
-
-    >>> import jax.numpy as jnp
-    >>> from idesign import rl
-    >>> span = jnp.array([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], bool)
-    >>> valid = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], bool)   # row 1: a hole before its span
-    >>> rl.read_span(span, valid, "prediction").astype(int).tolist()
-    [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
-    >>> rl.read_span(span, valid, "both").astype(int).tolist()
-    [[0, 0, 1, 1, 1], [0, 1, 0, 1, 0]]
-    """
-    if reading not in READINGS:
-        raise ValueError(f"read_span: reading={reading!r}; expected one of {READINGS}.")
-    span = jnp.asarray(span_mask, bool)
-    if reading == "answer":
-        return span
-    valid = jnp.asarray(valid, bool)
-    if span.ndim != 2 or valid.shape != span.shape:
-        raise ValueError(f"read_span: span_mask {tuple(span.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
-    B, T = span.shape
-    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
-    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
-    hit = (span & (before >= 0)).astype(jnp.int32)
-    predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
-    return predicted_from if reading == "prediction" else predicted_from | span
-
-
 def probe_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, site: str, tokens: Array,
                  valid: Array, span_mask: Array, *, reading: str = "answer") -> Array:
     """``[B]`` probe probability of each row's span, read on the *teacher's* activations (no gradient).
@@ -391,3 +349,152 @@ def format_penalty(malformed: Array, penalty: float = -0.2) -> Array:
     [-0.5, 0.0]
     """
     return jnp.where(jnp.asarray(malformed, bool), jnp.float32(penalty), jnp.float32(0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Claim-level rewards (RLFR): the frozen teacher reads the completion, the probe scores each claim.
+
+
+def claim_scores(teacher_apply: Callable, teacher_params: PyTree, probe: Any, site: str, tokens: Array,
+                 valid: Array, span_ids: Array, n_spans: int, *, completion_start: int,
+                 reading: str = "both") -> Array:
+    """``[B, S]`` P(hallucinated) of every claim, read by a token-level probe on the teacher's activations.
+
+    The completion is prefilled through ``teacher_params``; claim ``s`` of row ``b`` is the tokens
+    with ``span_ids[b, t] == s`` (1-based; 0 = no claim), read where ``reading`` says
+    (:func:`idesign.probes.read_span_ids`), scored by the max token logit (span-max). Claims with no
+    token score ``nan``. No gradient reaches the teacher or the probe.
+
+    Args:
+      teacher_apply, teacher_params: the frozen teacher (pass the student's parameters for the live-probe control).
+      probe: a token-level probe whose width is the site's width.
+      site: where the probe reads, e.g. ``"blocks.1.resid_post"``.
+      tokens, valid: ``[B, T]`` prompt + completion.
+      span_ids: ``[B, T]`` claim ids; every claim token must be a real token of the completion
+        (index ``>= completion_start``).
+      n_spans: ``S``, the largest claim id.
+      completion_start: index where completions begin (the padded prompt length).
+      reading: ``"answer"``, ``"prediction"`` or ``"both"``.
+
+    Returns:
+      ``[B, S]`` float32 probabilities (``nan`` for absent claims).
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> from idesign import rl, probes
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> probe = probes.LogisticProbe(jnp.zeros(8), jnp.array(0.0), jnp.zeros(8), jnp.ones(8))
+    >>> t = jnp.ones((1, 5), jnp.int32)
+    >>> rl.claim_scores(apply, params, probe, "blocks.0.resid_post", t, t > 0, jnp.array([[0, 0, 1, 1, 2]]), 2,
+    ...                 completion_start=2).tolist()
+    [[0.5, 0.5]]
+    >>> rl.claim_scores(apply, params, probe, "blocks.0.resid_post", t, t > 0, jnp.array([[0, 1, 1, 0, 0]]), 1,
+    ...                 completion_start=2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: claim_scores: claim 1 of row 0 has tokens at positions [1], outside the completion ...
+    """
+    ids_host = np.asarray(span_ids)
+    valid_host = np.asarray(valid, bool)
+    if ids_host.shape != valid_host.shape or ids_host.ndim != 2:
+        raise ValueError(f"claim_scores: span_ids {ids_host.shape} and valid {valid_host.shape} must both be [B, T].")
+    outside = (ids_host > 0) & ((np.arange(ids_host.shape[1]) < completion_start)[None] | ~valid_host)
+    if outside.any():
+        b, t = np.argwhere(outside)[0]
+        where = np.flatnonzero(outside[b] & (ids_host[b] == ids_host[b, t])).tolist()
+        raise ValueError(f"claim_scores: claim {int(ids_host[b, t])} of row {int(b)} has tokens at positions {where}, "
+                         f"outside the completion (real tokens from index completion_start={completion_start} "
+                         f"to {ids_host.shape[1] - 1}).")
+    if ids_host.max(initial=0) > n_spans:
+        raise ValueError(f"claim_scores: span_ids go up to {int(ids_host.max())}, more than n_spans={n_spans}.")
+    d_model = getattr(getattr(teacher_apply, "config", None), "d_model", None)
+    width = np.shape(getattr(probe, "mean", getattr(probe, "w", None)))
+    if d_model is not None and width and width[-1] != d_model:
+        raise ValueError(f"claim_scores: the probe reads vectors of width {width[-1]}, but the teacher's site "
+                         f"{site!r} has width d_model={d_model}.")
+    return _claim_scores(teacher_apply, teacher_params, probe, site, jnp.asarray(tokens), jnp.asarray(valid_host),
+                         jnp.asarray(ids_host, jnp.int32), n_spans, reading)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 7, 8))
+def _claim_scores(teacher_apply, teacher_params, probe, site, tokens, valid, span_ids, n_spans, reading):
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    probe = jax.lax.stop_gradient(probe)
+    _, captured = teacher_apply(teacher_params, tokens, hooks={site: Capture()}, valid=valid)
+    if site not in captured:
+        raise ValueError(f"claim_scores: site {site!r} was not captured; sites are e.g. 'blocks.0.resid_post'.")
+    read = read_span_ids(span_ids, valid, reading)
+    z = span_scores(probe, captured[site].astype(jnp.float32), read, n_spans, valid)
+    return jnp.where(jnp.isfinite(z), jax.nn.sigmoid(z), jnp.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimRewardConfig:
+    """RLFR-style reward settings (Prasad et al. 2026), fixed before training.
+
+    Attributes:
+      clip: a kept claim (maintained or a correction) earns ``clip(1 - P(hallucinated), *clip)``.
+      retract_cap: a retraction earns ``retract_cap * clip(P(hallucinated of the retracted claim) - lam, 0, 1)``;
+        it must stay below ``clip[1]`` so retracting never beats a supported claim.
+      format_penalty: added to a malformed completion's reward.
+      retract_budget: the retraction rate the Lagrange multiplier holds (at most), in ``[0, 1]``.
+      lagrange_lr: step size of the multiplier.
+
+    >>> from idesign import rl
+    >>> rl.ClaimRewardConfig(retract_budget=1.5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ClaimRewardConfig.retract_budget=1.5: expected a rate in [0, 1] ...
+    """
+
+    clip: tuple[float, float] = (0.1, 0.95)
+    retract_cap: float = 0.65
+    format_penalty: float = -0.2
+    retract_budget: float = 0.4
+    lagrange_lr: float = 0.2
+
+    def __post_init__(self):
+        if not 0 <= self.retract_budget <= 1:
+            raise ValueError(f"ClaimRewardConfig.retract_budget={self.retract_budget!r}: expected a rate in [0, 1] "
+                             "(the share of claims retracted), fixed before training.")
+        lo, hi = self.clip
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"ClaimRewardConfig.clip={self.clip!r}: expected (low, high) with 0 <= low < high <= 1.")
+        if not 0 <= self.retract_cap < hi:
+            raise ValueError(f"ClaimRewardConfig.retract_cap={self.retract_cap!r}: expected a number in [0, clip[1]={hi}) "
+                             "so that a retraction never earns more than a supported claim.")
+
+
+def slot_rewards(p_kept: Array, p_retracted: Array, outcome: Array, lam: Array | float,
+                 config: ClaimRewardConfig = ClaimRewardConfig()) -> Array:
+    """Reward of each slot (an attribute a completion addresses) from the probe's claim probabilities.
+
+    ``outcome`` is 0 where the slot ends in a kept claim (maintained, or a correction after a
+    retraction) with probability ``p_kept``; 1 where it ends retracted, the retracted claim having
+    probability ``p_retracted``; 2 where there is nothing to score (not addressed, or abstained
+    without a claim): reward ``clip[0]``, what a sure hallucination earns, so that neither saying more
+    nor saying less is rewarded for itself.
+
+    >>> import jax.numpy as jnp
+    >>> from idesign import rl
+    >>> r = rl.slot_rewards(jnp.array([0.0, 1.0, 0.0, 0.0]), jnp.array([0.0, 0.0, 1.0, 0.5]),
+    ...                 jnp.array([0, 0, 1, 2]), 0.0)
+    >>> [round(float(r), 3) for r in r]
+    [0.95, 0.1, 0.65, 0.1]
+    """
+    lo, hi = config.clip
+    kept = jnp.clip(1.0 - jnp.nan_to_num(p_kept), lo, hi)
+    retract = config.retract_cap * jnp.clip(jnp.nan_to_num(p_retracted) - lam, 0.0, 1.0)
+    outcome = jnp.asarray(outcome)
+    return jnp.where(outcome == 0, kept, jnp.where(outcome == 1, retract, lo))
+
+
+def retraction_lagrange_update(state: LagrangeState, retract_rate: Array | float,
+                               config: ClaimRewardConfig = ClaimRewardConfig()) -> LagrangeState:
+    """Moves the multiplier to hold the retraction rate at most ``config.retract_budget`` (``lam >= 0``).
+
+    >>> from idesign import rl
+    >>> round(float(rl.retraction_lagrange_update(rl.lagrange_init(), 0.9, rl.ClaimRewardConfig(retract_budget=0.4)).lam), 4)
+    0.1
+    """
+    return lagrange_update(state, retract_rate, target=config.retract_budget, lr=config.lagrange_lr,
+                           bounds=(0.0, None))

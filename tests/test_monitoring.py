@@ -139,3 +139,26 @@ def test_bad_configuration_is_refused():
                      reading="after")
     with pytest.raises(ValueError, match="inject_ids"):
         ProbeMonitor(apply, SITE, N, teacher, random_probe(), jnp.ones(VOCAB, bool), jnp.array([[RETRACT]]))
+
+
+def test_with_close_tokens_a_claim_fires_only_once_it_is_complete():
+    apply, _, teacher = models()
+    span_tokens = np.arange(VOCAB) >= 6
+    close = np.arange(VOCAB) % 2 == 1  # odd tokens complete a claim
+    monitor = ProbeMonitor(apply, SITE, N, teacher, random_probe(2, bias=50.0), jnp.asarray(span_tokens),
+                           jnp.array([RETRACT]), threshold=0.5, max_events=N, close_tokens=jnp.asarray(close))
+    for key in range(3):
+        out = run(monitor, key=key)
+        tokens, fired, injected = (np.asarray(out.tokens), np.asarray(out.monitor_state.fired),
+                                   np.asarray(out.injected))
+        assert fired.any()
+        # Every firing is at a sampled closing token of a span, and every such token fires (the probe always does).
+        want = span_tokens[tokens] & close[tokens] & ~injected & np.asarray(out.valid)
+        np.testing.assert_array_equal(fired, want)
+
+
+def test_a_probe_of_the_wrong_width_is_refused():
+    apply, _, teacher = models()
+    narrow = probes.LogisticProbe(jnp.zeros(D + 1), jnp.float32(0.0), jnp.zeros(D + 1), jnp.ones(D + 1))
+    with pytest.raises(ValueError, match=f"width {D + 1}.*d_model={D}"):
+        ProbeMonitor(apply, SITE, N, teacher, narrow, jnp.ones(VOCAB, bool), jnp.array([RETRACT]))

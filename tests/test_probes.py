@@ -447,3 +447,17 @@ def test_probes_fitted_on_sharded_rows_equal_unsharded():
     report = run_with_8_devices(code=_SHARDED, timeout=300)
     assert report["input_devices"] == 8
     assert report["w"] < 1e-4 and report["b"] < 1e-4
+
+
+def test_read_span_ids_read_each_span_where_read_span_reads_it():
+    rng = np.random.default_rng(0)
+    ids_ = np.zeros((5, 9), np.int32)
+    ids_[:, 2:4], ids_[:, 6:8] = 1, 2
+    valid = rng.random((5, 9)) > 0.2
+    valid[:, 2:4] = valid[:, 6:8] = True
+    for reading in probes.READINGS:
+        got = np.asarray(probes.read_span_ids(ids_, valid, reading))
+        for s in (1, 2):
+            want = np.asarray(probes.read_span(ids_ == s, valid, reading))
+            # Positions read for span s are exactly read_span's, except where the later span claims one.
+            assert ((got == s) <= want).all() and (want <= ((got == s) | (got > s))).all()

@@ -257,3 +257,60 @@ def test_lagrange_update_is_jittable_and_checks_ema():
     assert float(clipped.lam) == 0.0  # an inequality constraint's multiplier never goes negative
     with pytest.raises(ValueError, match="ema"):
         rl.lagrange_update(rl.lagrange_init(), 0.1, target=0.5, ema=1.0)
+
+
+def test_claim_scores_are_the_span_max_over_each_claim_read_with_its_prediction_position():
+    apply, teacher = model()
+    tokens, valid, _ = batch_tokens(seed=7, T=8)
+    probe = random_probe(4)
+    span_ids = np.zeros(tokens.shape, np.int32)
+    span_ids[:, 4:6], span_ids[:, 7] = 1, 2
+    span_ids[2, 7] = 0  # row 2 has one claim only
+    got = np.asarray(rl.claim_scores(apply, teacher, probe, SITE, tokens, valid, span_ids, 3, completion_start=4))
+    acts = apply(teacher, tokens, hooks=ids.capture(SITE), valid=valid)[1][SITE]
+    p = np.asarray(jax.nn.sigmoid(probes.score(probe, acts)))
+    for b in range(tokens.shape[0]):
+        np.testing.assert_allclose(got[b, 0], p[b, 3:6].max(), rtol=1e-5)   # position 3 predicts the claim
+        if b != 2:
+            np.testing.assert_allclose(got[b, 1], p[b, 6:8].max(), rtol=1e-5)
+    assert np.isnan(got[2, 1]) and np.isnan(got[:, 2]).all()
+
+
+def test_claim_scores_refuse_spans_outside_the_completion_and_probes_of_the_wrong_width():
+    apply, teacher = model()
+    tokens, valid, _ = batch_tokens(seed=7, T=8)
+    span_ids = np.zeros(tokens.shape, np.int32)
+    span_ids[1, 2:5] = 1
+    with pytest.raises(ValueError, match=r"claim 1 of row 1 has tokens at positions \[2, 3\], outside"):
+        rl.claim_scores(apply, teacher, random_probe(), SITE, tokens, valid, span_ids, 1, completion_start=4)
+    span_ids[:] = 0
+    span_ids[0, 0] = 1  # padding
+    with pytest.raises(ValueError, match="outside the completion"):
+        rl.claim_scores(apply, teacher, random_probe(), SITE, tokens, valid, span_ids, 1, completion_start=0)
+    wide = probes.LogisticProbe(jnp.zeros(D + 2), jnp.float32(0.0), jnp.zeros(D + 2), jnp.ones(D + 2))
+    span_ids[:] = 0
+    with pytest.raises(ValueError, match=f"width {D + 2}.*d_model={D}"):
+        rl.claim_scores(apply, teacher, wide, SITE, tokens, valid, span_ids, 1, completion_start=4)
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 2))
+def test_a_retraction_never_earns_more_than_a_supported_claim(p_kept, p_retracted, lam):
+    config = rl.ClaimRewardConfig()
+    supported = float(rl.slot_rewards(jnp.array([0.0]), jnp.array([0.0]), jnp.array([0]), lam, config)[0])
+    kept, retracted = (float(r) for r in rl.slot_rewards(jnp.array([p_kept, 0.0]), jnp.array([0.0, p_retracted]),
+                                                         jnp.array([0, 1]), lam, config))
+    assert config.clip[0] - 1e-6 <= kept <= config.clip[1] + 1e-6
+    assert 0.0 <= retracted <= config.retract_cap * 1.0 + 1e-6 < supported
+
+
+def test_claim_reward_config_refuses_a_budget_outside_the_unit_interval_and_an_uncapped_retraction():
+    for budget in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"retract_budget={budget}"):
+            rl.ClaimRewardConfig(retract_budget=budget)
+    with pytest.raises(ValueError, match="retract_cap"):
+        rl.ClaimRewardConfig(retract_cap=0.95)
+    state = rl.lagrange_init()
+    for _ in range(50):
+        state = rl.retraction_lagrange_update(state, 0.1, rl.ClaimRewardConfig(retract_budget=0.4))
+    assert float(state.lam) == 0.0  # an inequality: under budget, no penalty

@@ -42,11 +42,13 @@ from idesign.probes._linear import (DEFAULT_CS, FitInfo, LogisticProbe, SoftmaxP
                                     fit_many, fit_softmax, stratified_folds)
 from idesign.probes._mass_mean import MassMeanProbe, MeanStats, finalize, fit_mass_mean, init_stats, update_stats
 from idesign.probes._scoring import predict_proba, score
-from idesign.probes._span import (fit_span_probe, omega_schedule, span_masks, span_max_logits, span_max_loss,
+from idesign.probes._span import (READINGS, fit_span_probe, omega_schedule, read_span, read_span_ids, span_masks,
+                                  span_max_logits, span_max_loss,
                                   span_scores, token_targets)
 
 __all__ = [
     "DEFAULT_CS",
+    "READINGS",
     "AttentionProbe",
     "FitInfo",
     "LogisticProbe",
@@ -68,6 +70,8 @@ __all__ = [
     "load_probe",
     "omega_schedule",
     "predict_proba",
+    "read_span",
+    "read_span_ids",
     "save_probe",
     "score",
     "span_masks",

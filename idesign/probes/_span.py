@@ -254,3 +254,87 @@ def _span_loss(params: dict[str, Array], batch: dict[str, Array], consts: dict[s
     loss = span_max_loss(linear_logits(probe, batch["x"]), batch["ids"], batch["labels"], omega=omega,
                          span_weight=consts["span_weight"], mask=batch["mask"])
     return loss + 0.5 * consts["l2"] * jnp.sum(jnp.square(params["w"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a span is read.
+
+
+READINGS = ("answer", "prediction", "both")
+
+
+def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
+    """``[B, T]`` bool: the positions a probe reads for the span ``span_mask`` under ``reading``.
+
+    The *prediction position* of a span token is the nearest real (``valid``) position before it:
+    the activation there is the one the token was sampled from. ``"answer"`` reads the span's
+    tokens, ``"prediction"`` their prediction positions, ``"both"`` the union (for a contiguous
+    span: the position before it plus its tokens). A span token with no real token before it has
+    no prediction position.
+
+    Args:
+      span_mask: ``[B, T]`` bool, the span's tokens.
+      valid: ``[B, T]`` bool, real tokens (padding is skipped when looking back).
+      reading: one of :data:`READINGS`.
+
+    Returns:
+      ``[B, T]`` bool.
+
+    >>> import jax.numpy as jnp
+    >>> from idesign import probes
+    >>> span = jnp.array([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], bool)
+    >>> valid = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], bool)   # row 1: a hole before its span
+    >>> probes.read_span(span, valid, "prediction").astype(int).tolist()
+    [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+    >>> probes.read_span(span, valid, "both").astype(int).tolist()
+    [[0, 0, 1, 1, 1], [0, 1, 0, 1, 0]]
+    """
+    if reading not in READINGS:
+        raise ValueError(f"read_span: reading={reading!r}; expected one of {READINGS}.")
+    span = jnp.asarray(span_mask, bool)
+    if reading == "answer":
+        return span
+    valid = jnp.asarray(valid, bool)
+    if span.ndim != 2 or valid.shape != span.shape:
+        raise ValueError(f"read_span: span_mask {tuple(span.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
+    B, T = span.shape
+    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
+    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
+    hit = (span & (before >= 0)).astype(jnp.int32)
+    predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
+    return predicted_from if reading == "prediction" else predicted_from | span
+
+
+def read_span_ids(span_ids: Array, valid: Array, reading: str = "answer") -> Array:
+    """Span ids ``[B, T]`` extended to the positions ``reading`` reads (:func:`read_span`), span by span.
+
+    With ``"prediction"`` or ``"both"``, the prediction position of each span token takes the span's
+    id (for ``"prediction"`` the span's own tokens then keep it only where they predict a later span
+    token). Where two spans would claim one position, the later span wins. Scoring
+    :func:`span_scores` on the result reads every span where :func:`read_span` reads it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from idesign import probes
+      >>> ids = jnp.array([[0, 0, 1, 1, 0, 2]])
+      >>> probes.read_span_ids(ids, jnp.ones((1, 6), bool), "both").tolist()
+      [[0, 1, 1, 1, 2, 2]]
+      >>> probes.read_span_ids(ids, jnp.ones((1, 6), bool), "prediction").tolist()
+      [[0, 1, 1, 0, 2, 0]]
+    """
+    if reading not in READINGS:
+        raise ValueError(f"read_span_ids: reading={reading!r}; expected one of {READINGS}.")
+    ids = jnp.asarray(span_ids, jnp.int32)
+    if reading == "answer":
+        return ids
+    valid = jnp.asarray(valid, bool)
+    if ids.ndim != 2 or valid.shape != ids.shape:
+        raise ValueError(f"read_span_ids: span_ids {tuple(ids.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
+    B, T = ids.shape
+    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
+    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
+    hit = (ids > 0) & (before >= 0)
+    # Scatter each token's id onto its prediction position (max: the later span wins a shared position).
+    predicted = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].max(
+        jnp.where(hit, ids, 0))
+    return predicted if reading == "prediction" else jnp.where(ids > 0, ids, predicted)

@@ -29,5 +29,6 @@ def test_generation_benchmark_writes_its_metrics(tmp_path):
         assert key in written, key
     assert written["same_tokens"]  # a silent monitor changes nothing
     assert written["monitor_throughput_ratio"] > 0
+    assert written["reward_time_ratio"] > 0
     shares = [written[f"rl_step_{k}_share"] for k in ("sampling", "teacher_scoring", "update")]
     assert abs(sum(shares) - 1) < 1e-6

@@ -7,56 +7,56 @@ import math
 import numpy as np
 
 from experiments import hallucination
-from idesign.data.tokenizer import ABSTAIN_ID, EOS_ID, RETRACT_ID
+from idesign.data import claim_world as cw
 
-TINY = dataclasses.replace(hallucination.QUICK, n_known=30, n_unknown=10, n_documents=600, d_model=32, n_layers=1,
-                           n_heads=2, pretrain_steps=200, warmup=10, probe_samples=2, probe_steps=30,
-                           attention_steps=20, rl_steps=2, prompts_per_step=8, group_size=4, gen_batch=32, seeds=(0,))
+TINY = dataclasses.replace(hallucination.QUICK, n_known=40, n_unknown=12, n_families=6, n_first=12, d_model=32,
+                           n_layers=1, n_heads=2, pretrain_steps=300, learning_rate=1e-2, warmup=10, probe_samples=1, probe_steps=20,
+                           probe_Cs=(1.0,), cv_folds=2, attention_steps=10, consistency_k=2, rl_steps=2,
+                           prompts_per_step=4, group_size=4, gen_batch=32, bon_n=2, bon_prompts=16, seeds=(0,))
 
 
 def test_main_writes_every_documented_metric(results):
     hallucination.main(TINY, progress=False)
     metrics = json.loads((results / "hallucination" / "metrics.json").read_text())
-    for key in ("probe.auc", "baselines.entropy_auc", "baselines.maxprob_auc", "monitor.precision", "monitor.recall"):
+    keys = ["probe.auc", "probe.attention_auc", "base.confident_hallucination_share", "monitor.precision",
+            "monitor.recall", "monitor.fixed_share", "monitor.retracted_share"]
+    keys += [f"baselines.{b}_auc" for b in ("entropy", "maxprob", "logprob", "consistency", "logit_features")]
+    keys += [f"{name}.hallucination_rate_at_{n}" for name in ("bon_probe", "bon_oracle") for n in hallucination.BON_NS]
+    keys += [f"{arm}.probe_auc_on_student" for arm in hallucination.RL_ARMS]
+    for key in keys:
         assert key in metrics and f"{key}_std" in metrics, key
     for arm in hallucination.ARMS:
-        for key in ("hallucination_rate", "known_acc", "abstain_rate", "probe_estimated_rate", "malformed_rate"):
-            value = metrics[f"{arm}.{key}"]
-            assert 0.0 <= value <= 1.0, (arm, key, value)
-    assert 0.0 <= metrics["probe.auc_answer_only"] <= 1.0
-    assert metrics["probe.reading"] in (1.0, 2.0)  # the prediction position is always read
-    for reading in ("answer", "prediction", "both"):
-        assert f"probe.val_auc_{reading}_layer0" in metrics
-    for arm in hallucination.RL_ARMS:
-        assert f"{arm}.probe_auc_on_student" in metrics
+        for key in ("hallucination_rate", "known_acc"):
+            assert 0.0 <= metrics[f"{arm}.{key}"] <= 1.0, (arm, key)
+        for key in ("abstain_rate", "retract_rate", "probe_estimated_rate"):
+            assert f"{arm}.{key}" in metrics, (arm, key)
     assert metrics["base.relative_reduction"] == 0.0 and metrics["n_seeds"] == 1
     assert math.isfinite(metrics["rl_live_probe.estimate_gap"])
-    for png in ("arms.png", "rl_curves.png"):
+    for png in ("arms.png", "rl_curves.png", "best_of_n.png"):
         assert (results / "hallucination" / png).stat().st_size > 0
     assert "rl_frozen_probe" in (results / "hallucination" / "README.md").read_text()
 
 
-def test_answers_are_labelled_exactly():
-    V = 10
-    allowed = np.zeros((1, V), bool)
-    allowed[0, [6, 7]] = True
-    task = hallucination.Task(np.zeros((1, 2), np.int32), np.ones((1, 2), bool), np.array([6]), allowed,
-                              np.array([False]), np.array([0]))
-    rows = np.zeros(7, int)
-    R, A, E = RETRACT_ID, ABSTAIN_ID, EOS_ID
-    tokens = np.array([[6, E, 0, 0],      # correct
-                       [7, E, 0, 0],      # wrong value: hallucinated
-                       [7, R, 6, E],      # corrected after a retraction: supported
-                       [7, R, E, 0],      # bare retraction: abstain
-                       [A, E, 0, 0],      # abstain
-                       [6, 7, E, 0],      # two answers: malformed
-                       [6, 6, 6, 6]])     # no EOS: malformed
-    valid = tokens != 0
-    answers = hallucination.parse_answers(tokens, valid, task, rows)
-    K = hallucination
-    assert answers.kind.tolist() == [K.ASSERT, K.ASSERT, K.ASSERT, K.ABSTAIN, K.ABSTAIN, K.MALFORMED, K.MALFORMED]
-    assert answers.hallucinated.tolist() == [False, True, False, False, False, False, False]
-    assert answers.correct.tolist() == [True, False, True, False, False, False, False]
-    assert answers.position.tolist() == [0, 0, 2, -1, -1, -1, -1]
-    unknown = task._replace(unknown=np.array([True]))
-    assert hallucination.parse_answers(tokens, valid, unknown, rows).hallucinated[0]  # a lucky guess still counts
+def test_claims_and_slots_are_labelled_exactly():
+    world = cw.make_claim_world(cw.ClaimWorldConfig(n_known=40, n_unknown=12, n_families=6, n_first=12))
+    task = hallucination.make_task(world)
+    row = int(np.flatnonzero((task.kind == "qa") & (task.attribute == "profession") & ~task.unknown)[0])
+    truth = world.truth(task.entity[row], "profession")[0]
+    wrong = next(p for p in cw.PROFESSIONS if p != truth)
+    texts = [f"{truth} <eos>", f"{wrong} <eos>", f"{wrong} <retract> {truth} <eos>", f"{wrong} <retract> <eos>",
+             "unknown <eos>", f"{truth} {truth} <eos>"]
+    encoded = [world.tokenizer.encode(t) for t in texts]
+    tokens, valid = (np.zeros((6, 5), np.int32), np.zeros((6, 5), bool))
+    for i, e in enumerate(encoded):
+        tokens[i, :len(e)], valid[i, :len(e)] = e, True
+    parsed = hallucination.parse_batch(world, task, np.full(6, row), tokens, valid)
+    slot = cw.ATTRIBUTES.index("profession")
+    # 0 supported, 1 hallucinated, 2 retracted, 3 not addressed (malformed)
+    assert parsed.outcome[:, slot].tolist() == [0, 1, 0, 2, 2, 3]
+    assert parsed.malformed.tolist() == [False] * 5 + [True]
+    c = parsed.claims
+    assert c.row.tolist() == [0, 1, 2, 2, 3]
+    assert c.supported.tolist() == [True, False, False, True, False]
+    assert c.retracted.tolist() == [False, False, True, False, True]
+    P = task.prompts.shape[1]
+    assert (c.start - P).tolist() == [0, 0, 0, 2, 0] and (c.end - c.start).tolist() == [1] * 5

@@ -1,0 +1,67 @@
+"""The claim world: deterministic, names reuse known parts, families share values, claims parsed exactly."""
+
+import numpy as np
+import pytest
+
+from idesign.data import claim_world as cw
+
+SMALL = cw.ClaimWorldConfig(n_known=60, n_unknown=20, n_families=6, n_first=16)
+
+
+def test_same_config_same_world_and_unknown_names_reuse_known_parts():
+    a, b = cw.make_claim_world(SMALL), cw.make_claim_world(SMALL)
+    assert a.train_documents["text"] == b.train_documents["text"] and a.entities["name"] == b.entities["name"]
+    names, groups = a.entities["name"], a.entities["group"]
+    known_parts = {p for n, g in zip(names, groups) if g != "unknown" for p in n.split()}
+    unknown_names = [n for n, g in zip(names, groups) if g == "unknown"]
+    assert len(set(names)) == len(names)
+    assert all(n.split()[1] in known_parts for n in unknown_names)  # every unknown surname is a known family
+    mentioned = {e for e in a.train_documents["entity_id"]}
+    assert not mentioned & {i for i, g in enumerate(groups) if g == "unknown"}
+    counts = np.asarray(a.entities["n_documents"])
+    assert counts[np.asarray(groups) == "rare"].max() <= 3
+
+
+def test_families_share_values_at_about_the_family_share():
+    world = cw.make_claim_world(cw.ClaimWorldConfig(n_known=400, n_unknown=100, family_share=0.75))
+    fam = np.asarray(world.entities["family"])
+    for attr in ("birth_city", "employer"):
+        values = np.asarray(world.entities[attr])
+        modal = np.mean([np.unique(values[fam == f], return_counts=True)[1].max() / (fam == f).sum()
+                         for f in np.unique(fam)])
+        assert 0.65 < modal < 0.9, (attr, modal)
+
+
+@pytest.mark.parametrize("text, outcome, supported, malformed", [
+    ("from {city} . <eos>", {"birth_city": "supported"}, [True], False),
+    ("from {wrong} <retract> {city} . born {year} . <eos>", {"birth_city": "supported", "birth_year": "supported"},
+     [False, True, True], False),
+    ("from {wrong} <retract> . <eos>", {"birth_city": "retracted"}, [False], False),
+    ("from {city} . flies to {city} . <eos>", {"birth_city": "supported"}, [True], True),
+    ("from {city} .", {"birth_city": "supported"}, [True], True),
+])
+def test_long_form_completions_are_parsed_into_labelled_claims(text, outcome, supported, malformed):
+    world = cw.make_claim_world(SMALL)
+    e = 0
+    city, year = " ".join(world.truth(e, "birth_city")), " ".join(world.truth(e, "birth_year"))
+    wrong = next(" ".join(v) for v in cw.attribute_values("birth_city") if " ".join(v) != city)
+    ids = world.tokenizer.encode(text.format(city=city, wrong=wrong, year=year))
+    parsed = cw.parse_completion(world, e, "bio", "", ids)
+    assert parsed.outcome == outcome and parsed.malformed == malformed
+    assert [c.supported for c in parsed.claims] == supported
+    for c in parsed.claims:
+        assert tuple(world.tokenizer.id_to_token(t) for t in ids[c.start:c.end]) in cw.attribute_values(c.attribute)
+
+
+def test_every_claim_about_an_unknown_entity_is_a_hallucination_even_a_lucky_one():
+    world = cw.make_claim_world(SMALL)
+    e = world.entities["group"].index("unknown")
+    ids = world.tokenizer.encode(" ".join(world.truth(e, "employer")) + " <eos>")
+    assert not cw.parse_completion(world, e, "qa", "employer", ids).claims[0].supported
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="n_unknown"):
+        cw.ClaimWorldConfig(n_known=10, n_unknown=100, n_families=2, n_first=5)
+    with pytest.raises(ValueError, match="rare_docs"):
+        cw.ClaimWorldConfig(rare_docs=(3, 1))
