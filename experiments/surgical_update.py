@@ -12,7 +12,7 @@ Arms (fine-tuning on T3 only, from the same pretrained weights, on the same batc
 - ``freeze_circuit``: heads and neurons ranked by attribution score per parameter (``weight_attribution``
   → ``component_scores``, heads and neurons each ordered with ``select_top_k``), added best first while
   they fit the budget; the mask is ``circuit_mask(heads=..., neurons=...)``.
-- ``freeze_random``: the control, ``tree.random_mask`` with exactly as many elements as the circuit.
+- ``freeze_random``: the control, ``masks.random`` with exactly as many elements as the circuit.
 - ``freeze_layers``: whole layers (a parameter group such as ``blocks.0.attn.q_proj`` or ``embed``),
   ranked by the same attribution per parameter, added while they bring the frozen size nearer the
   budget — the same information at the coarsest granularity.
@@ -151,7 +151,7 @@ def n_params(params: Any) -> int:
 
 
 def frozen_count(mask: Any, params: Any) -> int:
-    return ids.tree.mask_size_report(mask, params).selected
+    return ids.masks.size_report(mask, params).selected
 
 
 def circuit_for_budget(params: Any, model: ids.TransformerConfig, scores: ids.circuits.ComponentScores,
@@ -208,7 +208,7 @@ def arm_masks(config: Config, apply: Any, params: Any, t1_batch: dict[str, np.nd
     out = {}
     for budget in sorted(set(config.budgets) | {config.budget}):
         circuit = circuit_for_budget(params, model, scores, budget)
-        random = ids.tree.random_mask(params, frozen_count(circuit, params), seed=seed)
+        random = ids.masks.random(params, frozen_count(circuit, params), seed=seed)
         out[budget] = {"freeze_circuit": circuit, "freeze_random": random,
                        "freeze_layers": layers_for_budget(params, attributions, budget),
                        "freeze_elements": top_elements_for_budget(params, attributions, budget)}
@@ -230,7 +230,7 @@ def frozen_by_argument(optimizer: optax.GradientTransformation) -> optax.Gradien
     compiled step then serves every arm: the arms are vmapped over their masks and parameters.
     """
     def init_fn(params):
-        return ids.optim.frozen(optimizer, freeze_mask=ids.tree.full_mask(params, False)).init(params)
+        return ids.optim.frozen(optimizer, freeze_mask=ids.masks.full(params, False)).init(params)
 
     def update_fn(updates, state, params=None, *, frozen, **extra):
         return ids.optim.frozen(optimizer, freeze_mask=frozen).update(updates, state, params, **extra)
@@ -261,7 +261,7 @@ def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool
     t1_batch = next(batches(task_data(config, (config.t1,), config.n_attribution, seed=3000 + seed),
                             dataclasses.replace(config, batch_size=config.n_attribution), seed))
     by_budget = arm_masks(config, apply, params, t1_batch, seed)
-    runs = [("full_ft", None, ids.tree.full_mask(params, False))]
+    runs = [("full_ft", None, ids.masks.full(params, False))]
     runs += [(arm, budget, masks[arm]) for budget, masks in by_budget.items() for arm in FROZEN_ARMS]
     tuned = finetune_arms(config, params, [dense(m, params) for _, _, m in runs], seed, progress=progress)
 

@@ -3,8 +3,8 @@
 Users write ``import idesign as ids``.
 """
 
-from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, hooks, metrics, models, monitoring,
-                     optim, probes, rl, sae, shaping, sharding, subspaces, train, tree)
+from idesign import (activations, checkpoint, circuits, curvature, data, discovery, edit, hooks, masks, metrics, models,
+                     monitoring, optim, probes, rl, sae, shaping, sharding, subspaces, train, tree)
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import CheckpointManager, CheckpointMismatchError, abstract_like, restore_checkpoint, save_checkpoint
 from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 from idesign.hooks import Add, Capture
 from idesign.models.config import TransformerConfig
@@ -227,13 +228,13 @@ def circuit_mask(params: Params, config: TransformerConfig, *, heads: Iterable[C
     >>> cfg = ids.TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2)
     >>> _, params = ids.init_transformer(cfg)
     >>> m = ids.circuits.circuit_mask(params, cfg, heads=[(0, 0)], neurons=[(0, 5)])
-    >>> ids.tree.mask_size_report(m, params).selected      # 3 * (8*4 + 4) + 4*8, plus 8 + 1 + 8
+    >>> ids.masks.size_report(m, params).selected      # 3 * (8*4 + 4) + 4*8, plus 8 + 1 + 8
     157
     """
     masks = [heads_mask(params, config, heads, shared_kv=shared_kv), neurons_mask(params, config, neurons)]
     if paths:
         masks.append(paths_mask(params, paths))
-    return tree_lib.mask_union(*masks)
+    return masks_lib.union(*masks)
 
 
 def ablate_weights(params: Params, mask: Mask, value: float | Array = 0.0) -> Params:
@@ -243,7 +244,7 @@ def ablate_weights(params: Params, mask: Mask, value: float | Array = 0.0) -> Pa
     >>> ids.circuits.ablate_weights({'w': jnp.ones(3)}, {'w': np.array([True, False, True])})
     {'w': Array([0., 1., 0.], dtype=float32)}
     """
-    tree_lib.check_mask(params, mask)
+    masks_lib.check(params, mask)
     return jax.tree_util.tree_map(lambda m, p: jnp.where(m, jnp.asarray(value, p.dtype), p), mask, params)
 
 

@@ -54,12 +54,12 @@ def test_masks_fill_their_budgets_and_freezing_is_bit_exact():
         assert sizes["freeze_circuit"] <= budget * total and sizes["freeze_random"] == sizes["freeze_circuit"]
         assert sizes["freeze_elements"] == int(budget * total)
         # Whole layers: no single group added or removed would bring the size nearer the budget.
-        report = ids.tree.mask_size_report(arms["freeze_layers"], params).layers
+        report = ids.masks.size_report(arms["freeze_layers"], params).layers
         assert all(s in (0, t) for s, t in report.values())
         # Each group is added only when it brings the size nearer the budget: nearer than freezing nothing.
         assert abs(sizes["freeze_layers"] - budget * total) < budget * total
     # The masks in run_seed's order (the compiled fine-tuning step is shared with the test above).
-    chosen = [ids.tree.full_mask(params, False)] + [masks[b][arm] for b in sorted(masks) for arm in su.FROZEN_ARMS]
+    chosen = [ids.masks.full(params, False)] + [masks[b][arm] for b in sorted(masks) for arm in su.FROZEN_ARMS]
     tuned = su.finetune_arms(TINY, params, [su.dense(m, params) for m in chosen], seed=0, progress=False)
     for mask, new in zip(chosen, tuned):
         dense = su.dense(mask, params)
