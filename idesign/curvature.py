@@ -6,7 +6,7 @@ Fisher block of ``vec(W)`` is ``A ⊗ G`` with
 * ``A = E[x xᵀ]``  (``[d_in, d_in]``), ``x`` the layer input at one token position;
 * ``G = E[g gᵀ]``  (``[d_out, d_out]``), ``g = ∂L/∂y`` at the same position.
 
-Conventions (Merullo et al. 2025, arXiv 2510.24256; ``shared/METHODS.md`` §3):
+Conventions (Merullo et al. 2025, arXiv 2510.24256; ``docs/methods.md`` §3):
 
 * **Which positions count.** A *forward* (:class:`LMForward`, :class:`ClassifierForward`) turns a
   batch into logits, gold targets and a weight per position; a position counts when its weight is

@@ -1,6 +1,6 @@
 """Weight edits: curvature-ranked removal of low-curvature components, an SVD baseline, band diagnostics.
 
-Merullo et al. 2025 (arXiv 2510.24256; ``shared/METHODS.md`` §3): in the K-FAC eigenbasis of a
+Merullo et al. 2025 (arXiv 2510.24256; ``docs/methods.md`` §3): in the K-FAC eigenbasis of a
 dense layer, ``C = U_Aᵀ W U_G`` (Flax layout ``W: [d_in, d_out]``) and component ``(i, j)`` has
 curvature ``Π_ij = μ_i λ_j``. Keeping the high-curvature components and zeroing the rest removes
 what the model memorised while keeping shared structure: ``W' = U_A (C ⊙ M) U_Gᵀ``.
