@@ -34,7 +34,7 @@ import idesign as ids
 import idesign.circuits as circuits
 import idesign.optim as optim
 from benchmarks import _common
-from idesign import tree
+from idesign import masks
 
 DEFAULT_OUT = "results/benchmarks/freeze.json"
 
@@ -83,9 +83,9 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
     result: dict[str, Any] = {"n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
     rows = []
     for name, (kind, mask) in scenarios(params, cfg).items():
-        frozen = mask if kind == "frozen" else tree.mask_complement(mask)
+        frozen = mask if kind == "frozen" else masks.complement(mask)
         saving = optim.frozen_state_savings(adamw, params, frozen)
-        entry = {**saving, "frozen_fraction": tree.mask_size_report(frozen, params).fraction,
+        entry = {**saving, "frozen_fraction": masks.size_report(frozen, params).fraction,
                  "mask_host_bytes": mask_host_bytes(frozen)}
         if config.allocate:
             real = optim.frozen(adamw, freeze_mask=frozen).init(params)

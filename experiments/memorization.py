@@ -1,6 +1,6 @@
 """Memorization: does removing low-curvature weight components erase memorized data but keep skills?
 
-Hypothesis (Merullo et al. 2025, arXiv 2510.24256; ``shared/METHODS.md`` §3). In the K-FAC eigenbasis
+Hypothesis (Merullo et al. 2025, arXiv 2510.24256; ``docs/methods.md`` §3). In the K-FAC eigenbasis
 of a dense layer, memorized items are stored in *low-curvature* components (directions few examples
 use), shared structure in high-curvature ones. Keeping components in descending curvature
 ``Π_ij = μ_i λ_j`` until a share ``ρ`` of the mass and zeroing the rest (``edit.prune_low_curvature``)

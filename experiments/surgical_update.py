@@ -221,7 +221,7 @@ def n_params(params: Any) -> int:
 
 
 def frozen_count(mask: Any, params: Any) -> int:
-    return ids.tree.mask_size_report(mask, params).selected
+    return ids.masks.size_report(mask, params).selected
 
 
 def top_elements(attributions: Any, within: Any, count: int) -> Any:
@@ -262,9 +262,9 @@ def arm_masks(config: Config, params: Any, t1_batch: dict[str, np.ndarray], seed
     attributions = ids.circuits.weight_attribution(_compiled(config)["loss"], params, t1_batch)
     scores = ids.circuits.component_scores(attributions, model)
     shared = ids.circuits.shared_mask(params, model)
-    within = ids.tree.mask_complement(shared)
-    with_shared = lambda m: ids.tree.mask_union(shared, m)
-    masks = {"full_ft_unfrozen": ids.tree.full_mask(params, False), "full_ft": shared}
+    within = ids.masks.complement(shared)
+    with_shared = lambda m: ids.masks.union(shared, m)
+    masks = {"full_ft_unfrozen": ids.masks.full(params, False), "full_ft": shared}
     for budget in config.budgets:
         circuit, _, _ = ids.circuits.budget_circuit(params, model, scores, int(budget * n_params(params)))
         masks[budget_name("circuit", budget, config)] = with_shared(circuit)
@@ -302,7 +302,7 @@ def frozen_by_argument(optimizer: optax.GradientTransformation) -> optax.Gradien
     compiled step then serves every run: the runs are vmapped over their masks, parameters and batches.
     """
     def init_fn(params):
-        return ids.optim.frozen(optimizer, freeze_mask=ids.tree.full_mask(params, False)).init(params)
+        return ids.optim.frozen(optimizer, freeze_mask=ids.masks.full(params, False)).init(params)
 
     def update_fn(updates, state, params=None, *, frozen, **extra):
         return ids.optim.frozen(optimizer, freeze_mask=frozen).update(updates, state, params, **extra)

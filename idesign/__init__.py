@@ -4,7 +4,7 @@ Users write ``import idesign as ids``.
 """
 
 from idesign import (activations, checkpoint, circuits, curvature, data, discovery, distributed, edit, evaluation,
-                     hooks, metrics, models, monitoring, optim, preference, pretrain, probes, rl, sae, shaping,
+                     hooks, masks, metrics, models, monitoring, optim, preference, pretrain, probes, rl, sae, shaping,
                      sharding, subspaces, train, tree)
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import (CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, abstract_like,

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 from idesign.hooks import Add, Capture
 from idesign.models.config import TransformerConfig
@@ -227,13 +228,13 @@ def circuit_mask(params: Params, config: TransformerConfig, *, heads: Iterable[C
     >>> cfg = ids.TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2)
     >>> _, params = ids.init_transformer(cfg)
     >>> m = ids.circuits.circuit_mask(params, cfg, heads=[(0, 0)], neurons=[(0, 5)])
-    >>> ids.tree.mask_size_report(m, params).selected      # 3 * (8*4 + 4) + 4*8, plus 8 + 1 + 8
+    >>> ids.masks.size_report(m, params).selected      # 3 * (8*4 + 4) + 4*8, plus 8 + 1 + 8
     157
     """
     masks = [heads_mask(params, config, heads, shared_kv=shared_kv), neurons_mask(params, config, neurons)]
     if paths:
         masks.append(paths_mask(params, paths))
-    return tree_lib.mask_union(*masks)
+    return masks_lib.union(*masks)
 
 
 def shared_mask(params: Params, config: TransformerConfig) -> Mask:
@@ -279,12 +280,12 @@ def budget_circuit(params: Params, config: TransformerConfig, scores: ComponentS
     >>> _, params = ids.init_transformer(cfg)
     >>> scores = ids.circuits.ComponentScores(jnp.array([[1.0, 0.0]]), jnp.arange(32.0)[None])
     >>> mask, heads, neurons = ids.circuits.budget_circuit(params, cfg, scores, 40)
-    >>> heads, neurons, ids.tree.mask_size_report(mask, params).selected     # 17 weights per neuron
+    >>> heads, neurons, ids.masks.size_report(mask, params).selected     # 17 weights per neuron
     ([], [(0, 31), (0, 30)], 34)
     """
     if max_elements < 0:
         raise ValueError(f"max_elements = {max_elements}: expected >= 0.")
-    size = lambda m: tree_lib.mask_size_report(m, params).selected
+    size = lambda m: masks_lib.size_report(m, params).selected
     head_size = size(heads_mask(params, config, [(0, 0)], shared_kv=shared_kv))
     neuron_size = size(neurons_mask(params, config, [(0, 0)]))
     h, n = np.asarray(scores.heads, np.float64), np.asarray(scores.neurons, np.float64)
@@ -304,7 +305,7 @@ def matched_random_mask(mask: Mask, params: Params, *, seed: int) -> Mask:
     """A random mask with exactly as many elements as ``mask`` *in every leaf*, drawn uniformly within the leaf.
 
     The control for a circuit: the same budget spent on the same parameter tensors, without the choice of
-    which rows and columns. (``ids.tree.random_mask`` spreads one total count over all leaves instead.)
+    which rows and columns. (``ids.masks.random`` spreads one total count over all leaves instead.)
 
     >>> import numpy as np, jax.numpy as jnp, idesign as ids
     >>> params = {'a': jnp.zeros((4, 4)), 'b': jnp.zeros(3)}
@@ -312,7 +313,7 @@ def matched_random_mask(mask: Mask, params: Params, *, seed: int) -> Mask:
     >>> int(m['a'].sum()), m['b']
     (4, True)
     """
-    tree_lib.check_mask(params, mask)
+    masks_lib.check(params, mask)
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out = []
@@ -335,7 +336,7 @@ def ablate_weights(params: Params, mask: Mask, value: float | Array = 0.0) -> Pa
     >>> ids.circuits.ablate_weights({'w': jnp.ones(3)}, {'w': np.array([True, False, True])})
     {'w': Array([0., 1., 0.], dtype=float32)}
     """
-    tree_lib.check_mask(params, mask)
+    masks_lib.check(params, mask)
     return jax.tree_util.tree_map(lambda m, p: jnp.where(m, jnp.asarray(value, p.dtype), p), mask, params)
 
 

@@ -6,7 +6,7 @@ Fisher block of ``vec(W)`` is ``A ⊗ G`` with
 * ``A = E[x xᵀ]``  (``[d_in, d_in]``), ``x`` the layer input at one token position;
 * ``G = E[g gᵀ]``  (``[d_out, d_out]``), ``g = ∂L/∂y`` at the same position.
 
-Conventions (Merullo et al. 2025, arXiv 2510.24256; ``shared/METHODS.md`` §3):
+Conventions (Merullo et al. 2025, arXiv 2510.24256; ``docs/methods.md`` §3):
 
 * **Which positions count.** A *forward* (:class:`LMForward`, :class:`ClassifierForward`) turns a
   batch into logits, gold targets and a weight per position; a position counts when its weight is
@@ -249,21 +249,10 @@ def resolve_layers(apply: Callable, params: Params, layers: str | Sequence[str])
     if not patterns:
         raise ValueError("no layers given; name dense layers such as " + repr(list(known)[:4]))
     try:
-        names = tree_lib.expand_patterns(patterns, list(known), what="dense layer")
+        found = tree_lib.resolve_kernels(params, patterns, known, layers_only=True, tied=False, ndim=2)
     except KeyError as e:
         raise ValueError(e.args[0]) from None
-    leaves = tree_lib.named_leaves(params)
-    out = {}
-    for name in names:
-        kernel = known[name]
-        if kernel != f"{name}.kernel":
-            raise ValueError(
-                f"dense layer {name!r} uses the tied parameter {kernel!r} (layout [d_out, d_in], shared "
-                "with the input embedding); K-FAC collection and pruning support untied kernels only.")
-        if kernel not in leaves or np.ndim(leaves[kernel]) != 2:
-            raise ValueError(f"dense layer {name!r}: no 2-D kernel at {kernel!r} in params.")
-        out[name] = kernel
-    return out
+    return {name: kernel.path for name, kernel in found.items()}
 
 
 # --------------------------------------------------------------------------- collection

@@ -1,6 +1,6 @@
 """Weight edits: curvature-ranked removal of low-curvature components, an SVD baseline, band diagnostics.
 
-Merullo et al. 2025 (arXiv 2510.24256; ``shared/METHODS.md`` §3): in the K-FAC eigenbasis of a
+Merullo et al. 2025 (arXiv 2510.24256; ``docs/methods.md`` §3): in the K-FAC eigenbasis of a
 dense layer, ``C = U_Aᵀ W U_G`` (Flax layout ``W: [d_in, d_out]``) and component ``(i, j)`` has
 curvature ``Π_ij = μ_i λ_j``. Keeping the high-curvature components and zeroing the rest removes
 what the model memorised while keeping shared structure: ``W' = U_A (C ⊙ M) U_Gᵀ``.
@@ -91,24 +91,14 @@ def keep_mask_by_mass(scores: Array, rho: float) -> Array:
     return jnp.zeros(flat.size, bool).at[order].set(keep_sorted).reshape(jnp.shape(scores))
 
 
-def _layer_paths(layers: Sequence[str] | Mapping[str, str] | str) -> dict[str, str]:
-    if isinstance(layers, str):
-        layers = [layers]
-    if isinstance(layers, Mapping):
-        return dict(layers)
-    return {name: f"{name}.kernel" for name in layers}
-
-
-def _kernel(leaves: Mapping[str, Any], name: str, path: str) -> Any:
-    if path not in leaves:
-        close = [p for p in leaves if p.endswith(".kernel")]
-        raise ValueError(tree_lib.unknown_name_message(path, close, what="kernel") +
-                         f" (for layer {name!r}; tied embeddings such as 'unembed' -> 'embed.embedding' "
-                         "are not supported)")
-    kernel = leaves[path]
-    if np.ndim(kernel) != 2:
-        raise ValueError(f"layer {name!r}: {path!r} has shape {np.shape(kernel)}; expected a 2-D [d_in, d_out] kernel.")
-    return kernel
+def _kernels(params: Params, layers: Sequence[str] | Mapping[str, str] | str) -> dict[str, tuple[str, Any]]:
+    """``{layer: (kernel_path, kernel)}`` for layer names (kernel at ``<name>.kernel``) or a mapping; untied 2-D
+    kernels only (tied embeddings such as ``'unembed' -> 'embed.embedding'`` are refused)."""
+    names = [layers] if isinstance(layers, str) else list(layers)
+    paths = dict(layers) if isinstance(layers, Mapping) else {name: f"{name}.kernel" for name in names}
+    found = tree_lib.resolve_kernels(params, list(paths), paths, layers_only=True, tied=False, ndim=2)
+    leaves = tree_lib.named_leaves(params)
+    return {name: (k.path, leaves[k.path]) for name, k in found.items()}
 
 
 def _replace_leaves(params: Params, new: Mapping[str, Array]) -> Params:
@@ -166,13 +156,12 @@ def prune_low_curvature(params: Params, factors: Mapping[str, curv.KFACFactors |
     (4, 6, 0.0)
     """
     rho = _check_rho(rho)
-    paths = _layer_paths(list(factors) if layers is None else layers)
-    leaves = tree_lib.named_leaves(params)
-    new, rows = {}, {}
-    for name, path in paths.items():
+    layers = list(factors) if layers is None else layers
+    for name in [layers] if isinstance(layers, str) else layers:
         if name not in factors:
             raise ValueError(tree_lib.unknown_name_message(name, list(factors), what="layer with factors"))
-        kernel = _kernel(leaves, name, path)
+    new, rows = {}, {}
+    for name, (path, kernel) in _kernels(params, layers).items():
         d_in, d_out = np.shape(kernel)
         f = factors[name]
         got_a, got_g = f.shapes
@@ -208,11 +197,9 @@ def prune_svd(params: Params, layers: Sequence[str] | Mapping[str, str] | str, r
     ([[3.0, 0.0], [0.0, 0.0]], 1)
     """
     rho = _check_rho(rho)
-    paths = _layer_paths(layers)
-    leaves = tree_lib.named_leaves(params)
     new, rows = {}, {}
-    for name, path in paths.items():
-        w = jnp.asarray(_kernel(leaves, name, path), jnp.float32)
+    for name, (path, kernel) in _kernels(params, layers).items():
+        w = jnp.asarray(kernel, jnp.float32)
         u, s, vt = jnp.linalg.svd(w, full_matrices=False)
         energy = s ** 2
         keep = keep_mask_by_mass(energy, rho)
@@ -341,7 +328,7 @@ def curvature_band_activations(apply: Callable, params: Params, factors: curv.KF
     [1.0, 1.0, 1.0, 1.0]
     """
     forward = forward or curv.LMForward(apply)
-    kernel = _kernel(tree_lib.named_leaves(params), layer, f"{layer}.kernel")
+    (_, kernel), = _kernels(params, layer).values()
     d_in, d_out = np.shape(kernel)
     eig = curv.eigendecompose(factors)
     if eig.shapes != ((d_in, d_in), (d_out, d_out)):

@@ -1,23 +1,23 @@
-"""Pytree paths: one readable dotted name per leaf, and selection by pattern.
+"""Pytree paths: one readable dotted name per leaf, selection by pattern, structure comparison.
 
 Every idesign error about a parameter names it the same way, e.g.
 ``blocks.0.attn.q_proj.kernel``; selection by glob pattern over those names is how
-users pick the parts of a model a transform applies to. Element masks (boolean pytrees with the
-parameters' structure) select parts finer than a leaf: one head inside a fused kernel, a few neurons.
+users pick the parts of a model a transform applies to. :func:`structure_diff` is the one message for
+two trees whose paths differ, and :func:`resolve_kernels` the one resolution of a pattern to dense
+kernels (with the tied unembedding's transposed layout). Element masks, finer than a leaf, are in
+:mod:`idesign.masks`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
-KeyPath = tuple[Any, ...]
+from idesign._types import KeyPath, PyTree
 
 
 def key_str(key: Any) -> str:
@@ -138,278 +138,111 @@ def unknown_name_message(name: str, names: Sequence[str], *, what: str) -> str:
     return f"unknown {what} {name!r}.{hint} Known {what}s include {list(names)[:12]}{' ...' if len(names) > 12 else ''}."
 
 
-# --- Element masks -------------------------------------------------------------------------------
-#
-# A *mask* has the structure of a parameter pytree. Each leaf is one of
-#   * a bool array of the parameter leaf's shape (element granularity);
-#   * a bool array of the same rank with size-1 axes that broadcasts to it, e.g. ``(1, d_out)`` for
-#     whole columns of a ``[d_in, d_out]`` kernel, ``(d_in, 1)`` for whole rows;
-#   * a Python ``bool`` (or a 0-d bool array) that stands for the whole leaf.
-# Compact leaves keep masks of large models cheap: a mask of a few heads stores one row of flags per
-# kernel it cuts into, not a copy of the kernel's shape. Masks are host-side data (numpy arrays from
-# idesign's constructors); jax arrays are accepted too. ``True`` means selected.
-
-Mask = PyTree
+def _paths(tree: PyTree | Sequence[str], is_leaf: Callable[[Any], bool] | None) -> list[str]:
+    if isinstance(tree, (list, tuple)) and tree and all(isinstance(p, str) for p in tree):
+        return list(tree)
+    return [path_str(p) for p, _ in leaves_with_paths(tree, is_leaf=is_leaf)]
 
 
-def _is_scalar_bool(leaf: Any) -> bool:
-    return isinstance(leaf, (bool, np.bool_))
+def _listed(names: Sequence[str]) -> str:
+    return f"{list(names[:6])}{' ...' if len(names) > 6 else ''}"
 
 
-def _is_whole(leaf: Any) -> bool:
-    return _is_scalar_bool(leaf) or np.ndim(leaf) == 0
+def structure_diff(expected: PyTree | Sequence[str], got: PyTree | Sequence[str], *, what: str = "tree",
+                   against: str = "the parameters' structure",
+                   is_leaf: Callable[[Any], bool] | None = None) -> str:
+    """Why ``got`` does not have ``expected``'s structure, as one message; ``""`` when it does.
 
+    Either argument may be a pytree or a list of dotted paths (when only paths are known, e.g. a
+    checkpoint's). The message names the missing and unexpected paths (six of each at most); when the
+    paths agree but the trees do not, it says whether the order or a container / key type differs.
+    Callers raise it with their own exception type and may append a hint.
 
-def mask_fits(mask_shape: Sequence[int], shape: Sequence[int]) -> bool:
-    """Whether a mask leaf of ``mask_shape`` is valid for a parameter of ``shape``: ``()``, or the same rank
-    with every axis equal or 1.
-
-    >>> mask_fits((1, 4), (3, 4)), mask_fits((4,), (3, 4)), mask_fits((), (3, 4))
-    (True, False, True)
+    >>> import jax.numpy as jnp
+    >>> structure_diff({'w': 1, 'b': 2}, {'w': 1, 'b': 2})
+    ''
+    >>> structure_diff({'w': 1, 'b': 2}, {'w': 1, 'v': 2}, what='mask')
+    "mask does not have the parameters' structure: missing ['b']; unexpected ['v']"
+    >>> structure_diff({0: 1}, {'0': 1})
+    "tree does not have the parameters' structure: the paths agree but a container or key type differs (e.g. int vs str keys)"
     """
-    mask_shape, shape = tuple(mask_shape), tuple(shape)
-    return mask_shape == () or (len(mask_shape) == len(shape) and all(m in (1, s) for m, s in zip(mask_shape, shape)))
+    want, have = _paths(expected, is_leaf), _paths(got, is_leaf)
+    head = f"{what} does not have {against}: "
+    if want != have:
+        missing = [p for p in want if p not in set(have)]
+        extra = [p for p in have if p not in set(want)]
+        parts = ([f"missing {_listed(missing)}"] if missing else []) + (
+            [f"unexpected {_listed(extra)}"] if extra else [])
+        return head + ("; ".join(parts) or "the same paths in a different order")
+    both_trees = not any(isinstance(t, (list, tuple)) and t and all(isinstance(p, str) for p in t)
+                         for t in (expected, got))
+    if both_trees and (jax.tree_util.tree_structure(expected, is_leaf=is_leaf)
+                       != jax.tree_util.tree_structure(got, is_leaf=is_leaf)):
+        return head + "the paths agree but a container or key type differs (e.g. int vs str keys)"
+    return ""
 
 
-def _paths_differ_message(what: str, expected: Sequence[str], got: Sequence[str]) -> str:
-    missing = [p for p in expected if p not in set(got)]
-    extra = [p for p in got if p not in set(expected)]
-    parts = ([f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}"] if missing else [])
-    parts += ([f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}"] if extra else [])
-    return f"{what} does not have the parameters' structure: " + "; ".join(parts)
+class Kernel(NamedTuple):
+    """A dense kernel a pattern resolved to: its parameter ``path``, and whether it is ``transposed``
+    (a tied unembedding's table, ``[d_out, d_in]`` instead of ``[d_in, d_out]``)."""
+
+    path: str
+    transposed: bool
 
 
-def check_mask(params: PyTree, mask: Mask, *, what: str = "mask") -> None:
-    """Validates a mask against parameters: same structure, bool leaves, shapes that fit (see :func:`mask_fits`).
+def resolve_kernels(params: PyTree, patterns: str | Sequence[str], dense_layers: Mapping[str, str] | None = None, *,
+                    layers_only: bool = False, tied: bool = True, ndim: int | None = None) -> dict[str, Kernel]:
+    """Resolves glob patterns to the kernels they name: ``{name: Kernel(path, transposed)}``.
+
+    A pattern names parameter paths (``blocks.*.mlp.up.kernel``; skipped with ``layers_only``) and, through
+    ``dense_layers`` (``apply.dense_layers``, ``{site prefix: kernel path}``), dense layers
+    (``blocks.*.mlp.up``, ``unembed``). A layer whose kernel path does not end in ``.kernel`` is a tied
+    embedding table used in transposed layout. Keys are the names matched, in order; the same kernel may
+    appear under its path and its layer name (dedupe the values when that matters).
+
+    Args:
+      params: the parameters the kernels must exist in.
+      patterns: one glob pattern or several.
+      dense_layers: ``{layer: kernel_path}``; ``None`` for parameter paths only.
+      layers_only: match layer names only (curvature and pruning work per layer).
+      tied: whether transposed (tied) kernels are accepted.
+      ndim: the rank every resolved kernel must have, if given.
 
     Raises:
-      ValueError: naming the paths that are missing or unexpected, or a leaf whose shape is neither
-        the parameter's shape nor ``()``.
-      TypeError: naming the path of a leaf that is not boolean (a float or int array, say).
+      KeyError: a pattern that names nothing, suggesting the closest names.
+      ValueError: a layer whose kernel is not in ``params``, a refused tied kernel, or a wrong rank.
 
-    >>> import numpy as np, jax.numpy as jnp, idesign as ids
-    >>> params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
-    >>> ids.tree.check_mask(params, {'w': np.ones((2, 3), bool), 'b': False})
-    >>> ids.tree.check_mask(params, {'w': np.ones((3, 2), bool), 'b': False})
-    Traceback (most recent call last):
-    ...
-    ValueError: mask leaf w has shape (3, 2); expected the parameter's shape (2, 3) (or that shape with size-1 axes, which broadcast), or a bool for the whole leaf.
+    >>> import jax.numpy as jnp
+    >>> params = {'embed': {'embedding': jnp.zeros((5, 2))}, 'up': {'kernel': jnp.zeros((2, 3))}}
+    >>> layers = {'up': 'up.kernel', 'unembed': 'embed.embedding'}
+    >>> resolve_kernels(params, ['up', 'unembed'], layers)
+    {'up': Kernel(path='up.kernel', transposed=False), 'unembed': Kernel(path='embed.embedding', transposed=True)}
+    >>> list(resolve_kernels(params, '*.kernel'))
+    ['up.kernel']
     """
-    expected = named_leaves(params)
-    got = named_leaves(mask)
-    if list(expected) != list(got) or (jax.tree_util.tree_structure(params)
-                                       != jax.tree_util.tree_structure(mask)):
-        raise ValueError(_paths_differ_message(what, list(expected), list(got))
-                         + (" (the paths agree: a container type or key type differs, e.g. int vs str keys)"
-                            if list(expected) == list(got) else ""))
-    for path, m in got.items():
-        if _is_scalar_bool(m):
-            continue
-        dtype = getattr(m, "dtype", None)
-        if dtype is None or dtype != np.bool_:
-            kind = f"dtype {dtype}" if dtype is not None else f"type {type(m).__name__}"
-            raise TypeError(
-                f"{what} leaf {path} has {kind}; masks must be boolean (True = selected). "
-                "Convert scores with a comparison, e.g. `scores > threshold`, or `x.astype(bool)`.")
-        shape, want = tuple(np.shape(m)), tuple(np.shape(expected[path]))
-        if not mask_fits(shape, want):
-            raise ValueError(
-                f"{what} leaf {path} has shape {shape}; expected the parameter's shape {want} (or that shape "
-                "with size-1 axes, which broadcast), or a bool for the whole leaf.")
+    leaves = named_leaves(params)
+    dense = dict(dense_layers or {})
+    paths = [] if layers_only else list(leaves)
+    what = "dense layer" if layers_only else "parameter path or dense layer"
+    out: dict[str, Kernel] = {}
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        hits = {p: Kernel(p, False) for p in paths if matches(p, pattern)}
+        hits.update({name: Kernel(k, not k.endswith(".kernel")) for name, k in dense.items() if matches(name, pattern)})
+        if not hits:
+            raise KeyError(unknown_name_message(pattern, paths + list(dense), what=what))
+        out.update(hits)
+    for name, kernel in out.items():
+        if kernel.path not in leaves:
+            raise ValueError(unknown_name_message(kernel.path, [p for p in leaves if p.endswith(".kernel")], what="kernel")
+                             + f" (for layer {name!r})")
+        if kernel.transposed and not tied:
+            raise ValueError(f"dense layer {name!r} uses the tied parameter {kernel.path!r} (layout [d_out, d_in], "
+                             "shared with the input embedding); only untied kernels are supported here.")
+        if ndim is not None and np.ndim(leaves[kernel.path]) != ndim:
+            raise ValueError(f"layer {name!r}: {kernel.path!r} has shape {np.shape(leaves[kernel.path])}; expected a "
+                             f"{ndim}-D kernel.")
+    return out
 
 
-def full_mask(params: PyTree, value: bool, *, dense: bool = False) -> Mask:
-    """A mask selecting every element (``value=True``) or none (``False``).
-
-    Leaves are Python bools (whole leaves); ``dense=True`` gives numpy bool arrays of each leaf's shape
-    instead, ready for element-wise editing.
-
-    >>> import jax.numpy as jnp, idesign as ids
-    >>> params = {'w': jnp.zeros((2, 2)), 'b': jnp.zeros(2)}
-    >>> ids.tree.full_mask(params, False)
-    {'b': False, 'w': False}
-    >>> ids.tree.full_mask(params, True, dense=True)['b']
-    array([ True,  True])
-    """
-    if not _is_scalar_bool(value):
-        raise TypeError(f"full_mask: value must be True or False; got {value!r}.")
-    if dense:
-        return jax.tree_util.tree_map(lambda p: np.full(np.shape(p), bool(value)), params)
-    return jax.tree_util.tree_map(lambda _: bool(value), params)
-
-
-def _combine(masks: Sequence[Mask], leaf_op: Callable[..., Any], what: str) -> Mask:
-    if not masks:
-        raise ValueError(f"{what} needs at least one mask.")
-    first = masks[0]
-    names = list(named_leaves(first))
-    for m in masks[1:]:
-        if jax.tree_util.tree_structure(m) != jax.tree_util.tree_structure(first):
-            raise ValueError(_paths_differ_message(f"{what}: a mask", names, list(named_leaves(m))))
-    return jax.tree_util.tree_map(leaf_op, *masks)
-
-
-def _xp(*leaves: Any):
-    return jnp if any(isinstance(x, jax.Array) for x in leaves) else np
-
-
-def _combine_leaves(leaves: tuple[Any, ...], absorbing: bool) -> Any:
-    """OR (``absorbing=True``) or AND (``absorbing=False``) of mask leaves; a scalar bool equal to
-    ``absorbing`` decides the result, the other scalar is the identity."""
-    if any(_is_scalar_bool(x) and bool(x) == absorbing for x in leaves):
-        return absorbing
-    arrays = [x for x in leaves if not _is_scalar_bool(x)]
-    if not arrays:
-        return not absorbing
-    xp = _xp(*arrays)
-    op = xp.logical_or if absorbing else xp.logical_and
-    out = arrays[0]
-    for x in arrays[1:]:
-        out = op(out, x)
-    return xp.asarray(out, bool)
-
-
-def _union_leaf(*leaves: Any) -> Any:
-    return _combine_leaves(leaves, absorbing=True)
-
-
-def _intersection_leaf(*leaves: Any) -> Any:
-    return _combine_leaves(leaves, absorbing=False)
-
-
-def _complement_leaf(x: Any) -> Any:
-    return (not x) if _is_scalar_bool(x) else _xp(x).logical_not(x)
-
-
-def mask_union(*masks: Mask) -> Mask:
-    """Elements selected by any of the masks.
-
-    >>> import numpy as np, idesign as ids
-    >>> ids.tree.mask_union({'w': np.array([True, False])}, {'w': np.array([False, False])})
-    {'w': array([ True, False])}
-    """
-    return _combine(masks, _union_leaf, "mask_union")
-
-
-def mask_intersection(*masks: Mask) -> Mask:
-    """Elements selected by every mask.
-
-    >>> import numpy as np, idesign as ids
-    >>> ids.tree.mask_intersection({'w': np.array([True, True])}, {'w': np.array([False, True])})
-    {'w': array([False,  True])}
-    """
-    return _combine(masks, _intersection_leaf, "mask_intersection")
-
-
-def mask_complement(mask: Mask) -> Mask:
-    """Elements not selected by the mask.
-
-    >>> import numpy as np, idesign as ids
-    >>> ids.tree.mask_complement({'w': np.array([True, False]), 'b': True})
-    {'b': False, 'w': array([False,  True])}
-    """
-    return jax.tree_util.tree_map(_complement_leaf, mask)
-
-
-def mask_difference(mask: Mask, remove: Mask) -> Mask:
-    """Elements selected by ``mask`` and not by ``remove``.
-
-    >>> import numpy as np, idesign as ids
-    >>> ids.tree.mask_difference({'w': True}, {'w': np.array([True, False])})
-    {'w': array([False,  True])}
-    """
-    return _combine([mask, mask_complement(remove)], _intersection_leaf, "mask_difference")
-
-
-class MaskReport(NamedTuple):
-    """Selected elements per layer (a parameter path without its last segment, e.g. ``blocks.0.attn.q_proj``).
-
-    ``layers`` maps each layer to ``(selected, total)``; ``str(report)`` renders a table.
-    """
-
-    layers: dict[str, tuple[int, int]]
-    selected: int
-    total: int
-
-    @property
-    def fraction(self) -> float:
-        return self.selected / self.total if self.total else 0.0
-
-    def fractions(self) -> dict[str, float]:
-        """``{layer: selected / total}``."""
-        return {k: (s / t if t else 0.0) for k, (s, t) in self.layers.items()}
-
-    def __str__(self) -> str:
-        rows = [(k, s, t) for k, (s, t) in self.layers.items()] + [("total", self.selected, self.total)]
-        width = max(len(r[0]) for r in rows)
-        lines = [f"{'layer':<{width}}  {'selected':>10}  {'total':>10}  {'fraction':>8}"]
-        for name, s, t in rows:
-            lines.append(f"{name:<{width}}  {s:>10,}  {t:>10,}  {(s / t if t else 0.0):>8.2%}")
-        return "\n".join(lines)
-
-
-def mask_size_report(mask: Mask, params: PyTree | None = None) -> MaskReport:
-    """Counts selected elements per layer and in total.
-
-    ``params`` gives each leaf's size; it is required when the mask has whole-leaf ``bool`` leaves
-    (array leaves of the parameter's full shape carry their own size).
-
-    >>> import numpy as np, jax.numpy as jnp, idesign as ids
-    >>> params = {'mlp': {'kernel': jnp.zeros((2, 4)), 'bias': jnp.zeros(4)}}
-    >>> report = ids.tree.mask_size_report({'mlp': {'kernel': np.array([[True, False, False, True]]), 'bias': True}}, params)
-    >>> report.layers, report.fraction
-    ({'mlp': (8, 12)}, 0.6666666666666666)
-    >>> print(report)
-    layer    selected       total  fraction
-    mlp             8          12    66.67%
-    total           8          12    66.67%
-    """
-    if params is not None:
-        check_mask(params, mask)
-        sizes = {p: int(np.size(x)) if not hasattr(x, "size") else int(x.size)
-                 for p, x in named_leaves(params).items()}
-    layers: dict[str, tuple[int, int]] = {}
-    for path, m in named_leaves(mask).items():
-        if params is not None:
-            size = sizes[path]
-        elif _is_whole(m):
-            raise ValueError(f"mask_size_report: leaf {path} is a whole-leaf bool; pass `params` "
-                             "so its size is known.")
-        else:
-            size = int(np.size(m))
-        if _is_whole(m):
-            selected = size if bool(m) else 0
-        elif np.size(m):
-            # A compact leaf's flags each stand for size / m.size elements (its broadcast copies).
-            selected = int(np.count_nonzero(np.asarray(m))) * (size // int(np.size(m)))
-        else:
-            selected = 0
-        layer = path.rsplit(".", 1)[0] if "." in path else path
-        s, t = layers.get(layer, (0, 0))
-        layers[layer] = (s + selected, t + size)
-    return MaskReport(layers, sum(s for s, _ in layers.values()), sum(t for _, t in layers.values()))
-
-
-def random_mask(params: PyTree, count: int, *, seed: int, within: Mask | None = None) -> Mask:
-    """``count`` elements chosen uniformly at random (among those of ``within``, if given).
-
-    The control for a circuit mask: a random mask of the same size (``mask_size_report(m).selected``).
-
-    >>> import jax.numpy as jnp, idesign as ids
-    >>> m = ids.tree.random_mask({'w': jnp.zeros((4, 4)), 'b': jnp.zeros(4)}, 5, seed=0)
-    >>> ids.tree.mask_size_report(m, {'w': jnp.zeros((4, 4)), 'b': jnp.zeros(4)}).selected
-    5
-    """
-    within = full_mask(params, True) if within is None else within
-    check_mask(params, within, what="within")
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    allowed = [np.broadcast_to(np.asarray(m, bool), np.shape(p)).reshape(-1)
-               for p, m in zip(leaves, treedef.flatten_up_to(within))]
-    offsets = np.cumsum([0] + [a.size for a in allowed])
-    eligible = np.flatnonzero(np.concatenate(allowed)) if allowed else np.zeros(0, np.int64)
-    if not 0 <= count <= eligible.size:
-        raise ValueError(f"random_mask: count={count}, but only {eligible.size} elements are eligible.")
-    chosen = np.zeros(int(offsets[-1]), bool)
-    chosen[np.random.default_rng(seed).choice(eligible, size=count, replace=False)] = True
-    out = [chosen[offsets[i]:offsets[i + 1]].reshape(np.shape(p)) for i, p in enumerate(leaves)]
-    return jax.tree_util.tree_unflatten(treedef, [m if m.any() else False for m in out])
+__all__ = ["key_str", "path_str", "leaves_with_paths", "named_leaves", "map_with_path", "matches", "select",
+           "expand_patterns", "unknown_name_message", "structure_diff", "Kernel", "resolve_kernels"]

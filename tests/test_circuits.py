@@ -7,13 +7,13 @@ import pytest
 
 import idesign as ids
 import idesign.circuits as circuits
-from idesign import tree
+from idesign import masks, tree
 from tests.conftest import build, random_tokens
 
 
 def dense(mask, params):
     """Every leaf as a bool array of the parameter's shape, keyed by dotted path."""
-    tree.check_mask(params, mask)
+    masks.check(params, mask)
     return {p: np.broadcast_to(np.asarray(m, bool), np.shape(params_leaf))
             for (p, m), params_leaf in zip(tree.named_leaves(mask).items(), tree.named_leaves(params).values())}
 
@@ -101,16 +101,16 @@ def test_masks_of_heads_and_neurons_are_compact_and_broadcast(tiny_config):
     assert attn["q_proj"]["kernel"].shape == (1, 32) and attn["o_proj"]["kernel"].shape == (32, 1)
     assert mlp["up"]["kernel"].shape == (1, 128) and mlp["down"]["kernel"].shape == (128, 1)
     assert attn["q_proj"]["bias"].shape == (32,) and m["blocks"][1]["attn"]["q_proj"]["kernel"] is False
-    assert tree.mask_fits((1, 32), (32, 32)) and not tree.mask_fits((32,), (32, 32))
+    assert masks.fits((1, 32), (32, 32)) and not masks.fits((32,), (32, 32))
     # A union with an element mask on the same leaf broadcasts to the full shape.
-    elem = tree.full_mask(params, False, dense=True)
+    elem = masks.full(params, False, dense=True)
     elem["blocks"][0]["attn"]["q_proj"]["kernel"][3, 0] = True
-    u = tree.mask_union(m, elem)["blocks"][0]["attn"]["q_proj"]["kernel"]
+    u = masks.union(m, elem)["blocks"][0]["attn"]["q_proj"]["kernel"]
     assert u.shape == (32, 32) and u.sum() == 32 * 8 + 1
     bad = jax.tree.map(lambda x: x, m)
     bad["blocks"][0]["attn"]["q_proj"]["kernel"] = np.zeros(32, bool)   # rank 1 for a rank-2 kernel: ambiguous
     with pytest.raises(ValueError, match=r"q_proj\.kernel has shape \(32,\)"):
-        tree.check_mask(params, bad)
+        masks.check(params, bad)
 
 
 def test_paths_mask_and_circuit_mask(tiny_config):
@@ -120,7 +120,7 @@ def test_paths_mask_and_circuit_mask(tiny_config):
     assert on == ["blocks.1.mlp.down.bias", "blocks.1.mlp.down.kernel", "blocks.1.mlp.up.bias",
                   "blocks.1.mlp.up.kernel", "embed.embedding"]
     union = circuits.circuit_mask(params, tiny_config, heads=[(0, 2)], neurons=[(1, 4)], paths="final_norm.*")
-    expected = tree.mask_union(circuits.heads_mask(params, tiny_config, [(0, 2)]),
+    expected = masks.union(circuits.heads_mask(params, tiny_config, [(0, 2)]),
                                circuits.neurons_mask(params, tiny_config, [(1, 4)]),
                                circuits.paths_mask(params, "final_norm.*"))
     assert_masks_equal(dense(union, params), dense(expected, params))
@@ -180,48 +180,48 @@ def test_mask_algebra_with_whole_leaf_and_element_leaves():
     y = {"a": np.array([[1, 1, 0], [0, 0, 0]], bool), "b": np.array([1, 0, 0, 1], bool), "c": False}
     d = lambda m: dense(m, params)
     dx, dy = d(x), d(y)
-    for op, expect in ((tree.mask_union, np.logical_or), (tree.mask_intersection, np.logical_and)):
+    for op, expect in ((masks.union, np.logical_or), (masks.intersection, np.logical_and)):
         got = d(op(x, y))
         for p in dx:
             np.testing.assert_array_equal(got[p], expect(dx[p], dy[p]))
-    got = d(tree.mask_difference(x, y))
+    got = d(masks.difference(x, y))
     for p in dx:
         np.testing.assert_array_equal(got[p], dx[p] & ~dy[p])
-    got = d(tree.mask_complement(x))
+    got = d(masks.complement(x))
     for p in dx:
         np.testing.assert_array_equal(got[p], ~dx[p])
     # De Morgan, and whole-leaf bools stay bools.
-    lhs, rhs = tree.mask_complement(tree.mask_union(x, y)), tree.mask_intersection(tree.mask_complement(x), tree.mask_complement(y))
+    lhs, rhs = masks.complement(masks.union(x, y)), masks.intersection(masks.complement(x), masks.complement(y))
     assert_masks_equal(d(lhs), d(rhs))
-    assert tree.mask_union(x, y)["b"] is True and tree.mask_union(x, y)["c"] is False
-    assert tree.full_mask(params, True) == {"a": True, "b": True, "c": True}
-    assert d(tree.full_mask(params, False, dense=True))["a"].shape == (2, 3)
+    assert masks.union(x, y)["b"] is True and masks.union(x, y)["c"] is False
+    assert masks.full(params, True) == {"a": True, "b": True, "c": True}
+    assert d(masks.full(params, False, dense=True))["a"].shape == (2, 3)
     # jax arrays combine too.
-    j = tree.mask_union({"a": jnp.asarray(x["a"]), "b": False, "c": False}, y)
+    j = masks.union({"a": jnp.asarray(x["a"]), "b": False, "c": False}, y)
     np.testing.assert_array_equal(j["a"], dx["a"] | dy["a"])
 
 
 def test_check_mask_names_the_offending_path(tiny_config):
     _, params = build(tiny_config)
     good = circuits.heads_mask(params, tiny_config, [(0, 0)])
-    tree.check_mask(params, good)
+    masks.check(params, good)
     bad = jax.tree.map(lambda m: m, good)
     bad["blocks"][0]["attn"]["q_proj"]["kernel"] = np.zeros((3, 3), bool)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.kernel has shape \(3, 3\); expected .*\(32, 32\)"):
-        tree.check_mask(params, bad)
+        masks.check(params, bad)
     floats = jax.tree.map(lambda m: m, good)
     floats["blocks"][0]["attn"]["o_proj"]["kernel"] = np.ones((32, 32), np.float32)
     with pytest.raises(TypeError, match=r"blocks\.0\.attn\.o_proj\.kernel has dtype float32; masks must be boolean"):
-        tree.check_mask(params, floats)
+        masks.check(params, floats)
     missing = jax.tree.map(lambda m: m, good)
     del missing["blocks"][1]["mlp"]
     with pytest.raises(ValueError, match=r"missing \['blocks\.1\.mlp\.down\.bias'"):
-        tree.check_mask(params, missing)
+        masks.check(params, missing)
     extra = {**good, "lm_head": True}
     with pytest.raises(ValueError, match=r"unexpected \['lm_head'\]"):
-        tree.check_mask(params, extra)
+        masks.check(params, extra)
     with pytest.raises(ValueError, match="structure"):
-        tree.mask_union(good, missing)
+        masks.union(good, missing)
     with pytest.raises(ValueError, match="shape"):
         circuits.ablate_weights(params, bad)
 
@@ -229,7 +229,7 @@ def test_check_mask_names_the_offending_path(tiny_config):
 def test_mask_size_report(tiny_config):
     _, params = build(tiny_config)
     D, Dh = tiny_config.d_model, tiny_config.head_dim
-    report = tree.mask_size_report(circuits.heads_mask(params, tiny_config, [(0, 1)]), params)
+    report = masks.size_report(circuits.heads_mask(params, tiny_config, [(0, 1)]), params)
     assert report.layers["blocks.0.attn.q_proj"] == (D * Dh + Dh, D * D + D)
     assert report.layers["blocks.0.attn.o_proj"] == (Dh * D, D * D + D)
     assert report.layers["blocks.1.attn.q_proj"] == (0, D * D + D)
@@ -239,19 +239,19 @@ def test_mask_size_report(tiny_config):
     text = str(report)
     assert "blocks.0.attn.q_proj" in text and "25.00%" in text and text.splitlines()[-1].startswith("total")
     with pytest.raises(ValueError, match="pass `params`"):
-        tree.mask_size_report(circuits.heads_mask(params, tiny_config, [(0, 1)]))
+        masks.size_report(circuits.heads_mask(params, tiny_config, [(0, 1)]))
 
 
 def test_random_mask_has_the_requested_size_within_the_allowed_region(tiny_config):
     _, params = build(tiny_config)
     within = circuits.paths_mask(params, "blocks.*.mlp.*.kernel")
-    m = tree.random_mask(params, 500, seed=3, within=within)
-    report = tree.mask_size_report(m, params)
+    m = masks.random(params, 500, seed=3, within=within)
+    report = masks.size_report(m, params)
     assert report.selected == 500
-    assert tree.mask_size_report(tree.mask_difference(m, within), params).selected == 0
-    assert tree.mask_size_report(tree.random_mask(params, 500, seed=3, within=within), params).layers == report.layers
+    assert masks.size_report(masks.difference(m, within), params).selected == 0
+    assert masks.size_report(masks.random(params, 500, seed=3, within=within), params).layers == report.layers
     with pytest.raises(ValueError, match="only"):
-        tree.random_mask(params, 10**9, seed=0)
+        masks.random(params, 10**9, seed=0)
 
 
 # --- bad circuit specs ---------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def test_selection_by_top_k_and_threshold_feeds_the_masks(tiny_config):
     assert circuits.select_top_k(scores, 0) == []
     assert circuits.select_threshold(scores, 0.4) == [(1, 0), (0, 1), (1, 2), (1, 3)]
     m = circuits.heads_mask(params, tiny_config, circuits.select_top_k(scores, 3))
-    assert tree.mask_size_report(m, params).layers["blocks.1.attn.o_proj"][0] == 2 * 8 * 32
+    assert masks.size_report(m, params).layers["blocks.1.attn.o_proj"][0] == 2 * 8 * 32
     with pytest.raises(ValueError, match=r"k=9; expected an integer in 0\.\.8"):
         circuits.select_top_k(scores, 9)
     with pytest.raises(ValueError, match="NaN"):
@@ -424,7 +424,7 @@ def test_shared_mask_is_exactly_what_no_component_owns(tiny_config, tiny_llama_c
 def test_budget_circuit_ranks_per_parameter_and_fits_the_budget(tiny_config):
     _, params = build(tiny_config)
     c = tiny_config
-    size = lambda m: tree.mask_size_report(m, params).selected
+    size = lambda m: masks.size_report(m, params).selected
     head, neuron = (size(circuits.heads_mask(params, c, [(0, 0)])), size(circuits.neurons_mask(params, c, [(0, 0)])))
     # one head with a large total score but a low score per parameter, and two neurons worth more per parameter
     heads = jnp.zeros((c.n_layers, c.n_heads)).at[1, 0].set(10.0 * head / neuron)

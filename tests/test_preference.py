@@ -82,7 +82,7 @@ def test_the_step_trains_toward_chosen_and_never_moves_the_reference(model):
 
 def test_the_step_composes_with_freezing(model):
     apply, ref, _, batch = model
-    mask = ids.tree.full_mask(ref, False)
+    mask = ids.masks.full(ref, False)
     mask["embed"]["embedding"] = True
     opt = ids.optim.frozen(optax.adam(1e-2), freeze_mask=mask)
     state, _ = pref.make_dpo_step(apply, ref, opt)(ids.init_train_state(ref, opt), batch)

@@ -1,7 +1,7 @@
 """A skill-mixture LM corpus: memorized strings, arithmetic, frequent and rare facts, a formal pattern.
 
 The corpus exists to measure *which skills a weight edit keeps* (Merullo et al. 2025, arXiv
-2510.24256; ``shared/METHODS.md`` §3). Every document is one short row in a closed word-level
+2510.24256; ``docs/methods.md`` §3). Every document is one short row in a closed word-level
 vocabulary (:class:`~idesign.data.tokenizer.WordTokenizer`), and every skill has an exact-match
 test: a prompt and a fixed-length answer (scored by greedy decoding in :mod:`idesign.evaluation`).
 

@@ -164,12 +164,9 @@ def _check_params(params: Params, template: Mapping[tuple, tuple[int, ...]], *,
     # Checkpoints restore integer keys (list indices) as strings; accept both spellings.
     by_str = {tuple(map(str, k)): v for k, v in flat.items()}
     known = {tuple(map(str, k)) for k in template}
-    missing = [k for k in template if tuple(map(str, k)) not in by_str]
-    extra = sorted(".".join(k) for k in by_str if k not in known)
-    if missing or extra:
-        raise ValueError(
-            "params do not match the model's parameters: "
-            f"missing {['.'.join(map(str, k)) for k in missing]}, unexpected {extra}.{hint}")
+    if set(by_str) != known:
+        raise ValueError(tree_lib.structure_diff(sorted(".".join(k) for k in known), sorted(".".join(k) for k in by_str),
+                                                 what="params", against="the model's parameters") + f".{hint}")
     out = {}
     for key, shape in template.items():
         value = by_str[tuple(map(str, key))]

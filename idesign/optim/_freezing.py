@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 
 Mask = Any
@@ -47,7 +48,7 @@ def _zero_frozen(path: str, update: Any, frozen: Any) -> Any:
         return update
     if _is_whole(frozen):
         return jnp.full_like(update, -0.0) if bool(frozen) else update
-    if not tree_lib.mask_fits(np.shape(frozen), np.shape(update)):
+    if not masks_lib.fits(np.shape(frozen), np.shape(update)):
         raise ValueError(f"mask leaf {path} has shape {tuple(np.shape(frozen))} but the update has shape "
                          f"{tuple(np.shape(update))}; masks must fit the parameters' shapes.")
     return jnp.where(frozen, jnp.asarray(-0.0, update.dtype), update)
@@ -74,7 +75,7 @@ def freeze(mask: Mask) -> optax.GradientTransformation:
 
     Returns:
       A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``). ``init`` validates the
-      mask against the parameters (:func:`idesign.tree.check_mask`).
+      mask against the parameters (:func:`idesign.masks.check`).
 
     >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
     >>> params = {'w': jnp.ones(3)}
@@ -89,7 +90,7 @@ def freeze(mask: Mask) -> optax.GradientTransformation:
     _check_dtype(mask)
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        tree_lib.check_mask(params, mask)
+        masks_lib.check(params, mask)
         return optax.EmptyState()
 
     def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
@@ -106,7 +107,7 @@ def _one_mask(freeze_mask: Mask | None, train_mask: Mask | None) -> Mask:
                         f"{'both' if freeze_mask is not None else 'neither'}.")
     mask = freeze_mask if freeze_mask is not None else train_mask
     _check_dtype(mask)
-    return mask if freeze_mask is not None else tree_lib.mask_complement(mask)
+    return mask if freeze_mask is not None else masks_lib.complement(mask)
 
 
 class FrozenState(NamedTuple):
@@ -168,7 +169,7 @@ def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None 
     inner = optax.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
     def init_fn(params: PyTree) -> FrozenState:
-        tree_lib.check_mask(params, mask)
+        masks_lib.check(params, mask)
         return FrozenState(inner.init(params))
 
     def update_fn(updates: PyTree, state: FrozenState, params: PyTree | None = None, **extra_args):

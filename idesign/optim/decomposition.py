@@ -286,8 +286,6 @@ def concepts_for(params: PyTree, spec: Mapping[str, Any], *, side: ConceptSide =
     if side not in CONCEPT_SIDES:
         raise ValueError(f"concepts_for: side must be one of {CONCEPT_SIDES}; got {side!r}.")
     leaves = tree_lib.named_leaves(params)
-    paths = list(leaves)
-    dense = dict(dense_layers or {})
     names: dict[str, tuple[str, ...]] = {}
     directions: dict[str, Array] = {}
     transposed: list[str] = []
@@ -301,12 +299,7 @@ def concepts_for(params: PyTree, spec: Mapping[str, Any], *, side: ConceptSide =
         if len(these) != d.shape[0]:
             raise ValueError(f"concepts_for: {pattern!r} has {len(these)} names {list(these)} for {d.shape[0]} "
                              "directions; give one name per row.")
-        targets = [(p, False) for p in paths if tree_lib.matches(p, pattern)]
-        targets += [(k, not k.endswith(".kernel")) for s, k in dense.items() if tree_lib.matches(s, pattern)]
-        targets = list(dict.fromkeys(targets))
-        if not targets:
-            raise KeyError(tree_lib.unknown_name_message(pattern, paths + list(dense), what="parameter path or dense layer"))
-        for path, is_transposed in targets:
+        for path, is_transposed in dict.fromkeys(tree_lib.resolve_kernels(params, pattern, dense_layers).values()):
             if path in names:
                 raise ValueError(f"concepts_for: kernel {path} is named by more than one pattern; give each kernel "
                                  "its concepts once (stack the directions).")

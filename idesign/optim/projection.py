@@ -85,14 +85,10 @@ def _flatten_specs(subspaces: PyTree, params: PyTree) -> list[Any]:
     if bad:
         raise TypeError(f"subspace tree leaf {bad[0]} is {type(got[bad[0]]).__name__}; expected a Subspace, a "
                         "tuple of Subspaces (one per side) or None.")
-    if list(got) != want:
-        missing = [p for p in want if p not in got]
-        extra = [p for p in got if p not in set(want)]
-        parts = ([f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}"] if missing else [])
-        parts += ([f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}"] if extra else [])
-        raise ValueError("the subspace tree does not have the parameters' structure: " + "; ".join(
-            parts or ["the leaf order differs"]) + ". Build it with subspaces_for(params, {pattern: Subspace}), "
-            "with None for leaves that have no subspace.")
+    problem = tree_lib.structure_diff(want, list(got), what="the subspace tree")
+    if problem:
+        raise ValueError(problem + ". Build it with subspaces_for(params, {pattern: Subspace}), with None for "
+                         "leaves that have no subspace.")
     return [got[p] for p in want]
 
 
@@ -343,14 +339,10 @@ def project_conflicting(mode: Literal["pcgrad", "orthogonal"] = "pcgrad", *,
             raise TypeError(f"project_conflicting: the step must pass the protected loss's gradient as the keyword "
                             f"argument {arg_name}= (got {sorted(extra_args)}).")
         protected = extra_args[arg_name]
-        u_struct, h_struct = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(protected)
-        if u_struct != h_struct:
-            names_u = list(tree_lib.named_leaves(updates))
-            names_h = list(tree_lib.named_leaves(protected))
-            missing = [p for p in names_u if p not in set(names_h)]
-            extra = [p for p in names_h if p not in set(names_u)]
-            raise ValueError(f"project_conflicting: {arg_name} does not have the updates' structure: missing "
-                             f"{missing[:6]}, unexpected {extra[:6]}.")
+        problem = tree_lib.structure_diff(updates, protected, what=f"project_conflicting: {arg_name}",
+                                          against="the updates' structure")
+        if problem:
+            raise ValueError(problem + ".")
         f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if scope == "leaf":
             def leaf(u, h):
@@ -365,11 +357,6 @@ def project_conflicting(mode: Literal["pcgrad", "orthogonal"] = "pcgrad", *,
         return jax.tree_util.tree_map(lambda u, h: (f32(u) - c * f32(h)).astype(u.dtype), updates, protected), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _transposed_layout(kernel_path: str) -> bool:
-    # embedding tables ([vocab, d]) serve as the tied unembedding's kernel in [d_out, d_in] layout
-    return not kernel_path.endswith(".kernel")
 
 
 def subspaces_for(params: PyTree, spec: Mapping[str, Subspace | Sequence[Subspace]], *,
@@ -394,19 +381,11 @@ def subspaces_for(params: PyTree, spec: Mapping[str, Subspace | Sequence[Subspac
     >>> tree['blocks'][0]['attn']['q_proj']['kernel'], tree['embed']['embedding'], tree['blocks'][0]['attn']['q_proj']['bias']
     (Subspace(rank=2, dim=8, side='input'), Subspace(rank=2, dim=8, side='output'), None)
     """
-    paths = list(tree_lib.named_leaves(params))
-    dense = dict(dense_layers or {})
     chosen: dict[str, list[Subspace]] = {}
     for pattern, value in spec.items():
         subs = _as_tuple(value if not isinstance(value, list) else tuple(value))
-        targets: list[tuple[str, bool]] = [(p, False) for p in paths if tree_lib.matches(p, pattern)]
-        targets += [(k, _transposed_layout(k)) for site, k in dense.items() if tree_lib.matches(site, pattern)]
-        targets = list(dict.fromkeys(targets))  # a pattern like '*' may name a kernel both ways
-        if not targets:
-            raise KeyError(tree_lib.unknown_name_message(pattern, paths + list(dense), what="parameter path or dense layer"))
-        for path, transposed in targets:
-            if path not in paths:
-                raise KeyError(f"dense layer kernel {path!r} is not a parameter path of these params.")
+        # a pattern like '*' may name a kernel both by its path and by its layer: dedupe
+        for path, transposed in dict.fromkeys(tree_lib.resolve_kernels(params, pattern, dense_layers).values()):
             for s in subs:
                 if transposed and s.side != "flat":
                     s = s.with_side("output" if s.side == "input" else "input")

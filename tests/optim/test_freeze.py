@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 import idesign.circuits as circuits
 import idesign.optim as optim
-from idesign import tree
+from idesign import masks
 from tests.conftest import run_with_8_devices, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +128,7 @@ def test_wrapped_equals_chained_when_the_optimizer_is_elementwise():
 
 def test_fully_frozen_leaves_keep_no_optimizer_state(tiny_config):
     _, params = build(tiny_config)
-    mask = tree.mask_union(circuits.paths_mask(params, ["embed.*", "pos_embed.*", "blocks.0.*"]),
+    mask = masks.union(circuits.paths_mask(params, ["embed.*", "pos_embed.*", "blocks.0.*"]),
                            circuits.heads_mask(params, tiny_config, [(1, 2)]))
     opt = optim.frozen(optax.adamw(1e-3), freeze_mask=mask)
     state = opt.init(params)
@@ -152,7 +152,7 @@ def test_train_mask_is_the_freeze_mask_complement():
     grads = jax.tree.map(jnp.ones_like, params)
     keep = {"w": np.array([[True, False, True], [False, False, True]]), "b": False}
     by_train = optim.frozen(optax.sgd(1.0), train_mask=keep)
-    by_freeze = optim.frozen(optax.sgd(1.0), freeze_mask=tree.mask_complement(keep))
+    by_freeze = optim.frozen(optax.sgd(1.0), freeze_mask=masks.complement(keep))
     a, _ = by_train.update(grads, by_train.init(params), params)
     b, _ = by_freeze.update(grads, by_freeze.init(params), params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
