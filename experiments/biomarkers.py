@@ -1,6 +1,6 @@
 """Biomarkers: can interpretability of a trained model recover a planted biomarker, and only a real one?
 
-Hypothesis (METHODS.md §5). A fragment-set model trained to predict disease from cfDNA fragments
+Hypothesis (docs/methods.md §5). A fragment-set model trained to predict disease from cfDNA fragments
 learns whatever separates cases from controls. Opening it up — probes on its sample embedding,
 SAE features of the embedding, attribution of its logit to fragments — recovers the property
 the data generator planted (by default the short-fragment fraction), ranks it first, and a

@@ -9,7 +9,7 @@ shortcut; the test is out of distribution (OOD): the same task with ``s`` indepe
 reads only the cue scores 0.5 OOD; one that learned the partition scores 1.0. The directions arms use are
 found on a *concept* set (``s`` independent of ``y``, labelled by the cue only), never on test rows.
 
-Hypothesis (METHODS.md §4). Shaping what the loss can use (CAFT, preventative steering, gradient routing)
+Hypothesis (docs/methods.md §4). Shaping what the loss can use (CAFT, preventative steering, gradient routing)
 keeps the cue out of the fine-tuned model; fighting the gradient (training against a frozen cue probe,
 projecting the cue out of one layer's updates) does not: gradient descent reaches the cue by another route,
 and evades the probe.

@@ -1,6 +1,6 @@
 """Hallucination, a fair test: confident hallucinations, claim-level probes, RLFR-style rewards on a frozen teacher.
 
-Hypotheses (RLFR, Prasad et al. 2026; Obeso et al. 2025; METHODS.md §1-2): (a) a claim-level probe on the
+Hypotheses (RLFR, Prasad et al. 2026; Obeso et al. 2025; docs/methods.md §1-2): (a) a claim-level probe on the
 frozen model's activations detects hallucinated claims better than output-confidence baselines when the
 model's wrong answers are *confident*; (b) RL where the frozen teacher reads the student's completion and
 the probe scores each claim reduces the true hallucination rate; (c) reading a frozen teacher (not the

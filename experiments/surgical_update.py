@@ -7,7 +7,7 @@ up to a budget of k% of the parameters, frozen element by element with ``ids.opt
 (target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of full fine-tuning, and protects T1 better than a
 random mask of the same size in the same tensors (by more than 2 paired standard errors).
 
-A fair test (METHODS.md §8):
+A fair test (docs/methods.md §8):
 - **Pretrain once.** The base model is trained on T1 + T2 once per (config, seed) and cached with
   ``ids.pretrain.cached``; every arm of a seed starts from the same checkpoint.
 - **The shortcut is closed.** T3 (``copy``) has T1's format; only the task token differs. Fine-tuned on T3

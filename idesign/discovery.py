@@ -1,6 +1,6 @@
 """Biomarker discovery from a trained model's internals: candidates, evidence, ranking, validation.
 
-The workflow (METHODS.md §5): train a model on samples, open it up, distil a human-readable
+The workflow (docs/methods.md §5): train a model on samples, open it up, distil a human-readable
 biomarker, validate it on an independent cohort. Given a model whose forward pass yields a
 sample **embedding** and a disease **logit**:
 
