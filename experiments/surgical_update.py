@@ -143,6 +143,9 @@ def budget_name(arm: str, budget: float, config: Config) -> str:
 
 
 def check_config(config: Config) -> None:
+    if not 0 <= config.finetune_warmup < config.finetune_steps:
+        raise ValueError(f"Config.finetune_warmup={config.finetune_warmup} must be in [0, finetune_steps="
+                         f"{config.finetune_steps}).")
     if config.replay not in config.replays:
         raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
     if config.budget not in config.budgets:
