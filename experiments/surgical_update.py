@@ -105,7 +105,7 @@ class Config:
     length: int = 6
     n_symbols: int = 16
     n_train: int = 4000              # training rows per task
-    n_eval: int = 256                # held-out rows per task
+    n_eval: int = 200                # held-out rows per task
     n_attribution: int = 256         # T1 rows the attribution is computed on
     d_model: int = 64
     n_layers: int = 2
@@ -114,9 +114,11 @@ class Config:
     pretrain_steps: int = 700
     pretrain_lr: float = 3e-3
     warmup: int = 100
-    finetune_steps: int = 250
-    finetune_lr: float = 1e-3
-    eval_every: int = 25
+    finetune_batch: int = 32
+    finetune_steps: int = 150
+    finetune_lr: float = 3e-4        # peak; warmup then cosine decay (a constant 1e-3 from fresh Adam moments erased
+    finetune_warmup: int = 20        # T1 within 20 steps even with 50% replay: the upper bound was not reachable)
+    eval_every: int = 15
     replays: tuple[float, ...] = (0.01, 0.02, 0.05)
     replay: float = 0.02             # the headline group
     joint_replay: float = 0.5        # the upper-bound group
@@ -127,7 +129,8 @@ class Config:
 
 QUICK = Config()
 FULL = Config(length=10, n_symbols=32, n_train=50_000, n_eval=2000, n_attribution=2000, d_model=256, n_layers=4,
-              n_heads=8, batch_size=128, pretrain_steps=10_000, finetune_steps=2000, eval_every=100,
+              n_heads=8, batch_size=128, pretrain_steps=10_000, finetune_steps=2000, finetune_batch=128,
+              finetune_warmup=100, eval_every=100,
               seeds=tuple(range(10)))
 
 
@@ -140,6 +143,9 @@ def budget_name(arm: str, budget: float, config: Config) -> str:
 
 
 def check_config(config: Config) -> None:
+    if not 0 <= config.finetune_warmup < config.finetune_steps:
+        raise ValueError(f"Config.finetune_warmup={config.finetune_warmup} must be in [0, finetune_steps="
+                         f"{config.finetune_steps}).")
     if config.replay not in config.replays:
         raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
     if config.budget not in config.budgets:
@@ -180,7 +186,9 @@ def _compiled(config: Config) -> dict[str, Any]:
     """One model function, loss and compiled steps per config, shared by every seed (no recompiling)."""
     apply, _ = ids.init_transformer(model_config(config), seed=0)
     loss = ids.lm_loss(apply)
-    ft_opt = frozen_by_argument(optax.adam(config.finetune_lr))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.finetune_lr, config.finetune_warmup,
+                                                  config.finetune_steps)
+    ft_opt = frozen_by_argument(optax.adam(schedule))
     ft_step = ids.make_train_step(loss, ft_opt, jit=False)
 
     def correct(params, tokens, mask):
@@ -326,7 +334,7 @@ def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, An
     index = np.array([groups.index(g) for g, _, _ in runs])
     state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(stack([params] * len(runs)))
     masks = stack([m for _, _, m in runs])
-    its = [batches(data[g], config.batch_size, seed) for g in groups]
+    its = [batches(data[g], config.finetune_batch, seed) for g in groups]
     trajectory = [(0, evaluate(state.params))]
     for step in tqdm(range(1, config.finetune_steps + 1), disable=not progress, desc=f"{NAME} fine-tune seed {seed}"):
         per_group = [next(it) for it in its]
@@ -554,8 +562,8 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
         _common.markdown_table(["leaf", *leaf], leaf_rows),
         "",
         f"Config: {config.d_model}-wide, {config.n_layers}-layer transformer; pretraining {config.pretrain_steps} "
-        f"steps on T1 + T2; fine-tuning {config.finetune_steps} steps (Adam {config.finetune_lr:g}), batch "
-        f"{config.batch_size}; groups {', '.join(groups)}.",
+        f"steps on T1 + T2; fine-tuning {config.finetune_steps} steps (Adam, peak {config.finetune_lr:g}, warmup "
+        f"{config.finetune_warmup}, cosine decay), batch {config.finetune_batch}; groups {', '.join(groups)}.",
         "",
         "![retention vs T3](retention_vs_t3.png)",
     ]

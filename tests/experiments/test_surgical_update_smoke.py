@@ -11,7 +11,7 @@ import idesign as ids
 from experiments import surgical_update as su
 
 TINY = dataclasses.replace(su.QUICK, length=3, n_symbols=4, n_train=64, n_eval=32, n_attribution=32, d_model=16,
-                           n_layers=1, n_heads=2, batch_size=16, pretrain_steps=20, warmup=5, finetune_steps=4,
+                           n_layers=1, n_heads=2, batch_size=16, pretrain_steps=20, warmup=5, finetune_steps=4, finetune_warmup=1,
                            eval_every=2, replays=(0.05,), replay=0.05, budgets=(0.1, 0.5), budget=0.1,
                            seeds=(0, 1))
 
