@@ -60,3 +60,42 @@ def test_verify_bad_input_names_the_leaf():
         ids.optim.verify_frozen({'w': jnp.zeros(2)}, {'w': jnp.zeros(3)}, {'w': np.zeros(2, bool)})
     with pytest.raises(ValueError, match="same tree structure"):
         ids.optim.verify_projected({'w': jnp.zeros(2)}, {'v': jnp.zeros(2)}, {'w': None})
+
+
+def _tiny():
+    return ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2))
+
+
+def test_token_range_checked_and_lists_accepted():
+    apply, params = _tiny()
+    a, _ = apply(params, [[1, 2, 3]])
+    b, _ = apply(params, jnp.array([[1, 2, 3]], jnp.int32))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"id 11 at \[0, 2\] is outside the vocabulary \[0, 11\)"):
+        apply(params, jnp.array([[1, 2, 11]]))
+    with pytest.raises(ValueError, match=r"id -1 at \[0, 0\]"):
+        apply(params, jnp.array([[-1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"shape \[batch, seq\]; got shape \(3,\)"):
+        apply(params, jnp.array([1, 2, 3]))
+
+
+def test_padding_slot_garbage_cannot_reach_valid_positions():
+    apply, params = _tiny()
+    valid = jnp.array([[True, True, False, False]])
+    clean, _ = apply(params, jnp.array([[1, 2, 0, 0]]), valid=valid)
+    # an out-of-range id in a pad slot is allowed (not checked) and gives a NaN embedding there
+    dirty, _ = apply(params, jnp.array([[1, 2, 99, -5]]), valid=valid)
+    np.testing.assert_allclose(dirty[:, :2], clean[:, :2], atol=1e-6)
+    # NaN / inf written into the padded slots' embeddings by a hook
+    poison = ids.Apply(lambda h: jnp.where(valid[..., None], h, jnp.array([jnp.nan, jnp.inf])[jnp.arange(8) % 2]))
+    hooked, _ = apply(params, jnp.array([[1, 2, 0, 0]]), valid=valid, hooks={'embed': poison})
+    np.testing.assert_allclose(hooked[:, :2], clean[:, :2], atol=1e-6)
+
+
+def test_checkify_tokens_inside_jit():
+    from jax.experimental import checkify
+    f = checkify.checkify(jax.jit(lambda t: ids.models.checkify_tokens(t, 11)))
+    err, _ = f(jnp.array([[1, 2]]))
+    assert err.get() is None
+    err, _ = f(jnp.array([[1, 12]]))
+    assert 'max 12' in err.get()
