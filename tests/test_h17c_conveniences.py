@@ -99,3 +99,13 @@ def test_checkify_tokens_inside_jit():
     assert err.get() is None
     err, _ = f(jnp.array([[1, 12]]))
     assert 'max 12' in err.get()
+
+
+def test_from_directions_catches_transposed_basis():
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(8, 2)))[0].T  # [2, 8]
+    assert ids.subspaces.from_directions(basis).rank == 2
+    with pytest.raises(ValueError, match=r"transposed \[d, n\] basis; pass vectors.T"):
+        ids.subspaces.from_directions(basis.T)
+    with pytest.raises(ValueError, match=r"shape \(8, 2\) but dim=8.*pass vectors.T"):
+        ids.subspaces.from_directions(basis.T, dim=8)
+    assert ids.subspaces.from_directions(np.eye(3)[[0, 1, 2, 0]], dim=3).rank == 3
