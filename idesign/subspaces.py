@@ -377,7 +377,7 @@ def from_class_means(acts: Any, labels: Any, *, side: Side = "input") -> Subspac
     if classes.size < 2:
         raise ValueError(f"from_class_means: need at least 2 classes; got {classes.tolist()}.")
     means = np.stack([a[y == c].mean(0) for c in classes])
-    return from_directions((means[1:] - means[0]).astype(_float_dtype(acts)), side=side)
+    return from_directions((means[1:] - means[0]).astype(_float_dtype(acts)), side=side, dim=means.shape[1])
 
 
 def from_contrastive_pairs(positive: Any, negative: Any, *, rank: int | None = None,
@@ -429,7 +429,7 @@ def from_probe(weights: Any, *, side: Side = "input") -> Subspace:
     if w.ndim != 2:
         raise ValueError(f"from_probe: expected weights [d] or [c, d]; got shape {w.shape}.")
     w64 = w.astype(np.float64)
-    return from_directions((w64 - w64.mean(0)).astype(_float_dtype(weights)), side=side)
+    return from_directions((w64 - w64.mean(0)).astype(_float_dtype(weights)), side=side, dim=w64.shape[-1])
 
 
 def extend(subspace: Subspace, new_acts: Any, energy: float = 0.97) -> Subspace:
