@@ -9,7 +9,7 @@ from idesign import (activations, checkpoint, circuits, curvature, data, discove
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import (CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, abstract_like,
                                 restore_checkpoint, save_checkpoint)
-from idesign.hooks import Ablate, Add, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
+from idesign.hooks import Ablate, Add, Apply, Capture, Intervention, Replace, Route, SiteRunner, capture, merge_hooks
 from idesign.models import (KVCache, Transformer, TransformerApply, TransformerConfig, functional, init_transformer,
                             load_pretrained, load_tokenizer)
 

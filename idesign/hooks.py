@@ -17,7 +17,8 @@ never again when only a direction, basis or mask changes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -82,6 +83,36 @@ class Capture(Intervention):
 
     def apply(self, site: str, h: Array) -> Array:
         return h
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn", "with_site"])
+@dataclasses.dataclass(frozen=True)
+class Apply(Intervention):
+    """A one-off hook without subclassing: ``fn(h) -> h'`` (or ``fn(site, h)`` with ``with_site=True``).
+
+    ``fn`` is static (part of the compiled program): a new function recompiles, so pass arrays that
+    change between calls through a pytree intervention (:class:`Add`, :class:`Replace`) instead.
+    The result must keep the activation's shape.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.Apply(lambda h: 2 * h).apply('x', jnp.ones((1, 2)))
+    Array([[2., 2.]], dtype=float32)
+    """
+
+    fn: Callable[..., Array]
+    with_site: bool = False
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Apply: fn must be a callable h -> h' (e.g. `ids.Apply(lambda h: 0.5 * h)`); "
+                            f"got {type(self.fn).__name__} {self.fn!r}.")
+
+    def apply(self, site: str, h: Array) -> Array:
+        out = self.fn(site, h) if self.with_site else self.fn(h)
+        if getattr(out, "shape", None) != h.shape:
+            raise ValueError(f"Apply at {site}: fn returned shape {getattr(out, 'shape', type(out).__name__)} but the "
+                             f"activation has shape {h.shape}; return an array of the same shape.")
+        return out.astype(h.dtype)
 
 
 @_pytree_dataclass

@@ -328,12 +328,14 @@ def _gram_schmidt(vectors: np.ndarray, basis: np.ndarray | None, rtol: float) ->
     return np.stack(kept) if kept else np.zeros((0, d))
 
 
-def from_directions(vectors: Any, *, side: Side = "input", rtol: float = DEPENDENCE_RTOL) -> Subspace:
+def from_directions(vectors: Any, *, side: Side = "input", rtol: float = DEPENDENCE_RTOL,
+                    dim: int | None = None) -> Subspace:
     """Orthonormal basis of the span of ``vectors`` ``[n, d]`` (or one vector ``[d]``), in order.
 
     Gram–Schmidt QR in float64: the first kept direction is the first vector, normalised. A vector
     whose residual after removing the directions kept so far is at most ``rtol`` times its own norm is
-    dropped as dependent (so is a zero vector).
+    dropped as dependent (so is a zero vector). ``dim`` (optional) states the vectors' dimension; without it,
+    more vectors than dimensions that span the whole space are refused as a likely transposed ``[d, n]`` basis.
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> s = ids.subspaces.from_directions(jnp.array([[3., 4., 0.], [6., 8., 0.], [0., 1., 0.]]))
@@ -345,7 +347,16 @@ def from_directions(vectors: Any, *, side: Side = "input", rtol: float = DEPENDE
         v = v[None]
     if v.ndim != 2:
         raise ValueError(f"from_directions: expected vectors [n, d] or [d]; got shape {v.shape}.")
-    return Subspace(jnp.asarray(_gram_schmidt(v, None, rtol), _float_dtype(vectors)), side)
+    if dim is not None and v.shape[1] != dim:
+        hint = " It looks transposed: pass vectors.T." if v.shape[0] == dim else ""
+        raise ValueError(f"from_directions: vectors have shape {v.shape} but dim={dim}; expected [n, {dim}].{hint}")
+    basis = _gram_schmidt(v, None, rtol)
+    if dim is None and v.shape[0] > v.shape[1] and basis.shape[0] == v.shape[1]:
+        # More vectors than dimensions spanning the whole space: almost always a [d, n] basis passed as [n, d].
+        raise ValueError(f"from_directions: {v.shape[0]} vectors of dimension {v.shape[1]} span the whole space, "
+                         f"which usually means a transposed [d, n] basis; pass vectors.T, or dim={v.shape[1]} "
+                         "to confirm that the full space is meant.")
+    return Subspace(jnp.asarray(basis, _float_dtype(vectors)), side)
 
 
 def from_class_means(acts: Any, labels: Any, *, side: Side = "input") -> Subspace:
@@ -366,7 +377,7 @@ def from_class_means(acts: Any, labels: Any, *, side: Side = "input") -> Subspac
     if classes.size < 2:
         raise ValueError(f"from_class_means: need at least 2 classes; got {classes.tolist()}.")
     means = np.stack([a[y == c].mean(0) for c in classes])
-    return from_directions((means[1:] - means[0]).astype(_float_dtype(acts)), side=side)
+    return from_directions((means[1:] - means[0]).astype(_float_dtype(acts)), side=side, dim=means.shape[1])
 
 
 def from_contrastive_pairs(positive: Any, negative: Any, *, rank: int | None = None,
@@ -418,7 +429,7 @@ def from_probe(weights: Any, *, side: Side = "input") -> Subspace:
     if w.ndim != 2:
         raise ValueError(f"from_probe: expected weights [d] or [c, d]; got shape {w.shape}.")
     w64 = w.astype(np.float64)
-    return from_directions((w64 - w64.mean(0)).astype(_float_dtype(weights)), side=side)
+    return from_directions((w64 - w64.mean(0)).astype(_float_dtype(weights)), side=side, dim=w64.shape[-1])
 
 
 def extend(subspace: Subspace, new_acts: Any, energy: float = 0.97) -> Subspace:

@@ -78,6 +78,8 @@ class TransformerApply:
         ``valid`` [B, T] marks real tokens (False for padding); padding is never attended to
         and does not advance positions.
         """
+        if isinstance(tokens, (list, tuple)):  # Python lists of ids: accepted, as integer arrays
+            tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
         self._check_tokens(tokens, valid, cache)
         self.check_params(params)
         model = nnx.merge(self.graphdef, params)
@@ -118,7 +120,7 @@ class TransformerApply:
             raise ValueError(f"tokens must have shape [batch, seq]; got shape {tuple(shape)}"
                              + (" (add a batch axis: tokens[None])" if len(shape) == 1 else "") + ".")
         if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(f"tokens must be integer token ids; got dtype {dtype}.")
+            raise TypeError(f"tokens must be integer token ids; got dtype {dtype}; cast with jnp.asarray(tokens, jnp.int32).")
         if valid is not None and tuple(np.shape(valid)) != tuple(shape):
             raise ValueError(f"valid has shape {tuple(np.shape(valid))}; expected the tokens' shape {tuple(shape)}.")
         total = shape[1] if cache is None else cache.valid.shape[1]

@@ -26,7 +26,7 @@ Site names follow one scheme (see :func:`site_names` and the README):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,60 @@ from idesign.hooks import SiteRunner
 from idesign.models.config import RopeScaling, TransformerConfig
 
 Array = jax.Array
+
+
+
+def check_tokens(tokens: Any, vocab_size: int, valid: Any = None) -> Array:
+    """Returns ``tokens`` as an int32 ``[batch, seq]`` array, checking concrete values: ids in ``[0, vocab_size)``.
+
+    Python lists are accepted. Under ``jit`` the values are unknown and only the shape is checked (use
+    ``checkify_tokens`` inside ``jax.experimental.checkify.checkify`` for a range check inside jit). Ids at positions ``valid`` marks unused are
+    not checked: padding may hold anything.
+
+    >>> import idesign as ids
+    >>> ids.models.check_tokens([[1, 2]], 10).dtype
+    dtype('int32')
+    >>> ids.models.check_tokens([[1, 12]], 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: tokens: id 12 at [0, 1] is outside the vocabulary [0, 10); map ids into range (or raise vocab_size) before calling the model.
+    """
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise TypeError(f"tokens: expected an integer array [batch, seq] (or a nested list of ints); got "
+                        f"{type(tokens).__name__}. Wrap single sequences as [[...]].")
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: expected an integer array of shape [batch, seq]; got shape {tuple(tokens.shape)} "
+                         f"dtype {tokens.dtype}. Add a batch axis with tokens[None] or cast with .astype(jnp.int32).")
+    if not isinstance(tokens, jax.core.Tracer) and not isinstance(valid, jax.core.Tracer):
+        ids = np.asarray(tokens)
+        used = np.ones(ids.shape, bool) if valid is None else np.broadcast_to(np.asarray(valid, bool), ids.shape)
+        bad = used & ((ids < 0) | (ids >= vocab_size))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"tokens: id {int(ids[where])} at {list(where)} is outside the vocabulary [0, {vocab_size}); "
+                             "map ids into range (or raise vocab_size) before calling the model.")
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def checkify_tokens(tokens: Array, vocab_size: int) -> Array:
+    """The checked mode inside jit: a ``checkify`` check that every id is in ``[0, vocab_size)``.
+
+    Costs a reduction per call and nothing when the function is not wrapped by ``checkify.checkify``.
+
+    >>> import jax, jax.numpy as jnp, idesign as ids
+    >>> from jax.experimental import checkify
+    >>> f = checkify.checkify(jax.jit(lambda t: ids.models.checkify_tokens(t, 10)))
+    >>> err, _ = f(jnp.array([[3, 11]]))
+    >>> 'outside the vocabulary' in err.get()
+    True
+    """
+    from jax.experimental import checkify
+    checkify.check(jnp.all((tokens >= 0) & (tokens < vocab_size)),
+                   "tokens: an id (min {lo}, max {hi}) is outside the vocabulary [0, " + str(vocab_size) + "); "
+                   "map ids into range before calling the model.", lo=jnp.min(tokens), hi=jnp.max(tokens))
+    return tokens
 
 
 class LayerCache(NamedTuple):
@@ -330,8 +384,9 @@ class Transformer(nnx.Module):
                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
         """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given."""
         c = self.config
+        tokens = check_tokens(tokens, c.vocab_size, valid)
         B, T = tokens.shape
-        valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
+        valid = jnp.ones((B, T), bool) if valid is None else jnp.asarray(valid).astype(bool)
         if cache is None:
             start, key_valid, past = jnp.zeros((), jnp.int32), valid, jnp.zeros((B,), jnp.int32)
         else:
@@ -347,7 +402,9 @@ class Transformer(nnx.Module):
         own = (jnp.arange(S)[None, :] == (start + jnp.arange(T))[:, None])[None]
         mask = jnp.where(mask.any(-1, keepdims=True), mask, own)
 
-        x = sites("embed", self.embed(tokens))
+        # `where`, not multiplication: a pad slot's embedding may be NaN (an out-of-range pad id) and must
+        # not reach real positions through attention values (0 * NaN is NaN).
+        x = jnp.where(valid[..., None], sites("embed", self.embed(tokens)), 0)
         if c.positions == "learned":
             x = x + sites("pos_embed", self.pos_embed(positions))
         new_layers = []

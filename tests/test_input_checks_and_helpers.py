@@ -1,0 +1,111 @@
+"""ids.Apply and the measured-leak checks verify_frozen / verify_projected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import idesign as ids
+
+
+def test_apply_matches_manual_hook_in_model():
+    apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    tokens = jnp.array([[1, 2, 3]], jnp.int32)
+    zeroed, _ = apply(params, tokens, hooks={'blocks.0.mlp_out': ids.Apply(lambda h: 0.0 * h)})
+    ablated, _ = apply(params, tokens, hooks={'blocks.0.mlp_out': ids.Replace(jnp.zeros(8))})
+    np.testing.assert_allclose(zeroed, ablated, atol=1e-6)
+    seen = []
+    ids.Apply(lambda site, h: (seen.append(site), h)[1], with_site=True).apply('s', jnp.ones(2))
+    assert seen == ['s']
+
+
+def test_apply_bad_input():
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        ids.Apply(3.0)
+    with pytest.raises(ValueError, match=r"fn returned shape \(2,\).*\(1, 2\)"):
+        ids.Apply(lambda h: h[0]).apply('x', jnp.ones((1, 2)))
+
+
+def test_verify_frozen_zero_after_frozen_training_and_exact_otherwise():
+    params = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
+    mask = {'w': np.array([[True, False]] * 3), 'b': np.array([False, True])}
+    opt = ids.optim.frozen(optax.adam(0.1), freeze_mask=mask)
+    state, p = opt.init(params), params
+    for _ in range(3):
+        g = jax.tree_util.tree_map(jnp.ones_like, p)
+        u, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, u)
+    leak = ids.optim.verify_frozen(params, p, mask)
+    assert leak.max_abs == 0.0 and leak.norm == 0.0
+    moved = {'w': params['w'].at[1, 0].add(0.25), 'b': params['b'] + 1.0}
+    leak = ids.optim.verify_frozen(params, moved, mask)
+    assert leak.by_path == {'b': 1.0, 'w': 0.25}
+    np.testing.assert_allclose(leak.norm, np.sqrt(0.25 ** 2 + 1.0))
+
+
+def test_verify_projected_exact_on_tiny_case():
+    s = {'w': ids.subspaces.Subspace(jnp.eye(2)[:1])}
+    before = {'w': jnp.zeros((2, 2))}
+    after = {'w': jnp.array([[0.0, 3.0], [4.0, 0.0]])}
+    leak = ids.optim.verify_projected(before, after, s)
+    assert leak.max_abs == 3.0
+    np.testing.assert_allclose(leak.relative, 3.0 / 5.0)
+    projected = ids.optim.apply_projection(after['w'], s['w'])
+    assert ids.optim.verify_projected(before, {'w': projected}, s).max_abs == 0.0
+
+
+def test_verify_bad_input_names_the_leaf():
+    with pytest.raises(ValueError, match=r"leaf w has shape \(2,\) before and \(3,\)"):
+        ids.optim.verify_frozen({'w': jnp.zeros(2)}, {'w': jnp.zeros(3)}, {'w': np.zeros(2, bool)})
+    with pytest.raises(ValueError, match="same tree structure"):
+        ids.optim.verify_projected({'w': jnp.zeros(2)}, {'v': jnp.zeros(2)}, {'w': None})
+
+
+def _tiny():
+    return ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2))
+
+
+def test_token_range_checked_and_lists_accepted():
+    apply, params = _tiny()
+    a, _ = apply(params, [[1, 2, 3]])
+    b, _ = apply(params, jnp.array([[1, 2, 3]], jnp.int32))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"id 11 at \[0, 2\] is outside the vocabulary \[0, 11\)"):
+        apply(params, jnp.array([[1, 2, 11]]))
+    with pytest.raises(ValueError, match=r"id -1 at \[0, 0\]"):
+        apply(params, jnp.array([[-1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"shape \[batch, seq\]; got shape \(3,\)"):
+        apply(params, jnp.array([1, 2, 3]))
+
+
+def test_padding_slot_garbage_cannot_reach_valid_positions():
+    apply, params = _tiny()
+    valid = jnp.array([[True, True, False, False]])
+    clean, _ = apply(params, jnp.array([[1, 2, 0, 0]]), valid=valid)
+    # an out-of-range id in a pad slot is allowed (not checked) and gives a NaN embedding there
+    dirty, _ = apply(params, jnp.array([[1, 2, 99, -5]]), valid=valid)
+    np.testing.assert_allclose(dirty[:, :2], clean[:, :2], atol=1e-6)
+    # NaN / inf written into the padded slots' embeddings by a hook
+    poison = ids.Apply(lambda h: jnp.where(valid[..., None], h, jnp.array([jnp.nan, jnp.inf])[jnp.arange(8) % 2]))
+    hooked, _ = apply(params, jnp.array([[1, 2, 0, 0]]), valid=valid, hooks={'embed': poison})
+    np.testing.assert_allclose(hooked[:, :2], clean[:, :2], atol=1e-6)
+
+
+def test_checkify_tokens_inside_jit():
+    from jax.experimental import checkify
+    f = checkify.checkify(jax.jit(lambda t: ids.models.checkify_tokens(t, 11)))
+    err, _ = f(jnp.array([[1, 2]]))
+    assert err.get() is None
+    err, _ = f(jnp.array([[1, 12]]))
+    assert 'max 12' in err.get()
+
+
+def test_from_directions_catches_transposed_basis():
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(8, 2)))[0].T  # [2, 8]
+    assert ids.subspaces.from_directions(basis).rank == 2
+    with pytest.raises(ValueError, match=r"transposed \[d, n\] basis; pass vectors.T"):
+        ids.subspaces.from_directions(basis.T)
+    with pytest.raises(ValueError, match=r"shape \(8, 2\) but dim=8.*pass vectors.T"):
+        ids.subspaces.from_directions(basis.T, dim=8)
+    assert ids.subspaces.from_directions(np.eye(3)[[0, 1, 2, 0]], dim=3).rank == 3
