@@ -72,7 +72,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import functools
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any

@@ -237,13 +237,12 @@ def prune_random(params: Params, factors: Mapping[str, curv.KFACFactors | curv.K
     (4, 2)
     """
     key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
-    leaves = tree_lib.named_leaves(params)
+    kernels = _kernels(params, list(keep))
     new, rows = {}, {}
     for i, (name, n_keep) in enumerate(keep.items()):
         if name not in factors:
             raise ValueError(tree_lib.unknown_name_message(name, list(factors), what="layer with factors"))
-        path = f"{name}.kernel"
-        kernel = _kernel(leaves, name, path)
+        path, kernel = kernels[name]
         d_in, d_out = np.shape(kernel)
         if not isinstance(n_keep, (int, np.integer)) or not 0 <= n_keep <= d_in * d_out:
             raise ValueError(f"keep[{name!r}] = {n_keep!r}: expected an int in [0, {d_in * d_out}] (d_in * d_out).")

@@ -9,7 +9,6 @@ a JSON report of what each process itself checked.
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import datasets
 import numpy as np
