@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 from idesign.optim import projection
 
@@ -68,7 +69,7 @@ def verify_frozen(before: PyTree, after: PyTree, mask: PyTree) -> Leak:
     (0.5, {'w': 0.5})
     """
     _same_structure(before, after, "verify_frozen")
-    tree_lib.check_mask(before, mask)
+    masks_lib.check(before, mask)
     masks = jax.tree_util.tree_leaves(mask)
     parts = []
     for (p, b), a, m in zip(tree_lib.leaves_with_paths(before), jax.tree_util.tree_leaves(after), masks):
