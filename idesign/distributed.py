@@ -33,7 +33,6 @@ Checkpoints need nothing extra: orbax writes each process's shards and one proce
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -174,33 +173,17 @@ def process_info(config_hash: str | None = None) -> ProcessInfo:
                        config_hash)
 
 
-def _canonical(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__dataclass__": type(value).__name__,
-                **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
-    if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return {"__array__": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
-                "shape": list(value.shape), "dtype": str(value.dtype)}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"config_hash: cannot hash a {type(value).__name__} ({value!r:.80}); use dataclasses, dicts, "
-                    "lists, numbers, strings or numpy arrays.")
-
-
 def config_hash(config: Any) -> str:
-    """A stable hex digest of a JSON-like config (dataclasses, dicts in any key order, numbers, arrays).
+    """A stable hex digest of a plain-data config (dataclasses, dicts in any key order, lists, numbers, strings).
+
+    The same canonical form as the pretrain cache's keys (:func:`idesign.pretrain.canonical_config`).
 
     >>> import idesign as ids
     >>> ids.distributed.config_hash({'b': 1, 'a': [2, 3]}) == ids.distributed.config_hash({'a': (2, 3), 'b': 1})
     True
     """
-    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
+    from idesign.pretrain import canonical_config   # not at import time: pretrain sits above this module
+    text = json.dumps(canonical_config(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -88,7 +88,7 @@ def canonical_config(config: Any, *, path: str = "config") -> Any:
     >>> canonical_config({'fn': len})
     Traceback (most recent call last):
     ...
-    TypeError: config['fn']: cannot key a cache on a builtin_function_or_method (len); use plain data (dataclasses, dicts with str keys, lists, tuples, str, int, float, bool, None).
+    TypeError: config['fn']: cannot key on a builtin_function_or_method (len); use plain data (dataclasses, dicts with str keys, lists, tuples, str, int, float, bool, None).
     """
     if config is None or isinstance(config, (bool, str)):
         return config
@@ -112,7 +112,7 @@ def canonical_config(config: Any, *, path: str = "config") -> Any:
         out = {}
         for key, value in config.items():
             if not isinstance(key, str):
-                raise TypeError(f"{path}: dict keys must be str to key a cache; got key {key!r} "
+                raise TypeError(f"{path}: dict keys must be str; got key {key!r} "
                                 f"of type {type(key).__name__}.")
             out[key] = canonical_config(value, path=f"{path}[{key!r}]")
         return out
@@ -120,7 +120,7 @@ def canonical_config(config: Any, *, path: str = "config") -> Any:
         return [canonical_config(v, path=f"{path}[{i}]") for i, v in enumerate(config)]
     name = getattr(config, "__name__", None)
     what = type(config).__name__ + (f" ({name})" if name else "")
-    raise TypeError(f"{path}: cannot key a cache on a {what}; use plain data (dataclasses, dicts with str keys, "
+    raise TypeError(f"{path}: cannot key on a {what}; use plain data (dataclasses, dicts with str keys, "
                     "lists, tuples, str, int, float, bool, None).")
 
 

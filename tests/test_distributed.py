@@ -51,23 +51,23 @@ def test_global_batches_on_one_process_equal_the_sharded_batch():
     (lambda: dist.initialize("localhost", 2, 0), "expected 'host:port'"),
     (lambda: dist.initialize("127.0.0.1:1", 0, 0), "num_processes = 0"),
     (lambda: dist.initialize("127.0.0.1:1", 2, 2), r"process_id = 2: expected an integer in \[0, 2\)"),
-    (lambda: dist.config_hash({"f": object()}), "cannot hash a object"),
+    (lambda: dist.config_hash({"f": object()}), r"config\['f'\]: cannot key on a object"),
 ])
 def test_bad_input_is_refused_with_the_value(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
 
 
-def test_config_hash_sees_dataclasses_arrays_and_nothing_of_key_order():
+def test_config_hash_sees_dataclasses_and_nothing_of_key_order():
     @dataclasses.dataclass
     class Config:
         lr: float
         sizes: tuple
 
-    a = dist.config_hash({"model": Config(1e-3, (2, 3)), "w": np.ones(3)})
-    assert a == dist.config_hash({"w": np.ones(3), "model": Config(1e-3, (2, 3))})
-    assert a != dist.config_hash({"model": Config(1e-3, (2, 4)), "w": np.ones(3)})
-    assert a != dist.config_hash({"model": Config(1e-3, (2, 3)), "w": np.ones(3, np.float64) * 2})
+    a = dist.config_hash({"model": Config(1e-3, (2, 3)), "w": 1.0})
+    assert a == dist.config_hash({"w": 1.0, "model": Config(1e-3, (2, 3))})
+    assert a != dist.config_hash({"model": Config(1e-3, (2, 4)), "w": 1.0})
+    assert a != dist.config_hash({"model": Config(2e-3, (2, 3)), "w": 1.0})
     assert dist.check_same_config({"x": 1}) == dist.config_hash({"x": 1})
 
 

@@ -149,9 +149,9 @@ def test_structure_mismatch_between_train_fn_and_like_is_a_clear_error(tmp_path)
 
 
 def test_unhashable_config_names_the_path():
-    with pytest.raises(TypeError, match=r"config\.opt: cannot key a cache on a function"):
+    with pytest.raises(TypeError, match=r"config\.opt: cannot key on a function"):
         pretrain.cache_key("toy", Toy2(opt=lambda: 0), 0)
-    with pytest.raises(TypeError, match=r"config\['x'\]\[1\]: cannot key a cache on a ndarray"):
+    with pytest.raises(TypeError, match=r"config\['x'\]\[1\]: cannot key on a ndarray"):
         pretrain.cache_key("toy", {"x": [1, np.zeros(2)]}, 0)
     with pytest.raises(TypeError, match="dict keys must be str"):
         pretrain.cache_key("toy", {1: 2}, 0)
