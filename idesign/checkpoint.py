@@ -226,6 +226,17 @@ def _sync() -> None:
     ocp.multihost.sync_global_processes(f"idesign_checkpoint_{next(_barrier_ids)}")
 
 
+def _drain(checkpointer: ocp.Checkpointer) -> None:
+    # Waits out every background write a failed async save left queued, ignoring their errors (the
+    # caller re-raises the first one). Each wait consumes the futures it saw, so a few passes suffice.
+    for _ in range(10):
+        try:
+            checkpointer.wait_until_finished()
+            return
+        except Exception:  # noqa: BLE001 - secondary failures of the same save
+            continue
+
+
 def _remove_temporaries(parent: Path, name_glob: str = "*") -> None:
     # Removes orbax's unfinished checkpoint directories. After a failed async save other writers may still
     # flush files into the temporary directory, so removal repeats until nothing is left (bounded: 5 s).
@@ -578,6 +589,10 @@ class CheckpointManager:
             if isinstance(self._checkpointer, ocp.AsyncCheckpointer):
                 self._checkpointer.wait_until_finished()
         except BaseException:
+            # Orbax queues a metadata write into the temporary directory alongside the commit; it
+            # must finish (or fail) before that directory is removed, or its error surfaces on the
+            # next, unrelated wait. Later waits find nothing pending.
+            _drain(self._checkpointer)
             _remove_temporaries(self._directory)
             raise
         if self.keep is not None and _is_primary():
