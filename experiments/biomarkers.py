@@ -10,7 +10,7 @@ independent cohort. With nothing planted, the same pipeline and threshold find n
 Design. Every seed draws a discovery cohort (batches 0/1, split between cases and controls with a
 skew, so GC content is associated with the label without being a biomarker; an age-linked
 methylation drift; varying depth) and an independent held-out cohort (a new batch, lower depth, no
-skew). A :class:`~idesign.data.cfdna.FragmentSetModel` (deep sets) is trained on the training
+skew). A :class:`~idesign.studies.cfdna.FragmentSetModel` (deep sets) is trained on the training
 split with ``idesign.train.make_train_step``; all models of all arms train together in one
 ``vmap``-ped, ``scan``-ned program. On the discovery split (held out from training; labels unused)
 the three evidence lines of :mod:`idesign.discovery` rank a bank of ~30 candidate statistics. Each
@@ -68,11 +68,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import _common  # noqa: E402
-from idesign import discovery, sae  # noqa: E402
+from idesign import discovery, probes, sae  # noqa: E402
 from idesign import metrics as metrics_lib  # noqa: E402
 from idesign import train as train_lib  # noqa: E402
-from idesign.data import cfdna  # noqa: E402
 from idesign.models.adaptors import from_nnx  # noqa: E402
+from idesign.studies import cfdna  # noqa: E402
 
 NAME = "biomarkers"
 
@@ -177,12 +177,12 @@ def analyse_seed(config: Config, arm: str, a: cfdna.Cohort, b: cfdna.Cohort, out
     """Discovery on one seed's outputs (numpy); returns its per-seed row and the ranking."""
     n_tr = config.n_train
     disc = jax.tree.map(lambda x: x[n_tr:], a)
-    bank_a = discovery.cfdna_candidates(a, n_motifs=config.n_motifs)
+    bank_a = cfdna.candidate_bank(a, n_motifs=config.n_motifs)
     motifs = tuple(n.split(":")[1] for n in bank_a.names if n.startswith("motif:"))
-    bank_d = discovery.cfdna_candidates(disc, motifs=motifs, with_fragments=True)
-    bank_b = discovery.cfdna_candidates(b, motifs=motifs)
+    bank_d = cfdna.candidate_bank(disc, motifs=motifs, with_fragments=True)
+    bank_b = cfdna.candidate_bank(b, motifs=motifs)
     emb_d, logit_d = out["emb_d"][s], out["logit_d"][s]
-    fit = discovery.fit_probes(emb_d, bank_d.values, seed=s)
+    fit = probes.fit_ridge(emb_d, bank_d.values, seed=s)
     readout, _ = discovery.readout_direction(emb_d, logit_d)
     codes = discovery.sae_codes(_index(out["sae"], s), emb_d, config.sae_k)
     sae_score, _ = discovery.sae_evidence(codes, out["sae"].w_dec[s], readout, bank_d.values)
@@ -191,7 +191,7 @@ def analyse_seed(config: Config, arm: str, a: cfdna.Cohort, b: cfdna.Cohort, out
     ranking = discovery.rank_candidates(bank_d.names, lines, test_labels=b.label,
                                         test_scores=bank_b.values,
                                         n_permutations=config.n_permutations, alpha=config.alpha, seed=s)
-    planted = discovery.planted_candidate(cohort_config(config, arm).planted)
+    planted = cfdna.planted_candidate(cohort_config(config, arm).planted)
     top = ranking.names[0]
     col = bank_a.names.index(top)
     distilled = discovery.distill([top], bank_a.values[:, col], a.label, bank_b.values[:, col], b.label)
@@ -302,7 +302,7 @@ def summarise(results: dict) -> dict[str, float]:
 def plot(run: dict, config: Config, out_dir) -> None:
     first = run["results"]["planted"][0]
     ranking = first["ranking"]
-    planted = discovery.planted_candidate(config.planted)
+    planted = cfdna.planted_candidate(config.planted)
     top = min(15, len(ranking.names))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
@@ -338,7 +338,7 @@ def plot(run: dict, config: Config, out_dir) -> None:
     for label, name, color in ((0, "controls", "tab:blue"), (1, "cases", "tab:red")):
         lengths = a.lengths[(a.label == label)[:, None] & a.mask]
         ax.hist(lengths, bins=bins, density=True, histtype="step", color=color, label=f"{name} ({len(lengths)} fragments)")
-    ax.axvline(discovery.SHORT_THRESHOLD, ls="--", c="k", lw=0.8, label="150 bp (short-fragment threshold)")
+    ax.axvline(cfdna.SHORT_THRESHOLD, ls="--", c="k", lw=0.8, label="150 bp (short-fragment threshold)")
     ax.axvline(167, ls=":", c="gray", lw=0.8, label="167 bp")
     ax.set(xlabel="fragment length (bp)", ylabel="density", title="Fragment lengths by class (discovery cohort)")
     ax.legend(fontsize=7)

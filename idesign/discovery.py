@@ -4,14 +4,14 @@ The workflow (docs/methods.md §5): train a model on samples, open it up, distil
 biomarker, validate it on an independent cohort. Given a model whose forward pass yields a
 sample **embedding** and a disease **logit**:
 
-1. **Candidates** (:func:`cfdna_candidates`): a bank of interpretable sample statistics —
-   fragment-length histogram bins and summaries, end-motif frequencies and diversity, GC,
-   methylation, depth. Statistics that are a mean of a per-fragment value also keep that value,
-   so fragment-level attributions can be compared with them.
+1. **Candidates** (a :class:`CandidateBank`): interpretable sample statistics, built by the study
+   (for cfDNA, ``idesign.studies.cfdna.candidate_bank``: fragment-length bins and summaries, end-motif
+   frequencies, GC, methylation, depth). Statistics that are a mean of a per-fragment value also keep
+   that value, so fragment-level attributions can be compared with them.
 2. **Evidence from the model, never from the labels** (all computed on a discovery split held out
    from training, with the labels unused):
 
-   - *probes* (:func:`probe_evidence`): a ridge probe decodes each candidate from the embedding
+   - *probes* (:func:`probe_evidence`): a ridge probe (:func:`idesign.probes.fit_ridge`) decodes each candidate from the embedding
      (cross-validated R²), and its decoded value is correlated with the model's logit; the score
      ``R² · corr(decoded, logit)²`` is the share of the candidate's variance that the embedding
      carries *along the disease readout* (for a linear readout and an in-sample least-squares
@@ -25,13 +25,13 @@ sample **embedding** and a disease **logit**:
 
    :func:`rank_candidates` averages the three lines (each scaled to its own maximum; a line a
    candidate has no value for is skipped) into one ranking.
-3. **Significance** (:func:`permutation_pvalues`): a label-permutation test, on the independent
+3. **Significance** (:func:`idesign.metrics.permutation_pvalues`): a label-permutation test, on the independent
    cohort, of whether each candidate statistic separates cases from controls there (statistic
    ``|AUROC - 1/2|``). The ranking says *which* statistic the model points to; the test asks
    whether that statistic is a biomarker in new samples. p-values ``(1 + #{T_perm >= T}) / (1 + B)``
    are exact and valid at any sample size; they are corrected for testing every candidate by
-   **Holm's step-down method** (:func:`holm`, controlling the family-wise error rate: the chance of
-   *any* false discovery) — Benjamini–Hochberg (:func:`benjamini_hochberg`, false discovery rate)
+   **Holm's step-down method** (:func:`idesign.metrics.holm`, controlling the family-wise error rate:
+   the chance of *any* false discovery) — Benjamini–Hochberg (:func:`idesign.metrics.benjamini_hochberg`)
    is available for larger banks. The raw statistic is tested, not the probe's decoding of it:
    a probe's decoded value on new embeddings carries part of the disease readout direction
    whatever the candidate, so it would "validate" candidates unrelated to the disease.
@@ -45,9 +45,9 @@ the ranking.
 Example:
   >>> import numpy as np
   >>> from idesign import discovery
-  >>> p = np.array([0.001, 0.01, 0.04, 0.3])
-  >>> discovery.holm(p).round(3).tolist()
-  [0.004, 0.03, 0.08, 0.3]
+  >>> r = discovery.rank_candidates(["a", "b"], {"probe": np.array([0.2, 0.6]), "sae": np.array([0.1, np.nan])})
+  >>> r.names, r.score.round(2).tolist()
+  (('b', 'a'), [1.0, 0.67])
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from idesign import metrics as metrics_lib
 from idesign import probes as probes_lib
@@ -67,29 +66,8 @@ from idesign import sae as sae_lib
 
 Array = jax.Array
 
-LENGTH_BIN_EDGES: tuple[int, ...] = (40, 80, 100, 120, 140, 160, 180, 200, 260, 451)
-SHORT_THRESHOLD = 150
 EVIDENCE_LINES = ("probe", "sae", "attribution")
-# The candidate that measures each planted property of idesign.data.cfdna.
-PLANTED_CANDIDATE = {"short_fraction": "short_fraction", "methylation": "methylation_mean", "gc": "gc_mean"}
 
-
-def planted_candidate(planted: str) -> str:
-    """The name of the bank's candidate that measures a cohort's planted property.
-
-    >>> planted_candidate("short_fraction"), planted_candidate("motif:CCCA")
-    ('short_fraction', 'motif:CCCA')
-    """
-    if planted.startswith("motif:"):
-        return planted
-    if planted not in PLANTED_CANDIDATE:
-        raise ValueError(f"planted_candidate: unknown planted property {planted!r}; expected one of "
-                         f"{sorted(PLANTED_CANDIDATE)} or 'motif:XXXX'.")
-    return PLANTED_CANDIDATE[planted]
-
-
-# ----------------------------------------------------------------------------------------------
-# Candidate statistics
 
 
 class CandidateBank(NamedTuple):
@@ -109,202 +87,6 @@ class CandidateBank(NamedTuple):
     values: np.ndarray
     fragment_values: np.ndarray | None
     mask: np.ndarray
-
-
-def top_motifs(motifs: np.ndarray, mask: np.ndarray, n: int = 12) -> tuple[str, ...]:
-    """The ``n`` end motifs most frequent over all real fragments (ties by motif id).
-
-    >>> top_motifs(np.array([[5, 5, 7, 0]]), np.array([[True, True, True, False]]), n=2)
-    ('AACC', 'AACT')
-    """
-    from idesign.data import cfdna
-
-    counts = np.bincount(np.asarray(motifs)[np.asarray(mask)], minlength=len(cfdna.MOTIFS))
-    order = np.lexsort((np.arange(len(counts)), -counts))[:n]
-    return tuple(cfdna.MOTIFS[i] for i in order)
-
-
-def cfdna_candidates(cohort: Any, *, motifs: Sequence[str] | None = None, n_motifs: int = 12,
-                     with_fragments: bool = False) -> CandidateBank:
-    """The candidate bank for a cfDNA cohort (:class:`idesign.data.cfdna.Cohort`).
-
-    Candidates: the length histogram over :data:`LENGTH_BIN_EDGES` (``length[a,b)``), the
-    short-fragment fraction (``< 150 bp``), mean, median and sd of length, the amplitude of the
-    10 bp periodicity among 90–160 bp fragments, the frequencies of ``motifs`` (default: the
-    ``n_motifs`` most frequent in this cohort — pass the discovery cohort's list when building the
-    bank of another cohort, so the columns match), motif diversity (normalised Shannon entropy of
-    the sample's 256 motif counts), mean methylation, mean GC and log depth.
-
-    Args:
-      cohort: a :class:`idesign.data.cfdna.Cohort`.
-      motifs: end motifs to count; n_motifs: how many to take when ``motifs`` is None.
-      with_fragments: also return the per-fragment values (``fragment_values``).
-
-    Returns:
-      A :class:`CandidateBank`.
-
-    Example:
-      >>> from idesign.data import cfdna
-      >>> from idesign import discovery
-      >>> c = cfdna.make_cohort(cfdna.CohortConfig(n_samples=20, min_fragments=32, max_fragments=64), seed=0)
-      >>> bank = discovery.cfdna_candidates(c, n_motifs=4)
-      >>> bank.values.shape, bank.names[9], bank.names[-1]
-      ((20, 22), 'short_fraction', 'log_depth')
-    """
-    from idesign.data import cfdna
-
-    mask = np.asarray(cohort.mask, bool)
-    n_frag = np.maximum(mask.sum(1), 1)
-    length = np.asarray(cohort.lengths, np.float64)
-    motif_ids = np.asarray(cohort.motifs)
-    if motifs is None:
-        motifs = top_motifs(motif_ids, mask, n_motifs)
-    unknown = [m for m in motifs if m not in cfdna.MOTIF_INDEX]
-    if unknown:
-        raise ValueError(f"cfdna_candidates: unknown motifs {unknown}; expected 4-mers over ACGT.")
-
-    names: list[str] = []
-    families: list[str] = []
-    values: list[np.ndarray] = []
-    fragments: list[np.ndarray | None] = []
-
-    def add(name: str, family: str, value: np.ndarray, per_fragment: np.ndarray | None = None) -> None:
-        names.append(name)
-        families.append(family)
-        values.append(value.astype(np.float64))
-        fragments.append(per_fragment)
-
-    def mean_of(per_fragment: np.ndarray) -> np.ndarray:
-        return np.where(mask, per_fragment, 0.0).sum(1) / n_frag
-
-    edges = LENGTH_BIN_EDGES
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        ind = ((length >= lo) & (length < hi)).astype(np.float64)
-        add(f"length[{lo},{hi})", "length", mean_of(ind), ind)
-    short = (length < SHORT_THRESHOLD).astype(np.float64)
-    add("short_fraction", "length", mean_of(short), short)
-    add("mean_length", "length", mean_of(length), length)
-    masked = np.where(mask, length, np.nan)
-    add("median_length", "length", np.nan_to_num(np.nanmedian(masked, axis=1)))
-    add("length_sd", "length", np.nan_to_num(np.nanstd(masked, axis=1)))
-    window = mask & (length >= 90) & (length < 160)
-    phase = np.exp(2j * np.pi * length / 10.0)
-    add("periodicity_10bp", "length", np.abs(np.where(window, phase, 0).sum(1)) / np.maximum(window.sum(1), 1))
-
-    for m in motifs:
-        ind = (motif_ids == cfdna.MOTIF_INDEX[m]).astype(np.float64)
-        add(f"motif:{m}", "motif", mean_of(ind), ind)
-    counts = np.zeros((mask.shape[0], len(cfdna.MOTIFS)))
-    np.add.at(counts, (np.repeat(np.arange(mask.shape[0]), mask.sum(1)), motif_ids[mask]), 1.0)
-    freq = counts / n_frag[:, None]
-    entropy = -np.sum(np.where(freq > 0, freq * np.log(np.where(freq > 0, freq, 1.0)), 0.0), 1)
-    add("motif_diversity", "motif", entropy / np.log(len(cfdna.MOTIFS)))
-    meth = np.asarray(cohort.methylation, np.float64)
-    add("methylation_mean", "methylation", mean_of(meth), meth)
-    gc = np.asarray(cohort.gc, np.float64)
-    add("gc_mean", "gc", mean_of(gc), gc)
-    add("log_depth", "depth", np.log(n_frag.astype(np.float64)))
-
-    frag = None
-    if with_fragments:
-        nan = np.full(mask.shape, np.nan, np.float32)
-        frag = np.stack([nan if v is None else v.astype(np.float32) for v in fragments], axis=-1)
-    return CandidateBank(tuple(names), tuple(families), np.stack(values, 1), frag, mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Probes on the embedding
-
-
-class RidgeProbes(NamedTuple):
-    """Linear probes ``candidates ≈ ((x - mean) / scale) @ w + b`` for ``K`` candidates at once.
-
-    Attributes:
-      w: ``[D, K]``; b: ``[K]``; mean, scale: ``[D]`` input standardisation.
-    """
-
-    w: np.ndarray
-    b: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> RidgeProbes:
-    mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    z = (x - mean) / scale
-    y_mean = y.mean(0)
-    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y_mean))
-    return RidgeProbes(w, y_mean, mean, scale)
-
-
-def predict_probes(probes: RidgeProbes, x: Any) -> np.ndarray:
-    """Decoded candidates ``[N, K]`` from activations ``[N, D]``.
-
-    >>> p = RidgeProbes(np.array([[2.0]]), np.array([1.0]), np.array([0.0]), np.array([1.0]))
-    >>> predict_probes(p, np.array([[1.0], [0.0]])).ravel().tolist()
-    [3.0, 1.0]
-    """
-    x = np.asarray(x, np.float64)
-    return ((x - probes.mean) / probes.scale) @ probes.w + probes.b
-
-
-class ProbeFit(NamedTuple):
-    """Cross-validated ridge probes for every candidate.
-
-    Attributes:
-      r2: ``[K]`` out-of-fold R² (decodability; can be negative for undecodable candidates).
-      decoded: ``[N, K]`` out-of-fold decoded values.
-      probes: :class:`RidgeProbes` refitted on all rows (to decode other cohorts).
-    """
-
-    r2: np.ndarray
-    decoded: np.ndarray
-    probes: RidgeProbes
-
-
-def fit_probes(acts: Any, candidates: Any, *, alpha: float = 1.0, n_folds: int = 5, seed: int = 0) -> ProbeFit:
-    """Ridge probes from activations ``[N, D]`` to each candidate ``[N, K]``, with K-fold CV.
-
-    Inputs are standardised per fold; ``alpha`` is the ridge penalty on the standardised
-    weights. Continuous candidates need regression probes (the logistic probes of
-    :mod:`idesign.probes` are for binary targets); the closed form fits all ``K`` at once.
-
-    Args:
-      acts: ``[N, D]`` activations (e.g. sample embeddings).
-      candidates: ``[N, K]`` candidate statistics.
-      alpha: ridge penalty; n_folds: CV folds; seed: fold assignment.
-
-    Returns:
-      :class:`ProbeFit`.
-
-    Example:
-      >>> import numpy as np
-      >>> rng = np.random.default_rng(0)
-      >>> x = rng.normal(size=(200, 5))
-      >>> y = np.stack([x[:, 0], rng.normal(size=200)], 1)
-      >>> fit = fit_probes(x, y)
-      >>> bool(fit.r2[0] > 0.95), bool(fit.r2[1] < 0.1)
-      (True, True)
-    """
-    x = np.asarray(acts, np.float64)
-    y = np.asarray(candidates, np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"fit_probes: need acts [N, D] and candidates [N, K] with the same N; got shapes "
-                         f"{x.shape} and {y.shape}.")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("fit_probes: activations and candidates must be finite.")
-    n = x.shape[0]
-    if n < 2 * n_folds:
-        raise ValueError(f"fit_probes: {n} rows are too few for {n_folds}-fold cross-validation.")
-    folds = np.random.default_rng(seed).permutation(n) % n_folds
-    decoded = np.zeros_like(y)
-    for f in range(n_folds):
-        test = folds == f
-        decoded[test] = predict_probes(_ridge(x[~test], y[~test], alpha), x[test])
-    ss = np.sum(np.square(y - y.mean(0)), 0)
-    r2 = np.where(ss > 0, 1.0 - np.sum(np.square(y - decoded), 0) / np.where(ss > 0, ss, 1.0), 0.0)
-    return ProbeFit(r2, decoded, _ridge(x, y, alpha))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -334,13 +116,13 @@ def readout_direction(embeddings: Any, logits: Any) -> tuple[np.ndarray, float]:
     return coef[:-1], float(coef[-1])
 
 
-def probe_evidence(fit: ProbeFit, logits: Any) -> np.ndarray:
+def probe_evidence(fit: probes_lib.RidgeFit, logits: Any) -> np.ndarray:
     """Probe line: ``max(R², 0) · corr(decoded candidate, logit)²`` per candidate, in ``[0, 1]``.
 
     How much of each candidate the embedding carries along the direction the model reads its
     disease logit from. No labels are involved.
 
-    >>> fit = ProbeFit(np.array([0.9, 0.9]), np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]), None)
+    >>> fit = probes_lib.RidgeFit(np.array([0.9, 0.9]), np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]), None)
     >>> probe_evidence(fit, np.array([0.0, 1.0, 2.0])).round(3).tolist()
     [0.9, 0.675]
     """
@@ -461,91 +243,7 @@ def attribution_evidence(attribution: Any, bank: CandidateBank) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ranking, permutation tests, multiple testing
-
-
-def holm(pvalues: Any) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error rate); reject where ``adjusted <= alpha``.
-
-    >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
-    [0.03, 0.06, 0.06]
-    """
-    p = np.asarray(pvalues, np.float64)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
-
-
-def benjamini_hochberg(pvalues: Any) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (false discovery rate).
-
-    >>> benjamini_hochberg([0.01, 0.04, 0.03]).round(3).tolist()
-    [0.03, 0.04, 0.04]
-    """
-    p = np.asarray(pvalues, np.float64)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
-
-
-def _auc_from_ranks(labels: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """AUROC of each column from midranks: ``(sum of positive ranks - n1 (n1+1)/2) / (n1 n0)``."""
-    n1 = labels.sum(-1, keepdims=True)
-    n0 = labels.shape[-1] - n1
-    return (labels @ ranks - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def permutation_pvalues(labels: Any, scores: Any, *, n_permutations: int = 2000, seed: int = 0
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided label-permutation p-values of ``|AUROC(labels, score) - 1/2|`` for each score column.
-
-    The same ``B`` permutations serve every column (so the p-values of correlated candidates
-    stay coherent); ``p = (1 + #{b: T_b >= T}) / (1 + B)``, valid at any sample size.
-
-    Args:
-      labels: ``[N]`` binary labels.
-      scores: ``[N, K]`` (or ``[N]``) scores, e.g. candidates or their decoded values.
-      n_permutations: ``B``; the smallest attainable p-value is ``1 / (1 + B)``.
-      seed: seeds the permutations.
-
-    Returns:
-      ``(pvalues [K], auroc [K])``.
-
-    >>> rng = np.random.default_rng(0)
-    >>> y = np.array([0, 1] * 50)
-    >>> s = np.stack([y + 0.5 * rng.normal(size=100), rng.normal(size=100)], 1)
-    >>> p, auc = permutation_pvalues(y, s, n_permutations=999)
-    >>> bool(p[0] == 0.001), bool(p[1] > 0.05)
-    (True, True)
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1 or not set(np.unique(y).tolist()) <= {0, 1} or len(np.unique(y)) != 2:
-        raise ValueError(f"permutation_pvalues: labels must be [N] with both classes 0 and 1; got shape {y.shape}, "
-                         f"values {np.unique(y)[:5].tolist()}.")
-    s = np.asarray(scores, np.float64)
-    s = s[:, None] if s.ndim == 1 else s
-    if s.ndim != 2 or s.shape[0] != y.shape[0]:
-        raise ValueError(f"permutation_pvalues: scores must be [N, K] with N={y.shape[0]}; got shape {s.shape}.")
-    if not np.isfinite(s).all():
-        raise ValueError("permutation_pvalues: scores must be finite.")
-    if n_permutations < 1:
-        raise ValueError(f"permutation_pvalues: n_permutations must be positive; got {n_permutations}.")
-    ranks = scipy.stats.rankdata(s, axis=0)
-    y = y.astype(np.float64)
-    observed = _auc_from_ranks(y[None], ranks)[0]
-    rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(y) for _ in range(n_permutations)])
-    null = _auc_from_ranks(perms, ranks)
-    stat, null_stat = np.abs(observed - 0.5), np.abs(null - 0.5)
-    exceed = (null_stat >= stat[None] - 1e-12).sum(0)
-    return (1.0 + exceed) / (1.0 + n_permutations), observed
+# Ranking and significance
 
 
 def label_association(values: Any, labels: Any) -> np.ndarray:
@@ -554,8 +252,7 @@ def label_association(values: Any, labels: Any) -> np.ndarray:
     >>> label_association(np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([0, 1])).tolist()
     [0.5, 0.0]
     """
-    ranks = scipy.stats.rankdata(np.asarray(values, np.float64), axis=0)
-    return np.abs(_auc_from_ranks(np.asarray(labels, np.float64)[None], ranks)[0] - 0.5)
+    return np.abs(metrics_lib.column_auroc(labels, values) - 0.5)
 
 
 class Ranking(NamedTuple):
@@ -624,7 +321,7 @@ def rank_candidates(names: Sequence[str], lines: Mapping[str, Any], *, test_labe
       lines: ``{line: [K] evidence}`` (from :func:`probe_evidence`, :func:`sae_evidence`,
         :func:`attribution_evidence`); combined by :func:`combine_evidence`. Ties keep bank order.
       test_labels, test_scores: ``[N']`` labels and ``[N', K]`` scores (the candidates of the
-        independent cohort) for :func:`permutation_pvalues`; omit both to rank without testing.
+        independent cohort) for :func:`idesign.metrics.permutation_pvalues`; omit both to rank without testing.
       n_permutations, seed: the permutation test.
       alpha: significance threshold after correction.
       correction: ``"holm"`` (family-wise error, default) or ``"bh"`` (false discovery rate).
@@ -648,8 +345,8 @@ def rank_candidates(names: Sequence[str], lines: Mapping[str, Any], *, test_labe
     score = combine_evidence(lines)
     order = np.lexsort((np.arange(k), -score))
     if test_labels is not None:
-        p, auroc = permutation_pvalues(test_labels, test_scores, n_permutations=n_permutations, seed=seed)
-        adjusted = holm(p) if correction == "holm" else benjamini_hochberg(p)
+        p, auroc = metrics_lib.permutation_pvalues(test_labels, test_scores, n_permutations=n_permutations, seed=seed)
+        adjusted = metrics_lib.holm(p) if correction == "holm" else metrics_lib.benjamini_hochberg(p)
     else:
         p = adjusted = auroc = np.full(k, np.nan)
     return Ranking(names=tuple(names[i] for i in order), score=score[order],
@@ -726,7 +423,7 @@ class Discovery(NamedTuple):
 
     Attributes:
       ranking: the :class:`Ranking` (with held-out p-values).
-      probes: the :class:`ProbeFit` on the discovery embeddings.
+      probes: the :class:`idesign.probes.RidgeFit` on the discovery embeddings.
       sae_params: the SAE trained on the discovery embeddings.
       readout: ``[E]`` the logit's direction in embedding space.
       attribution: ``[N, F]`` fragment attribution on the discovery samples.
@@ -735,7 +432,7 @@ class Discovery(NamedTuple):
     """
 
     ranking: Ranking
-    probes: ProbeFit
+    probes: probes_lib.RidgeFit
     sae_params: sae_lib.SAEParams
     readout: np.ndarray
     attribution: np.ndarray
@@ -773,7 +470,7 @@ def discover(model_fn: Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]
         (only ``params`` changing) and its compilations are reused.
       params: the trained parameters.
       discovery_inputs: model inputs of the discovery samples (held out from training).
-      discovery_bank: their candidates, built ``with_fragments=True``.
+      discovery_bank: their candidates, with ``fragment_values``.
       heldout_inputs, heldout_bank, heldout_labels: the independent cohort (bank with the same
         columns); its embeddings are decoded by the probes for inspection (``heldout_decoded``).
       sae_config: the SAE on the embeddings (default: ``4 x E`` features, ``k = 4``, 500 steps).
@@ -786,19 +483,21 @@ def discover(model_fn: Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]
     Example:
       >>> import jax.numpy as jnp, numpy as np
       >>> from idesign import discovery, sae
-      >>> from idesign.data import cfdna
-      >>> cfg = cfdna.CohortConfig(n_samples=60, min_fragments=16, max_fragments=32, effect=0.3)
-      >>> a, b = cfdna.make_cohort(cfg, 0), cfdna.make_cohort(cfg, 1)
-      >>> def model_fn(params, inputs):   # a hand-made "model" that counts short fragments
-      ...     short = (inputs["continuous"][..., 0] < (150 - 167) / 50) * inputs["weights"]
-      ...     logit = params * short.sum(-1) / inputs["weights"].sum(-1)
-      ...     return logit, jnp.stack([logit, inputs["weights"].sum(-1) / 32], -1)
-      >>> bank_a = discovery.cfdna_candidates(a, n_motifs=2, with_fragments=True)
-      >>> bank_b = discovery.cfdna_candidates(b, motifs=[n[6:] for n in bank_a.names if n.startswith("motif:")])
-      >>> found = discovery.discover(model_fn, 1.0, cfdna.featurize(a), bank_a, cfdna.featurize(b), bank_b, b.label,
+      >>> rng = np.random.default_rng(0)
+      >>> def cohort(n):   # sets of 16 elements with a value x (larger in cases) and an unrelated z
+      ...     y = np.arange(n) % 2
+      ...     x, z = rng.normal(size=(n, 16)) + 0.8 * y[:, None], rng.normal(size=(n, 16))
+      ...     bank = discovery.CandidateBank(("x_mean", "z_mean"), ("x", "z"), np.stack([x.mean(1), z.mean(1)], 1),
+      ...                                    np.stack([x, z], -1).astype(np.float32), np.ones((n, 16), bool))
+      ...     return {"x": x.astype(np.float32), "z": z.astype(np.float32), "weights": np.ones((n, 16), np.float32)}, bank, y
+      >>> def model_fn(params, inputs):   # a hand-made "model" whose logit is the mean of x
+      ...     mean = lambda v: (inputs["weights"] * v).sum(-1) / inputs["weights"].sum(-1)
+      ...     return params * mean(inputs["x"]), jnp.stack([mean(inputs["x"]), mean(inputs["z"])], -1)
+      >>> (inputs_a, bank_a, _), (inputs_b, bank_b, y_b) = cohort(60), cohort(60)
+      >>> found = discovery.discover(model_fn, 1.0, inputs_a, bank_a, inputs_b, bank_b, y_b, n_permutations=199,
       ...                            sae_config=sae.SAEConfig(n_features=4, k=1, steps=20, batch_size=32))
-      >>> found.ranking.names[0], bool(found.ranking.significant[0])
-      ('short_fraction', True)
+      >>> found.ranking.names[0], found.ranking.significant.tolist()
+      ('x_mean', [True, False])
     """
     d_inputs = {k: jnp.asarray(v) for k, v in discovery_inputs.items()}
     h_inputs = {k: jnp.asarray(v) for k, v in heldout_inputs.items()}
@@ -808,7 +507,7 @@ def discover(model_fn: Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]
     forward = jax.jit(model_fn)
     logit, emb = (np.asarray(a, np.float64) for a in forward(params, d_inputs))
     _, emb_h = forward(params, h_inputs)
-    fit = fit_probes(emb, discovery_bank.values, seed=seed)
+    fit = probes_lib.fit_ridge(emb, discovery_bank.values, seed=seed)
     readout, _ = readout_direction(emb, logit)
     config = sae_config or sae_lib.SAEConfig(n_features=4 * emb.shape[1], k=min(4, 4 * emb.shape[1]), steps=500,
                                               batch_size=min(256, emb.shape[0]))
@@ -821,4 +520,4 @@ def discover(model_fn: Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]
                               test_scores=heldout_bank.values, n_permutations=n_permutations,
                               alpha=alpha, correction=correction, seed=seed)
     return Discovery(ranking, fit, sae_params, readout, np.asarray(attr),
-                     {k: np.asarray(v) for k, v in field_attr.items()}, predict_probes(fit.probes, emb_h))
+                     {k: np.asarray(v) for k, v in field_attr.items()}, probes_lib.predict_ridge(fit.probe, emb_h))

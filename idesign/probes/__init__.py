@@ -18,6 +18,8 @@ token probe, span-max      :func:`fit_span_probe`                 Obeso et al. s
 (a :class:`LogisticProbe`)                                        entity score = :func:`span_scores`
 :class:`AttentionProbe`    :func:`fit_attention_probe`            learned query per head, pooled, linear
                                                                   readout; minibatch AdamW
+:class:`RidgeProbe`        :func:`fit_ridge`                      ridge regression for continuous targets,
+                                                                  closed form, cross-validated R²
 =========================  =====================================  ===========================================
 
 Probes carry their input standardisation, so :func:`save_probe` / :func:`load_probe` round-trip
@@ -41,6 +43,7 @@ from idesign.probes._io import load_probe, save_probe
 from idesign.probes._linear import (DEFAULT_CS, FitInfo, LogisticProbe, SoftmaxProbe, as_affine, fit_logistic,
                                     fit_many, fit_softmax, stratified_folds)
 from idesign.probes._mass_mean import MassMeanProbe, MeanStats, finalize, fit_mass_mean, init_stats, update_stats
+from idesign.probes._ridge import RidgeFit, RidgeProbe, fit_ridge, predict_ridge
 from idesign.probes._scoring import predict_proba, score
 from idesign.probes._span import (READINGS, fit_span_probe, omega_schedule, read_span, read_span_ids, span_masks,
                                   span_max_logits, span_max_loss,
@@ -54,6 +57,8 @@ __all__ = [
     "LogisticProbe",
     "MassMeanProbe",
     "MeanStats",
+    "RidgeFit",
+    "RidgeProbe",
     "SoftmaxProbe",
     "as_affine",
     "attention_logits",
@@ -63,6 +68,7 @@ __all__ = [
     "fit_logistic",
     "fit_many",
     "fit_mass_mean",
+    "fit_ridge",
     "fit_softmax",
     "fit_span_probe",
     "init_attention_probe",
@@ -70,6 +76,7 @@ __all__ = [
     "load_probe",
     "omega_schedule",
     "predict_proba",
+    "predict_ridge",
     "read_span",
     "read_span_ids",
     "save_probe",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 from scipy.stats import norm
 
-from idesign.data import cfdna
+from idesign.studies import cfdna
 
 SMALL = cfdna.CohortConfig(n_samples=1000, min_fragments=40, max_fragments=80)
 
@@ -120,3 +122,50 @@ def test_set_model_is_permutation_and_padding_invariant(pooling):
     # ... and the logit depends on the real fragments.
     assert not np.allclose(fn(dict(inputs, continuous=inputs["continuous"][::-1]))[0], logit)
     assert jnp.isfinite(jax.grad(lambda w: fn(dict(inputs, weights=w))[0].sum())(jnp.asarray(inputs["weights"]))).all()
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return cfdna.make_cohort(cfdna.CohortConfig(n_samples=60, min_fragments=20, max_fragments=50), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+
+
+def test_candidate_bank_matches_direct_computation(cohort):
+    bank = cfdna.candidate_bank(cohort, n_motifs=5, with_fragments=True)
+    col = {n: i for i, n in enumerate(bank.names)}
+    i = 7
+    lengths = cohort.lengths[i, :cohort.depth[i]]
+    assert bank.values[i, col["short_fraction"]] == pytest.approx(np.mean(lengths < 150))
+    assert bank.values[i, col["mean_length"]] == pytest.approx(lengths.mean())
+    assert bank.values[i, col["median_length"]] == pytest.approx(np.median(lengths))
+    assert bank.values[i, col["log_depth"]] == pytest.approx(np.log(cohort.depth[i]))
+    top = bank.names[col["motif_diversity"] - 5]
+    assert top == "motif:" + cfdna.top_motifs(cohort.motifs, cohort.mask, 1)[0]
+    assert bank.values[i, col[top]] == pytest.approx(np.mean(cohort.motifs[i, :cohort.depth[i]] == cfdna.MOTIF_INDEX[top[6:]]))
+    bins = [c for n, c in col.items() if n.startswith("length[")]
+    np.testing.assert_allclose(bank.values[:, bins].sum(1), 1.0)
+    # A fragment-mean candidate is the masked mean of its fragment values; sample-level ones have none.
+    frag = bank.fragment_values[..., col["gc_mean"]]
+    np.testing.assert_allclose((frag * cohort.mask).sum(1) / cohort.mask.sum(1), bank.values[:, col["gc_mean"]], rtol=1e-5)
+    assert np.isnan(bank.fragment_values[..., col["length_sd"]]).all()
+    # Another cohort's bank with the same motif list has the same columns.
+    other = cfdna.candidate_bank(cfdna.make_cohort(cfdna.CohortConfig(n_samples=10, min_fragments=8,
+                                                                            max_fragments=16), 1),
+                                       motifs=[n[6:] for n in bank.names if n.startswith("motif:")])
+    assert other.names == bank.names
+    with pytest.raises(ValueError, match="ZZZZ"):
+        cfdna.candidate_bank(cohort, motifs=["ZZZZ"])
+
+
+def test_planted_candidate_names():
+    assert cfdna.planted_candidate("gc") == "gc_mean"
+    with pytest.raises(ValueError, match="length"):
+        cfdna.planted_candidate("length")
+
+
+def test_import_idesign_does_not_load_the_study():
+    code = "import sys, idesign; print(any(m.startswith('idesign.studies') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
