@@ -1,31 +1,22 @@
 """Checkpoints for training-state pytrees on orbax-checkpoint, with per-leaf checksums.
 
-:func:`save_checkpoint` / :func:`restore_checkpoint` save and restore one pytree with a JSON metadata
-dict; :class:`CheckpointManager` saves every ``save_every`` steps (asynchronously), keeps the newest
-``keep`` and restores the latest (intact) one. Both use one orbax path (a ``CompositeCheckpointHandler``,
-synchronous for the one-shot functions) and one layout: ``<checkpoint>/state/`` (the pytree),
-``metadata/`` (the caller's JSON) and ``checksums/`` (per leaf: dtype, shape, xxh3-64 of its bytes), where
-``<checkpoint>`` is ``<directory>/<step>``, or ``directory`` for ``save_checkpoint`` without a step.
+:func:`save_checkpoint` / :func:`restore_checkpoint` save and restore one pytree with a JSON metadata dict;
+:class:`CheckpointManager` saves every ``save_every`` steps (asynchronously), keeps the newest ``keep`` and
+restores the latest (intact) one. All go through one orbax path (:func:`_checkpointer`, :func:`_write`,
+:func:`_read`; synchronous for the one-shot functions) and one layout: ``<checkpoint>/state/`` (the pytree),
+``metadata/`` (the caller's JSON) and ``checksums/`` (per leaf: dtype, shape, xxh3-64 of its bytes).
 
-**Restoring** goes into a *target* (arrays or ``jax.ShapeDtypeStruct``s, see :func:`abstract_like`),
-compared with the checkpoint before any read: a difference raises :class:`CheckpointMismatchError`
-naming every dotted path, in the target's order (parameters before optimizer state). The result has the
-target's exact structure (int dict keys, NamedTuples) and shardings.
-
-**Corruption** raises :class:`CheckpointCorruptError` naming the step, the leaf (or file) and what failed.
-Detected: any change of a leaf's bytes, dtype or shape after saving (flipped bits; truncated, deleted or
-rewritten array files, including changes orbax reads back silently) and unreadable state, metadata or
-checksum files. Not detected: a checkpoint replaced whole by another consistent one; leaves not fully
-addressable from one process (multi-host shardings); checkpoints written before checksums existed
-(restored unchecked). xxh3 detects accidents, not tampering.
-
-**Atomicity**: orbax writes into ``<name>.orbax-checkpoint-tmp`` and renames at the end, so an interrupted
-save (even ``kill -9``) leaves no final directory; leftovers are removed on failure and when a manager opens.
+**Restoring** goes into a *target* (arrays or ``jax.ShapeDtypeStruct``s, see :func:`abstract_like`), compared
+with the checkpoint before any read (:func:`idesign.tree.leaf_diff`): a difference raises
+:class:`CheckpointMismatchError` naming every dotted path in the target's order (parameters before optimizer
+state). **Corruption** (a leaf's bytes, dtype or shape changed after saving; unreadable files) raises
+:class:`CheckpointCorruptError`; not detected: a checkpoint replaced whole by another consistent one, leaves
+not fully addressable from one process, tampering. **Atomicity**: orbax writes into
+``<name>.orbax-checkpoint-tmp`` and renames at the end; leftovers of a failed save are removed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import itertools
 import re
@@ -96,67 +87,39 @@ class CheckpointCorruptError(Exception):
         self.step, self.where, self.reason = step, where, reason
 
 
-def _dotted(path: Sequence[Any]) -> str:
-    # Orbax stores dict keys as strings and NamedTuples as dicts of fields: match on key *names*.
-    return ".".join(tree_lib.key_str(k) for k in path) or "<root>"
-
-
-def _named(tree: PyTree) -> dict[str, Any]:
-    return {_dotted(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:  # a pytree leaf (a NamedTuple would be flattened)
-    shape: tuple[int, ...] | None
-    dtype: np.dtype | None  # None: a Python scalar, whose dtype is not pinned down
-
-    def __str__(self) -> str:
-        return "a Python scalar" if self.dtype is None else f"{self.dtype} array of shape {self.shape}"
-
-
-def _structure_diff(expected: PyTree, got: PyTree, *, what: str) -> list[str]:
-    """One line per leaf where ``got`` differs from ``expected`` (missing, unexpected, shape or dtype),
-    each starting with the dotted path, in ``expected``'s order. Stand-in for ``tree.structure_diff``.
-
-    >>> _structure_diff({'a': np.zeros(2), 'b': np.zeros(1)}, {'a': np.zeros(3), 'c': 1.0}, what='x')
-    ['a: shape mismatch: expected (2,), x has (3,)', 'b: missing from x (expected float64 array of shape (1,))', 'c: unexpected in x (float)']
-    """
-    want, have = _named(expected), _named(got)
-    describe = lambda x: str(x) if isinstance(x, _Spec) else type(x).__name__ if not hasattr(x, "shape") \
-        else f"{x.dtype} array of shape {tuple(x.shape)}"
-    lines = []
-    for name, e in want.items():
-        if name not in have:
-            lines.append(f"{name}: missing from {what} (expected {describe(e)})")
-            continue
-        for attr in ("shape", "dtype"):
-            a, b = getattr(e, attr, None), getattr(have[name], attr, None)
-            if a is not None and b is not None and a != b:
-                lines.append(f"{name}: {attr} mismatch: expected {a}, {what} has {b}")
-                break
-    return lines + [f"{name}: unexpected in {what} ({describe(g)})" for name, g in have.items() if name not in want]
+# Orbax stores dict keys as strings and NamedTuples as dicts of fields: leaves are matched by dotted name.
+_named = tree_lib.named_leaves
 
 
 _is_python_scalar = lambda x: isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)  # noqa: E731
 _is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
 
 
-def _target_spec(leaf: Any, name: str) -> _Spec:
+class _ScalarSpec(str):
+    """The spec of a Python-scalar leaf for tree.leaf_diff: shape ``()``, no fixed dtype, described by its text."""
+    shape, dtype = (), None
+
+
+# Leaf specs for tree.leaf_diff: jax.ShapeDtypeStructs, or (a Python scalar) _SCALAR.
+_SCALAR = _ScalarSpec("a Python scalar")
+
+
+def _target_spec(leaf: Any, name: str) -> jax.ShapeDtypeStruct | str:
     if _is_python_scalar(leaf):
-        return _Spec((), None)
+        return _SCALAR
     if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
         if _is_key(leaf):  # orbax stores typed PRNG keys as their raw key data
             leaf = jax.eval_shape(jax.random.key_data, leaf)
-        return _Spec(tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+        return jax.ShapeDtypeStruct(tuple(np.shape(leaf)), np.dtype(leaf.dtype))
     raise TypeError(f"Cannot restore into the target leaf at {name} of type {type(leaf).__name__}: target leaves "
                     "must be jax or numpy arrays or scalars, jax.ShapeDtypeStructs or Python scalars.")
 
 
-def _saved_spec(meta: Any) -> _Spec:
-    if isinstance(meta, ocp.metadata.ScalarMetadata):  # a Python scalar: its dtype is not pinned down
-        return _Spec((), None)
+def _saved_spec(meta: Any) -> jax.ShapeDtypeStruct | str:
     shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-    return _Spec(None if shape is None else tuple(shape), None if dtype is None else np.dtype(dtype))
+    if isinstance(meta, ocp.metadata.ScalarMetadata) or shape is None or dtype is None:
+        return _SCALAR if isinstance(meta, ocp.metadata.ScalarMetadata) else type(meta).__name__
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
 
 def _fingerprint(leaf: Any) -> dict[str, Any] | None:
@@ -306,13 +269,13 @@ def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: 
     except Exception as e:  # noqa: BLE001
         raise corrupt(f"{_STATE}/ tree metadata", f"unreadable ({_first_line(e)})") from e
     if checksums is not None:  # the tree metadata must describe the leaves that were hashed
-        hashed = {n: _Spec(None, None) if c is None else _Spec(tuple(c["shape"]), np.dtype(c["dtype"]))
+        hashed = {n: "a leaf not hashed" if c is None else jax.ShapeDtypeStruct(tuple(c["shape"]), np.dtype(c["dtype"]))
                   for n, c in checksums["leaves"].items()}
-        if diff := _structure_diff(hashed, saved_specs, what="the tree metadata"):
+        if diff := tree_lib.leaf_diff(hashed, saved_specs, what="the tree metadata"):
             raise corrupt(f"{_STATE}/ tree metadata", f"disagrees with the checksums: {'; '.join(diff[:3])}")
     if target is not None:
-        specs = jax.tree_util.tree_map_with_path(lambda p, leaf: _target_spec(leaf, _dotted(p)), target)
-        problems = _structure_diff(specs, saved_specs, what="checkpoint")  # in the target's order
+        specs = tree_lib.map_with_path(lambda name, leaf: _target_spec(leaf, name), target)
+        problems = tree_lib.leaf_diff(specs, saved_specs, what="checkpoint")  # in the target's order
         if problems:
             lines = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
                                                if len(problems) > _MAX_LISTED else [])
@@ -342,8 +305,8 @@ def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: 
     if target is not None:  # exactly the target's structure (int keys, NamedTuples) and scalar types
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         restored = jax.tree_util.tree_unflatten(treedef, [
-            wanted.dtype.type(np.asarray(by_name[_dotted(p)])) if isinstance(wanted, np.generic)
-            else by_name[_dotted(p)] for p, wanted in leaves])
+            wanted.dtype.type(np.asarray(by_name[tree_lib.path_str(p)])) if isinstance(wanted, np.generic)
+            else by_name[tree_lib.path_str(p)] for p, wanted in leaves])
     return restored, dict(metadata or {})
 
 
@@ -372,6 +335,18 @@ def _read_newest(checkpointer: ocp.Checkpointer, root: Path, steps: Sequence[int
             warnings.warn(f"{e} -- skipped it and restored step {step} instead.", stacklevel=3)
         return result
     raise skipped[0]
+
+
+def _restore(checkpointer: ocp.Checkpointer, root: Path, target: PyTree | None, step: int | None, fallback: bool,
+             verify: bool) -> tuple[PyTree, dict[str, Any]]:
+    """The restore of both :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`."""
+    if step is not None:
+        if int(step) not in _steps(root):
+            raise FileNotFoundError(f"No checkpoint for step {step} in {root}; available steps: {_steps(root)}.")
+        return _read(checkpointer, root / str(int(step)), int(step), target, verify)
+    if (root / _STATE).is_dir():
+        return _read(checkpointer, root, None, target, verify)
+    return _read_newest(checkpointer, root, _steps(root), target, fallback, verify)
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -472,16 +447,9 @@ def restore_checkpoint(directory: PathLike, target: PyTree | None, *, step: int 
     >>> restored['w'].tolist(), restored['step']
     ([0.0, 1.0, 2.0], 7)
     """
-    root = Path(directory).absolute()
     checkpointer = _checkpointer()
     try:
-        if step is not None:
-            if not (root / str(int(step))).is_dir():
-                raise FileNotFoundError(f"No checkpoint for step {step} in {root}; available steps: {_steps(root)}.")
-            return _read(checkpointer, root / str(int(step)), int(step), target, verify)
-        if (root / _STATE).is_dir():
-            return _read(checkpointer, root, None, target, verify)
-        return _read_newest(checkpointer, root, _steps(root), target, fallback, verify)
+        return _restore(checkpointer, Path(directory).absolute(), target, step, fallback, verify)
     finally:
         checkpointer.close()
 
@@ -566,12 +534,8 @@ class CheckpointManager:
         Arguments and errors as for :func:`restore_checkpoint`; ``fallback=True`` restores the newest
         intact step, warning which newer corrupt steps it skipped.
         """
-        steps = self.all_steps()
-        if step is None:
-            return _read_newest(self._checkpointer, self._directory, steps, target, fallback, verify)
-        if int(step) not in steps:
-            raise FileNotFoundError(f"No checkpoint for step {step} in {self._directory}; available steps: {steps}.")
-        return _read(self._checkpointer, self._directory / str(int(step)), int(step), target, verify)
+        self.wait()
+        return _restore(self._checkpointer, self._directory, target, step, fallback, verify)
 
     def latest_step(self) -> int | None:
         """The newest finished step, or ``None``; waits for pending saves first."""

@@ -182,6 +182,37 @@ def structure_diff(expected: PyTree | Sequence[str], got: PyTree | Sequence[str]
     return ""
 
 
+def _describe(leaf: Any) -> str:
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{np.dtype(dtype)} array of shape {tuple(shape)}"
+    return leaf if isinstance(leaf, str) else type(leaf).__name__  # a string leaf describes itself
+
+
+def leaf_diff(expected: PyTree, got: PyTree, *, what: str = "tree") -> list[str]:
+    """One line per leaf where ``got`` differs from ``expected`` (missing, unexpected, shape or dtype), each
+    starting with the dotted path, in ``expected``'s order: the per-leaf companion of :func:`structure_diff`.
+
+    Leaves are compared by their ``shape`` and ``dtype`` where both have them (arrays, ``jax.ShapeDtypeStruct``);
+    a string leaf stands for a leaf described by that string.
+
+    >>> leaf_diff({'a': np.zeros(2), 'b': np.zeros(1)}, {'a': np.zeros(3), 'c': 1.0}, what='x')
+    ['a: shape mismatch: expected (2,), x has (3,)', 'b: missing from x (expected float64 array of shape (1,))', 'c: unexpected in x (float)']
+    """
+    want, have = named_leaves(expected), named_leaves(got)
+    lines = []
+    for name, e in want.items():
+        if name not in have:
+            lines.append(f"{name}: missing from {what} (expected {_describe(e)})")
+            continue
+        for attr in ("shape", "dtype"):
+            a, b = getattr(e, attr, None), getattr(have[name], attr, None)
+            if a is not None and b is not None and a != b:
+                lines.append(f"{name}: {attr} mismatch: expected {a}, {what} has {b}")
+                break
+    return lines + [f"{name}: unexpected in {what} ({_describe(g)})" for name, g in have.items() if name not in want]
+
+
 class Kernel(NamedTuple):
     """A dense kernel a pattern resolved to: its parameter ``path``, and whether it is ``transposed``
     (a tied unembedding's table, ``[d_out, d_in]`` instead of ``[d_in, d_out]``)."""
@@ -245,4 +276,4 @@ def resolve_kernels(params: PyTree, patterns: str | Sequence[str], dense_layers:
 
 
 __all__ = ["key_str", "path_str", "leaves_with_paths", "named_leaves", "map_with_path", "matches", "select",
-           "expand_patterns", "unknown_name_message", "structure_diff", "Kernel", "resolve_kernels"]
+           "expand_patterns", "unknown_name_message", "structure_diff", "leaf_diff", "Kernel", "resolve_kernels"]
