@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from idesign.data import _knowledge_config
 from idesign.data import knowledge as knowledge_module
 from idesign.data.knowledge import (
     FIRST_NAMES,
@@ -70,7 +71,7 @@ def _stated_attributes(world: KnowledgeWorld, entity_id: int, text: str) -> set[
 
 
 def test_word_pools_are_disjoint_single_tokens():
-    template = set(knowledge_module._template_words())
+    template = set(_knowledge_config._template_words())
     values = [v for s in knowledge_module._ATTRIBUTES.values() for v in s.values]
     pools = [set(FIRST_NAMES), set(SURNAMES), set(values), template]
     assert len(FIRST_NAMES) == len(set(FIRST_NAMES)) and len(SURNAMES) == len(set(SURNAMES))
