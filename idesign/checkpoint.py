@@ -317,13 +317,21 @@ def _steps(directory: Path) -> list[int]:
                   if p.name.isdigit() and p.is_dir() and ocp.step.is_path_finalized(p))
 
 
-def _read_newest(checkpointer: ocp.Checkpointer, root: Path, steps: Sequence[int], target: PyTree | None,
-                 fallback: bool, verify: bool) -> tuple[PyTree, dict[str, Any]]:
-    """Restores the newest of ``steps``; with ``fallback``, the newest intact one, warning which it skipped."""
+def _restore(checkpointer: ocp.Checkpointer, root: Path, target: PyTree | None, step: int | None, fallback: bool,
+             verify: bool) -> tuple[PyTree, dict[str, Any]]:
+    """The restore of both :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`: ``step``, the
+    checkpoint ``root`` itself, or the newest step (with ``fallback``, the newest intact one, warning which it skipped)."""
+    steps = _steps(root)
+    if step is not None:
+        if int(step) not in steps:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {root}; available steps: {steps}.")
+        return _read(checkpointer, root / str(int(step)), int(step), target, verify)
+    if (root / _STATE).is_dir():
+        return _read(checkpointer, root, None, target, verify)
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {root}.")
     skipped: list[CheckpointCorruptError] = []
-    for step in sorted(steps, reverse=True):
+    for step in reversed(steps):
         try:
             result = _read(checkpointer, root / str(step), step, target, verify)
         except CheckpointCorruptError as e:
@@ -335,18 +343,6 @@ def _read_newest(checkpointer: ocp.Checkpointer, root: Path, steps: Sequence[int
             warnings.warn(f"{e} -- skipped it and restored step {step} instead.", stacklevel=3)
         return result
     raise skipped[0]
-
-
-def _restore(checkpointer: ocp.Checkpointer, root: Path, target: PyTree | None, step: int | None, fallback: bool,
-             verify: bool) -> tuple[PyTree, dict[str, Any]]:
-    """The restore of both :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`."""
-    if step is not None:
-        if int(step) not in _steps(root):
-            raise FileNotFoundError(f"No checkpoint for step {step} in {root}; available steps: {_steps(root)}.")
-        return _read(checkpointer, root / str(int(step)), int(step), target, verify)
-    if (root / _STATE).is_dir():
-        return _read(checkpointer, root, None, target, verify)
-    return _read_newest(checkpointer, root, _steps(root), target, fallback, verify)
 
 
 def abstract_like(tree: PyTree) -> PyTree:
