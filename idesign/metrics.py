@@ -476,19 +476,22 @@ def max_probability(logits: ArrayLike, axis: int = -1) -> np.ndarray | jax.Array
 # false-discovery-rate (Benjamini–Hochberg) adjustment.
 
 
+def _in_input_order(pvalues: ArrayLike, adjust: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    # Both adjustments work on the ascending p-values and their ranks 1..m; results go back to input order.
+    p = np.asarray(pvalues, np.float64)
+    order = np.argsort(p, kind="stable")
+    out = np.empty(p.size)
+    out[order] = np.minimum(1.0, adjust(p[order], p.size))
+    return out
+
+
 def holm(pvalues: ArrayLike) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error rate); reject where ``adjusted <= alpha``.
 
     >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
     [0.03, 0.06, 0.06]
     """
-    p = np.asarray(pvalues, np.float64)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
+    return _in_input_order(pvalues, lambda p, m: np.maximum.accumulate(p * (m - np.arange(m))))
 
 
 def benjamini_hochberg(pvalues: ArrayLike) -> np.ndarray:
@@ -497,14 +500,7 @@ def benjamini_hochberg(pvalues: ArrayLike) -> np.ndarray:
     >>> benjamini_hochberg([0.01, 0.04, 0.03]).round(3).tolist()
     [0.03, 0.04, 0.04]
     """
-    p = np.asarray(pvalues, np.float64)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
+    return _in_input_order(pvalues, lambda p, m: np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1])
 
 
 def _auc_from_ranks(labels: np.ndarray, ranks: np.ndarray) -> np.ndarray:
