@@ -169,16 +169,11 @@ def _jsonable(value: Any, where: str) -> Any:
 
 
 def _checkpointer(async_save: bool = False) -> ocp.Checkpointer:
-    # Handlers registered up front: a bare CompositeCheckpointHandler learns them only from a
-    # save, so a fresh one could not read an existing checkpoint.
-    registry = ocp.DefaultCheckpointHandlerRegistry()
-    for item, handler, save, restore in (
-            (_STATE, ocp.StandardCheckpointHandler(), ocp.args.StandardSave, ocp.args.StandardRestore),
-            (_METADATA, ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
-            (_CHECKSUMS, ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore)):
-        registry.add(item, save, handler)
-        registry.add(item, restore, handler)
-    handler = ocp.CompositeCheckpointHandler(handler_registry=registry)
+    # Handlers given up front: a bare CompositeCheckpointHandler learns them only from a save, so a fresh
+    # one could not read an existing checkpoint.
+    handler = ocp.CompositeCheckpointHandler(**{_STATE: ocp.StandardCheckpointHandler(),
+                                                _METADATA: ocp.JsonCheckpointHandler(),
+                                                _CHECKSUMS: ocp.JsonCheckpointHandler()})
     return ocp.AsyncCheckpointer(handler) if async_save else ocp.Checkpointer(handler)
 
 
