@@ -69,17 +69,18 @@ Array = jax.Array
 EVIDENCE_LINES = ("probe", "sae", "attribution")
 
 
-
 class CandidateBank(NamedTuple):
-    """Interpretable candidate statistics of ``N`` samples.
+    """Interpretable candidate statistics of ``N`` samples, each a set of up to ``F`` elements ("fragments").
+
+    Built by a study (e.g. ``idesign.studies.cfdna.candidate_bank``).
 
     Attributes:
-      names: ``K`` candidate names (``short_fraction``, ``length[140,160)``, ``motif:CCCA``, ...).
-      families: ``K`` families (``length``, ``motif``, ``methylation``, ``gc``, ``depth``).
+      names: ``K`` candidate names (for cfDNA: ``short_fraction``, ``length[140,160)``, ``motif:CCCA``, ...).
+      families: ``K`` families (for cfDNA: ``length``, ``motif``, ``methylation``, ``gc``, ``depth``).
       values: ``[N, K]`` float64 statistics.
-      fragment_values: ``[N, F, K]`` float32 per-fragment value whose masked mean is the candidate,
+      fragment_values: ``[N, F, K]`` float32 per-element value whose masked mean is the candidate,
         NaN for candidates that are not such a mean (``None`` unless asked for).
-      mask: ``[N, F]`` bool, the real fragments.
+      mask: ``[N, F]`` bool, the real elements.
     """
 
     names: tuple[str, ...]
