@@ -86,7 +86,8 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
             weights = weights * (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         count = jnp.maximum(weights.sum(), 1.0)
-        loss = (nll * weights).sum() / count
+        # `where`, not only `* weights`: a masked position's logits may be NaN (0 * NaN is NaN).
+        loss = jnp.where(weights > 0, nll * weights, 0.0).sum() / count
         acc = ((logits.argmax(-1) == targets) * weights).sum() / count
         return loss, {"loss": loss, "accuracy": acc, "tokens": weights.sum()}
 
