@@ -74,10 +74,12 @@ def check_tokens(tokens: Any, vocab_size: int, valid: Any = None) -> Array:
     return jnp.asarray(tokens, jnp.int32)
 
 
-def checkify_tokens(tokens: Array, vocab_size: int) -> Array:
-    """The checked mode inside jit: a ``checkify`` check that every id is in ``[0, vocab_size)``.
+def checkify_tokens(tokens: Array, vocab_size: int, valid: Array | None = None) -> Array:
+    """The checked mode inside jit: a ``checkify`` check that every id (where ``valid``) is in ``[0, vocab_size)``.
 
-    Costs a reduction per call and nothing when the function is not wrapped by ``checkify.checkify``.
+    Costs a reduction per call. Call it only inside a function transformed by ``checkify.checkify``:
+    under a plain ``jit`` an unfunctionalised check is refused by jax. ``make_train_step(...,
+    checked=True)`` does this for a training step.
 
     >>> import jax, jax.numpy as jnp, idesign as ids
     >>> from jax.experimental import checkify
@@ -87,9 +89,13 @@ def checkify_tokens(tokens: Array, vocab_size: int) -> Array:
     True
     """
     from jax.experimental import checkify
-    checkify.check(jnp.all((tokens >= 0) & (tokens < vocab_size)),
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if valid is not None:  # padding may hold anything
+        bad = bad & jnp.asarray(valid, bool)
+    checkify.check(~jnp.any(bad),
                    "tokens: an id (min {lo}, max {hi}) is outside the vocabulary [0, " + str(vocab_size) + "); "
-                   "map ids into range before calling the model.", lo=jnp.min(tokens), hi=jnp.max(tokens))
+                   "map ids into range before calling the model.",
+                   lo=jnp.min(jnp.where(bad, tokens, vocab_size)), hi=jnp.max(jnp.where(bad, tokens, -1)))
     return tokens
 
 
