@@ -80,7 +80,7 @@ def check_batch(batch: Any, where: str = "batch") -> dict[str, Array]:
                        "{'tokens': batch['input_ids']}).")
     tokens = batch["tokens"]
     if isinstance(tokens, (list, tuple)):
-        tokens = jnp.asarray(np.asarray(tokens))
+        tokens = jnp.asarray(tokens)  # not np.asarray: inside jit a list's entries are tracers
     shape, dtype = tuple(getattr(tokens, "shape", ())), getattr(tokens, "dtype", None)
     if len(shape) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.integer) or shape[1] < 2:
         raise ValueError(f"{where}['tokens']: expected integer token ids of shape [B, T] with T >= 2 (the model "

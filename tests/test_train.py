@@ -112,6 +112,8 @@ def test_bad_batches_raise_clear_errors_before_jax(tiny_config):
     # nested lists are accepted as tokens
     loss, _ = ids.lm_loss(apply)(params, {"tokens": [[1, 2, 3], [4, 5, 6]]})
     assert np.isfinite(float(loss))
+    _, metrics = step(state, {"tokens": [[1, 2, 3], [4, 5, 6]]})       # also through the jitted step
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
 
 
 def test_checked_step_catches_out_of_range_ids_inside_jit(tiny_config):
