@@ -92,7 +92,7 @@ class SweepTable:
     def __str__(self) -> str:
         width = max(len("site"), *(len(s) for s in self.sites))
         level = f"{100 * (1 - self.alpha):g}% CI"
-        lines = [f"{'site':<{width}}  {'AUC':>6}  {level:>15}  {'accuracy':>8}"]
+        lines = [f"{'site':<{width}}  {'AUC':>6}  {level:>14}  {'accuracy':>8}"]
         for r in self.rows():
             lines.append(f"{r['site']:<{width}}  {r['auc']:6.3f}  [{r['auc_low']:.3f}, {r['auc_high']:.3f}]  "
                          f"{r['accuracy']:8.3f}")
