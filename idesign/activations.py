@@ -15,7 +15,7 @@ on the device, before anything is transferred, so only the rows a probe needs le
 ``positions``               selects                                                       site output
 ==========================  ============================================================  ======================
 ``None``                    every position                                                ``[B, T, ...]`` as captured
-``"last"``                  the last valid token of each row                              ``[B, ...]``
+``"last"``                  the last valid token of each row (see ``pad_id``)             ``[B, ...]``
 int column / array ``[B]``  one position per row (negative counts from the end)           ``[B, ...]``
 int ``[B, K]``              ``K`` positions per row                                       ``[B, K, ...]``
 bool ``[B, T]`` mask        the marked tokens, flattened into a token table               ``[n_marked, ...]``
@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -264,7 +265,7 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 def stream_activations(apply: FunctionalModel, params: Any, dataset: Any, sites: str | Sequence[str], *,
                        batch_size: int, tokens_column: str = "tokens", valid_column: str | None = None,
-                       positions: Positions = None, reduce: Reduce = None, columns: Sequence[str] | None = None,
+                       pad_id: int | None = None, positions: Positions = None, reduce: Reduce = None, columns: Sequence[str] | None = None,
                        dtype: Any = None, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
                        hooks: Hooks | None = None, desc: str = "activations") -> Iterator[dict[str, np.ndarray]]:
     """Runs ``apply`` over ``dataset`` in batches and yields each batch's activations as numpy arrays.
@@ -282,6 +283,11 @@ def stream_activations(apply: FunctionalModel, params: Any, dataset: Any, sites:
       batch_size: rows per forward pass (divisible by the mesh's ``data`` axis when ``mesh`` is given).
       tokens_column: the ``[rows, seq]`` integer token ids.
       valid_column: optional ``[rows, seq]`` mask of real tokens, passed to ``apply`` as ``valid=``.
+      pad_id: the padding token id, for data without a ``valid_column``: the leading and trailing runs of
+        ``pad_id`` in each row are padding (so right-padded rows read their last real token with
+        ``positions="last"``, and left padding is masked). A sequence that really begins or ends with
+        that id loses those tokens; pass ``valid_column`` to be exact. Without either, every token is
+        real: ``positions="last"`` reads the final column, which is a pad in a right-padded row.
       positions: which token positions to keep: ``None``, ``"last"``, a column name, an array with one
         entry per dataset row, or an array-valued function of the batch.
       reduce: pool the selected positions into one vector per row.
@@ -322,6 +328,17 @@ def stream_activations(apply: FunctionalModel, params: Any, dataset: Any, sites:
     _check_column(tokens_column, "tokens_column", source.columns)
     if valid_column is not None:
         _check_column(valid_column, "valid_column", source.columns)
+        if pad_id is not None:
+            raise ValueError(f"stream_activations: give valid_column ({valid_column!r}) or pad_id ({pad_id}), not both: "
+                             "the valid column already says which tokens are padding.")
+    elif pad_id is None:
+        unused = [c for c in ("valid", "attention_mask") if c in source.columns]
+        if unused:
+            warnings.warn(f"stream_activations: the dataset has a {unused[0]!r} column but valid_column=None, so padding "
+                          "counts as real tokens (attended to; positions='last' reads the final column, a pad in a "
+                          f"right-padded row). Pass valid_column={unused[0]!r} (or pad_id=).", UserWarning, stacklevel=2)
+    if pad_id is not None and not isinstance(pad_id, (int, np.integer)):
+        raise TypeError(f"stream_activations: pad_id = {pad_id!r}; expected an integer token id (or None).")
     if isinstance(positions, str) and positions != "last":
         _check_column(positions, "positions", source.columns)
     elif positions is not None and not isinstance(positions, str) and not callable(positions):
@@ -343,12 +360,14 @@ def stream_activations(apply: FunctionalModel, params: Any, dataset: Any, sites:
     chains = _with_captures(hooks, resolved)
     static = dict(apply=apply, sites=resolved, reduce=reduce, dtype=None if dtype is None else np.dtype(dtype))
     return _stream(source, params, out_columns, static, chains, batch_size=int(batch_size),
-                   tokens_column=tokens_column, valid_column=valid_column, positions=positions, reduce=reduce,
+                   tokens_column=tokens_column, valid_column=valid_column, pad_id=pad_id, positions=positions,
+                   reduce=reduce,
                    mesh=mesh, progress=progress, desc=desc)
 
 
 def _stream(source: _Source, params: Any, out_columns: list[str], static: dict, chains: dict, *,
-            batch_size: int, tokens_column: str, valid_column: str | None, positions: Positions, reduce: Reduce,
+            batch_size: int, tokens_column: str, valid_column: str | None, pad_id: int | None,
+            positions: Positions, reduce: Reduce,
             mesh: Any, progress: bool, desc: str) -> Iterator[dict[str, np.ndarray]]:
     # Outside a terminal (CI logs, notebooks run headless) redraw rarely, so logs stay readable.
     bar = tqdm(total=source.n, desc=desc, unit="row", disable=not progress, dynamic_ncols=True,
@@ -366,6 +385,8 @@ def _stream(source: _Source, params: Any, out_columns: list[str], static: dict, 
                 if valid.shape != tokens.shape:
                     raise ValueError(f"valid_column {valid_column!r} has shape {valid.shape} in rows {start}..; "
                                      f"expected the tokens' shape {tokens.shape}.")
+            elif pad_id is not None:
+                valid = valid_from_pad(tokens, pad_id)
             selection = _resolve_positions(positions, batch, valid, seq_len, start, reduce)
             device = {"tokens": _pad_rows(tokens, batch_size),
                       "valid": None if valid is None else _pad_rows(valid, batch_size),
@@ -447,6 +468,24 @@ def collect_activations(apply: FunctionalModel, params: Any, dataset: Any, sites
         for key, value in batch.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def valid_from_pad(tokens: Any, pad_id: int) -> np.ndarray:
+    """``valid [N, T]``: False on the leading and trailing runs of ``pad_id`` in each row (left or right padding).
+
+    An id equal to ``pad_id`` inside a sequence stays valid; a sequence that really begins or ends with
+    it cannot be told from padding (keep :func:`pad_tokens`' ``valid`` for that).
+
+    >>> import idesign as ids
+    >>> ids.activations.valid_from_pad([[5, 6, 0, 0], [0, 7, 0, 8]], pad_id=0).astype(int).tolist()
+    [[1, 1, 0, 0], [0, 1, 1, 1]]
+    """
+    is_pad = np.asarray(tokens) == pad_id
+    if is_pad.ndim != 2:
+        raise ValueError(f"valid_from_pad: tokens must be [N, T]; got shape {is_pad.shape}.")
+    leading = np.cumprod(is_pad, axis=1).astype(bool)
+    trailing = np.cumprod(is_pad[:, ::-1], axis=1)[:, ::-1].astype(bool)
+    return ~(leading | trailing)
 
 
 def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int, *, length: int | None = None,

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from idesign import tree as tree_lib
 from idesign.hooks import Add, Capture
+from idesign.train import check_batch
 
 Array = jax.Array
 Params = Any
@@ -158,9 +159,8 @@ class LMForward:
     apply: Callable[..., Any]
 
     def __call__(self, params: Params, batch: Batch, hooks: Any) -> tuple[Array, dict, Array, Array]:
+        batch = check_batch(batch, "LMForward: batch")
         tokens = jnp.asarray(batch["tokens"])
-        if tokens.ndim != 2 or tokens.shape[1] < 2:
-            raise ValueError(f"LMForward: tokens must have shape [batch, seq >= 2]; got {tokens.shape}.")
         valid, loss_mask = batch.get("valid"), batch.get("loss_mask")
         kwargs = {} if valid is None else {"valid": jnp.asarray(valid)[:, :-1]}
         logits, captured = self.apply(params, tokens[:, :-1], hooks=hooks, **kwargs)

@@ -8,6 +8,9 @@ Sections (one per world; each keeps its own helpers):
 
 - **Skill mixture** (:mod:`idesign.data.skills`): :func:`greedy_answers`, :func:`exact_match`,
   :func:`skill_accuracy`, :func:`perplexity`.
+- **Knowledge world** (:mod:`idesign.data.knowledge`): :func:`knowledge_answers` (greedy answer per
+  query), :func:`knowledge_outcomes` and :func:`knowledge_metrics` (accuracy by frequency group,
+  hallucination and abstain rates), :func:`evaluate_knowledge` (both).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from idesign.data.skills import to_numpy
 from idesign.generate import SamplingConfig, generate
 from idesign.train import evaluate, iterate_batches, lm_loss, make_eval_step
 
-__all__ = ["greedy_answers", "exact_match", "skill_accuracy", "perplexity"]
+__all__ = ["greedy_answers", "exact_match", "skill_accuracy", "perplexity", "knowledge_answers", "knowledge_outcomes",
+           "knowledge_metrics", "evaluate_knowledge", "OUTCOMES"]
 
 _GREEDY = SamplingConfig(temperature=0.0)
 
@@ -144,6 +148,126 @@ def perplexity(apply: Callable, params: Any, docs: datasets.Dataset | Mapping[st
     batches = iterate_batches({k: np.asarray(v) for k, v in cols.items()}, batch_size, epochs=1, shuffle=False,
                               drop_remainder=False)
     return float(np.exp(evaluate(step, params, batches)["loss"]))
+
+
+# ============================================================================================
+# Knowledge world (idesign.data.knowledge): accuracy by frequency group, hallucination, abstention
+# ============================================================================================
+
+OUTCOMES: tuple[str, ...] = ("correct", "hallucinated", "abstained", "other")
+"""What a knowledge-world answer is (:func:`knowledge_outcomes`):
+
+- ``correct``: the true value, for a *known* entity (frequent or rare);
+- ``hallucinated``: a value of the asked attribute that is not supported -- a wrong value for a known
+  entity, or *any* value for an unknown entity (the model cannot know it, so even the hidden truth is
+  a guess; :func:`knowledge_metrics` reports that lucky share separately as a control);
+- ``abstained``: the abstain word ``unknown``;
+- ``other``: anything else (a value of another attribute, a template word, a special token).
+"""
+
+
+def knowledge_answers(apply: Callable, params: Any, world: Any, *, batch_size: int = 256) -> np.ndarray:
+    """The greedy answer token after each query prompt of ``world.queries``, decoded with :func:`idesign.generate`.
+
+    Every answer in the knowledge world is one token. Queries are decoded in groups of equal prompt
+    length (:func:`greedy_answers`), so nothing is padded.
+
+    Returns:
+      ``[n_queries]`` int token ids, in the order of ``world.queries``.
+
+    >>> import idesign as ids
+    >>> world = ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(n_known=10, n_unknown=2, n_documents=40))
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=8,
+    ...                                                            n_heads=2, n_layers=1, max_len=32))
+    >>> ids.evaluation.knowledge_answers(apply, params, world).shape == (len(world.queries),)
+    True
+    """
+    prompts = [np.asarray(p, np.int32) for p in world.queries["prompt_ids"]]
+    lengths = np.array([len(p) for p in prompts])
+    answers = np.zeros(len(prompts), np.int32)
+    for length in sorted(set(lengths.tolist())):
+        rows = np.flatnonzero(lengths == length)
+        answers[rows] = greedy_answers(apply, params, np.stack([prompts[i] for i in rows]), 1,
+                                       batch_size=batch_size)[:, 0]
+    return answers
+
+
+def knowledge_outcomes(world: Any, answer_ids: Any) -> np.ndarray:
+    """Classifies each query's answer token into one of :data:`OUTCOMES` (a string array ``[n_queries]``).
+
+    >>> import numpy as np, idesign as ids
+    >>> world = ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(n_known=10, n_unknown=2, n_documents=40))
+    >>> gold = np.asarray(world.queries['answer_id'])
+    >>> sorted(set(ids.evaluation.knowledge_outcomes(world, gold).tolist()))     # gold answers everywhere
+    ['correct', 'hallucinated']
+    """
+    q = world.queries
+    pred = np.asarray(answer_ids)
+    if pred.shape != (len(q),) or not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"knowledge_outcomes: expected one integer answer token per query, shape ({len(q)},); got "
+                         f"shape {pred.shape} dtype {pred.dtype}. Pass knowledge_answers(...)'s output.")
+    tok = world.tokenizer
+    groups, attrs, gold = np.asarray(q["group"]), np.asarray(q["attribute"]), np.asarray(q["answer_id"])
+    values = {a: np.array(sorted(tok.token_to_id(v) for v in world.attribute_values(a))) for a in set(attrs.tolist())}
+    is_value = np.array([p in values[a] for p, a in zip(pred.tolist(), attrs.tolist())], bool)
+    known = groups != "unknown"
+    out = np.full(len(q), "other", dtype=object)
+    out[is_value] = "hallucinated"
+    out[is_value & known & (pred == gold)] = "correct"
+    out[pred == tok.abstain_id] = "abstained"
+    return out.astype(str)
+
+
+def knowledge_metrics(world: Any, answer_ids: Any) -> dict[str, float]:
+    """Flat metrics of knowledge-world answers, per frequency group (``frequent``, ``rare``, ``unknown``).
+
+    For each group ``g``: ``accuracy_g`` (correct; 0 for unknown entities by definition),
+    ``hallucination_rate_g``, ``abstain_rate_g`` and ``other_rate_g`` -- the four sum to 1 -- and
+    ``n_g`` queries. Over all queries: ``hallucination_rate`` and ``abstain_rate``. Control:
+    ``accuracy_unknown_hidden_truth``, the share of unknown-entity answers that equal the hidden truth
+    (chance level for a model that cannot know them). Groups without queries are left out.
+
+    >>> import numpy as np, idesign as ids
+    >>> world = ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(n_known=10, n_unknown=2, n_documents=40))
+    >>> answers = np.where(np.asarray(world.queries['group']) == 'unknown', world.tokenizer.abstain_id,
+    ...                    np.asarray(world.queries['answer_id']))
+    >>> m = ids.evaluation.knowledge_metrics(world, answers)
+    >>> m['accuracy_rare'], m['abstain_rate_unknown'], m['hallucination_rate']
+    (1.0, 1.0, 0.0)
+    """
+    outcomes = knowledge_outcomes(world, answer_ids)
+    q = world.queries
+    groups = np.asarray(q["group"])
+    pred, gold = np.asarray(answer_ids), np.asarray(q["answer_id"])
+    out: dict[str, float] = {}
+    for g in ("frequent", "rare", "unknown"):
+        sel = groups == g
+        if not sel.any():
+            continue
+        for name, outcome in (("accuracy", "correct"), ("hallucination_rate", "hallucinated"),
+                              ("abstain_rate", "abstained"), ("other_rate", "other")):
+            out[f"{name}_{g}"] = float(np.mean(outcomes[sel] == outcome))
+        out[f"n_{g}"] = float(sel.sum())
+    out["hallucination_rate"] = float(np.mean(outcomes == "hallucinated"))
+    out["abstain_rate"] = float(np.mean(outcomes == "abstained"))
+    unknown = groups == "unknown"
+    if unknown.any():
+        out["accuracy_unknown_hidden_truth"] = float(np.mean(pred[unknown] == gold[unknown]))
+    return out
+
+
+def evaluate_knowledge(apply: Callable, params: Any, world: Any, *, batch_size: int = 256) -> dict[str, float]:
+    """:func:`knowledge_metrics` of the model's greedy answers (:func:`knowledge_answers`).
+
+    >>> import idesign as ids
+    >>> world = ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(n_known=10, n_unknown=2, n_documents=40))
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=8,
+    ...                                                            n_heads=2, n_layers=1, max_len=32))
+    >>> m = ids.evaluation.evaluate_knowledge(apply, params, world)
+    >>> round(m['accuracy_rare'] + m['hallucination_rate_rare'] + m['abstain_rate_rare'] + m['other_rate_rare'], 6)
+    1.0
+    """
+    return knowledge_metrics(world, knowledge_answers(apply, params, world, batch_size=batch_size))
 
 
 def _hashable(x: Any) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idesign import _treescope
 from idesign import tree as tree_lib
 
 Array = jax.Array
@@ -71,6 +72,9 @@ class Intervention:
 
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
 
 @_pytree_dataclass

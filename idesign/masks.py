@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._treescope import MaskView, mask_view as view  # display: frozen fraction per leaf (treescope or repr)
 from idesign._types import Mask, PyTree
 from idesign.tree import named_leaves, structure_diff
 
@@ -279,4 +280,4 @@ def random(params: PyTree, count: int, *, seed: int, within: Mask | None = None)
 
 
 __all__ = ["Mask", "fits", "check", "full", "union", "intersection", "complement", "difference", "SizeReport",
-           "size_report", "random"]
+           "size_report", "random", "MaskView", "view"]

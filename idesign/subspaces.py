@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign import _treescope
+
 Array = jax.Array
 Side = Literal["input", "output", "flat"]
 SIDES: tuple[str, ...] = ("input", "output", "flat")
@@ -95,6 +97,9 @@ class Subspace:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Subspace is immutable; use Subspace(new_basis, side) or .with_side(side).")
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
     def tree_flatten(self):
         return (self.basis,), self.side

@@ -53,6 +53,48 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
+def check_batch(batch: Any, where: str = "batch") -> dict[str, Array]:
+    """Checks a language-model batch and returns it as a dict with ``tokens`` as an integer array.
+
+    A batch is a dict with ``tokens`` (integer ``[B, T]``, ``T >= 2``: the model predicts tokens
+    ``1..T-1``) and optionally ``loss_mask`` and ``valid`` of the same ``[B, T]`` shape. Only structure,
+    shapes and dtypes are checked, so this works on traced values inside ``jit``; nested lists of
+    ints are accepted for ``tokens``. Every error names the value, the expected form and the fix.
+
+    >>> import numpy as np, idesign as ids
+    >>> ids.train.check_batch({'tokens': [[1, 2, 3]]})['tokens'].shape
+    (1, 3)
+    >>> ids.train.check_batch(np.ones((2, 4), np.int32))
+    Traceback (most recent call last):
+    ...
+    TypeError: batch: expected a dict {'tokens': int [B, T], 'loss_mask'?: [B, T], 'valid'?: [B, T]}; got a bare array of shape (2, 4). Wrap it: {'tokens': x}.
+    """
+    if not isinstance(batch, Mapping):
+        shape = getattr(batch, "shape", None)
+        what = f"a bare array of shape {tuple(shape)}" if shape is not None else f"a {type(batch).__name__}"
+        raise TypeError(f"{where}: expected a dict {{'tokens': int [B, T], 'loss_mask'?: [B, T], 'valid'?: [B, T]}}; "
+                        f"got {what}. Wrap it: {{'tokens': x}}.")
+    if "tokens" not in batch:
+        raise KeyError(f"{where}: no 'tokens' entry; it has keys {sorted(map(str, batch))}. A language-model batch "
+                       "holds integer token ids [B, T] under 'tokens' (rename your column, e.g. "
+                       "{'tokens': batch['input_ids']}).")
+    tokens = batch["tokens"]
+    if isinstance(tokens, (list, tuple)):
+        tokens = jnp.asarray(tokens)  # not np.asarray: inside jit a list's entries are tracers
+    shape, dtype = tuple(getattr(tokens, "shape", ())), getattr(tokens, "dtype", None)
+    if len(shape) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.integer) or shape[1] < 2:
+        raise ValueError(f"{where}['tokens']: expected integer token ids of shape [B, T] with T >= 2 (the model "
+                         f"predicts tokens 1..T-1); got shape {shape} dtype {dtype}. Add a batch axis with x[None], "
+                         "cast with .astype(np.int32), or use longer sequences.")
+    for name in ("loss_mask", "valid"):
+        value = batch.get(name)
+        if value is not None and tuple(np.shape(value)) != shape:
+            raise ValueError(f"{where}[{name!r}]: expected the tokens' shape {shape} (one entry per token); got shape "
+                             f"{tuple(np.shape(value))}. Build it per token, e.g. np.ones_like(tokens) with the "
+                             "positions to skip set to 0.")
+    return {**batch, "tokens": tokens}
+
+
 def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
     """Next-token cross-entropy for ``apply(params, tokens, hooks=...)``, averaged over predicted tokens.
 
@@ -71,6 +113,7 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
     """
 
     def loss_fn(params, batch):
+        batch = check_batch(batch)
         tokens = batch["tokens"]
         mask = batch.get("loss_mask")
         mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
@@ -86,20 +129,39 @@ def lm_loss(apply: Callable, *, hooks: Any = None) -> LossFn:
             weights = weights * (real[:, 1:] & real[:, :-1]).astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         count = jnp.maximum(weights.sum(), 1.0)
-        loss = (nll * weights).sum() / count
+        # `where`, not only `* weights`: a masked position's logits may be NaN (0 * NaN is NaN).
+        loss = jnp.where(weights > 0, nll * weights, 0.0).sum() / count
         acc = ((logits.argmax(-1) == targets) * weights).sum() / count
         return loss, {"loss": loss, "accuracy": acc, "tokens": weights.sum()}
 
     loss_fn.training_only = isinstance(hooks, TrainingOnly)  # read by make_eval_step
+    loss_fn.vocab_size = getattr(getattr(apply, "config", None), "vocab_size", None)  # read by checked steps
     return loss_fn
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, jit: bool = True,
-                    donate: bool = False) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+                    donate: bool = False, checked: bool = False,
+                    vocab_size: int | None = None) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """``step(state, batch, **extra_args) -> (state, metrics)``; one compilation per batch shape.
 
     ``extra_args`` reach ``optimizer.update`` (e.g. a protected loss's gradient for a projection
     transform). Metrics include ``grad_norm``.
+
+    ``checked=True`` is the checked mode inside jit: the step is transformed by
+    ``jax.experimental.checkify`` and checks that every token id (where ``valid``) is in
+    ``[0, vocab_size)`` on the device, raising ``ValueError`` after the step that saw a bad id
+    (values inside jit are unknown at trace time, so the model's own check covers shapes only). The
+    vocabulary comes from ``vocab_size`` or from ``lm_loss(apply)`` of a model with ``config.vocab_size``.
+    It costs a reduction and one host sync per step.
+
+    >>> import optax, jax.numpy as jnp, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> checked = ids.train.make_train_step(ids.train.lm_loss(apply), optax.sgd(0.1), checked=True)
+    >>> state = ids.train.init_train_state(params, optax.sgd(0.1))
+    >>> checked(state, {'tokens': jnp.array([[1, 2, 11]])})
+    Traceback (most recent call last):
+    ...
+    ValueError: step 0: tokens: an id (min 11, max 11) is outside the vocabulary [0, 11); map ids into range before calling the model. (`check` failed)
 
     >>> import optax, jax.numpy as jnp, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
@@ -119,9 +181,41 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         metrics = {**aux, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
+    if checked:
+        return _checked_step(step, loss_fn, vocab_size, jit=jit, donate=donate)
     if not jit:
         return step
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _checked_step(step: Callable, loss_fn: LossFn, vocab_size: int | None, *, jit: bool, donate: bool) -> Callable:
+    from jax.experimental import checkify
+
+    from idesign.models.transformer import checkify_tokens
+    vocab_size = vocab_size if vocab_size is not None else getattr(loss_fn, "vocab_size", None)
+    if vocab_size is None:
+        raise ValueError("make_train_step(checked=True): the vocabulary size is unknown (the loss is not lm_loss of a "
+                         "model with config.vocab_size); pass vocab_size=.")
+
+    def checked_step(state, batch, **extra_args):
+        batch = check_batch(batch)
+        checkify_tokens(batch["tokens"], vocab_size, batch.get("valid"))
+        return step(state, batch, **extra_args)
+
+    fn = checkify.checkify(checked_step)
+    if jit:
+        fn = jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+    def run(state: TrainState, batch: Batch, **extra_args) -> tuple[TrainState, dict[str, Array]]:
+        at = int(state.step)  # read before the call: a donated state is gone after it
+        error, out = fn(state, batch, **extra_args)
+        message = error.get()
+        if message is not None:
+            # a plain ValueError, like the eager check's, naming the step whose batch held the bad id
+            raise ValueError(f"step {at}: {message}")
+        return out
+
+    return run
 
 
 def make_eval_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[[Any, Batch], dict[str, Array]]:

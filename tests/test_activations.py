@@ -205,3 +205,32 @@ def test_eight_simulated_devices_match_one_device():
     for key in ("last_max_diff", "mask_max_diff"):
         assert report[key] < 1e-5, (key, report)
     assert report["columns_equal"]
+
+
+def test_right_padded_rows_without_valid_read_their_last_real_token_with_pad_id(model):
+    apply, params = model
+    prompts = [[3, 5, 7, 9, 11], [4, 6, 0, 8]]            # an interior pad id stays a real token
+    right, right_valid = activations.pad_tokens(prompts, pad_id=0, length=7, side="right")
+    left, left_valid = activations.pad_tokens(prompts, pad_id=0, length=7)
+    site = "blocks.1.resid_post"
+    alone = [apply(params, jnp.asarray([p]), hooks=ids.capture(site))[1][site][0, -1] for p in prompts]
+    for tokens, valid in ((right, right_valid), (left, left_valid)):
+        np.testing.assert_array_equal(activations.valid_from_pad(tokens, 0), valid)
+        got = activations.collect_activations(apply, params, {"tokens": tokens}, site, batch_size=2, pad_id=0,
+                                              positions="last", progress=False)[site]
+        for row in range(2):
+            np.testing.assert_allclose(got[row], alone[row], atol=1e-5)
+    # without valid or pad_id the final column is read: for a right-padded row, the pad token (documented)
+    naive = activations.collect_activations(apply, params, {"tokens": right}, site, batch_size=2, positions="last",
+                                            progress=False)[site]
+    assert not np.allclose(naive[1], alone[1], atol=1e-3)
+    # an unused 'valid' column is flagged
+    with pytest.warns(UserWarning, match="has a 'valid' column but valid_column=None.*Pass valid_column='valid'"):
+        activations.collect_activations(apply, params, {"tokens": right, "valid": right_valid}, site, batch_size=2,
+                                        positions="last", progress=False)
+    with pytest.raises(ValueError, match="give valid_column .* or pad_id .*, not both"):
+        activations.collect_activations(apply, params, {"tokens": right, "valid": right_valid}, site, batch_size=2,
+                                        valid_column="valid", pad_id=0, progress=False)
+    with pytest.raises(ValueError, match="positions='last': row 1 has no valid token"):
+        activations.collect_activations(apply, params, {"tokens": np.array([[1, 2], [0, 0]])}, site, batch_size=2,
+                                        pad_id=0, positions="last", progress=False)

@@ -1,4 +1,5 @@
-"""Evaluators beside train.evaluate: exact-match answers by greedy KV-cache decoding, per-skill accuracy, perplexity."""
+"""Evaluators beside train.evaluate: exact-match answers by greedy KV-cache decoding, per-skill accuracy, perplexity;
+the knowledge world's accuracy by frequency group, hallucination and abstain rates."""
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +89,76 @@ def test_perplexity_is_exp_of_the_lm_loss(corpus, model):
     loss, _ = jax.jit(ids.lm_loss(apply))(params, {k: jnp.asarray(v) for k, v in data.items()})
     np.testing.assert_allclose(evaluation.perplexity(apply, params, corpus.heldout_text, batch_size=7),
                                float(jnp.exp(loss)), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge world: accuracy by frequency group, hallucination and abstain rates
+
+
+@pytest.fixture(scope="module")
+def knowledge_world():
+    return ids.data.make_knowledge_world(ids.data.KnowledgeWorldConfig(n_known=12, n_unknown=4, n_documents=60))
+
+
+def _constant_model(world, token_id):
+    """A transformer whose greedy next token is always ``token_id``: the final LayerNorm outputs e_0 whatever its
+    input (scale 0, bias e_0) and row 0 of the unembedding puts all the weight on ``token_id``."""
+    cfg = ids.TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=8, n_heads=2, n_layers=1, max_len=32,
+                                tie_embeddings=False)
+    apply, params = ids.init_transformer(cfg, seed=0)
+    params["final_norm"]["scale"] = jnp.zeros(8)
+    params["final_norm"]["bias"] = jnp.eye(8)[0]
+    params["unembed"]["kernel"] = jnp.zeros((8, cfg.vocab_size)).at[0, token_id].set(10.0)
+    return apply, params
+
+
+def test_knowledge_evaluator_on_models_whose_answers_are_known(knowledge_world):
+    world, tok = knowledge_world, knowledge_world.tokenizer
+    q = world.queries
+    groups, attrs, gold = np.asarray(q["group"]), np.asarray(q["attribute"]), np.asarray(q["answer_id"])
+    lisbon = tok.token_to_id("lisbon")
+    m = evaluation.evaluate_knowledge(*_constant_model(world, lisbon), world, batch_size=7)
+    for g in ("frequent", "rare", "unknown"):
+        sel = groups == g
+        city = sel & (attrs == "birth_city")
+        expected_correct = (city & (gold == lisbon)).sum() / sel.sum() if g != "unknown" else 0.0
+        assert m[f"accuracy_{g}"] == pytest.approx(expected_correct, abs=1e-12)
+        assert m[f"hallucination_rate_{g}"] == pytest.approx(city.sum() / sel.sum() - expected_correct, abs=1e-12)
+        assert m[f"other_rate_{g}"] == pytest.approx(1 - city.sum() / sel.sum(), abs=1e-12)   # not a city question
+        assert m[f"abstain_rate_{g}"] == 0.0 and m[f"n_{g}"] == sel.sum()
+    unknown = groups == "unknown"
+    assert m["accuracy_unknown_hidden_truth"] == pytest.approx(np.mean(gold[unknown] == lisbon), abs=1e-12)
+    m = evaluation.evaluate_knowledge(*_constant_model(world, tok.abstain_id), world)
+    assert m["abstain_rate"] == 1.0 and m["hallucination_rate"] == 0.0 and m["accuracy_frequent"] == 0.0
+
+
+def test_knowledge_metrics_count_each_outcome_exactly(knowledge_world):
+    world, tok = knowledge_world, knowledge_world.tokenizer
+    q = world.queries
+    groups, attrs, gold = np.asarray(q["group"]), np.asarray(q["attribute"]), np.asarray(q["answer_id"])
+    answers = gold.copy()
+    rare = np.flatnonzero(groups == "rare")
+    unknown = np.flatnonzero(groups == "unknown")
+    # rare: first 3 wrong values of the asked attribute, next 2 abstain, next 1 a template word
+    for i in rare[:3]:
+        answers[i] = next(tok.token_to_id(v) for v in world.attribute_values(attrs[i]) if tok.token_to_id(v) != gold[i])
+    answers[rare[3:5]] = tok.abstain_id
+    answers[rare[5]] = tok.token_to_id("born")
+    # unknown: half the gold (hidden truth), the rest abstain
+    answers[unknown[len(unknown) // 2:]] = tok.abstain_id
+    outcomes = evaluation.knowledge_outcomes(world, answers)
+    assert set(outcomes.tolist()) <= set(evaluation.OUTCOMES)
+    m = evaluation.knowledge_metrics(world, answers)
+    n_rare, n_unknown = len(rare), len(unknown)
+    assert m["accuracy_frequent"] == 1.0 and m["hallucination_rate_frequent"] == 0.0
+    assert m["accuracy_rare"] == pytest.approx((n_rare - 6) / n_rare)
+    assert m["hallucination_rate_rare"] == pytest.approx(3 / n_rare)
+    assert m["abstain_rate_rare"] == pytest.approx(2 / n_rare)
+    assert m["other_rate_rare"] == pytest.approx(1 / n_rare)
+    # a right guess about an unknown entity is still a hallucination; the control counts it
+    assert m["accuracy_unknown"] == 0.0
+    assert m["hallucination_rate_unknown"] == pytest.approx((n_unknown // 2) / n_unknown)
+    assert m["accuracy_unknown_hidden_truth"] == m["hallucination_rate_unknown"]
+    assert m["hallucination_rate"] == pytest.approx((3 + n_unknown // 2) / len(gold))
+    with pytest.raises(ValueError, match=r"one integer answer token per query, shape \(\d+,\); got shape \(3,\)"):
+        evaluation.knowledge_metrics(world, answers[:3])

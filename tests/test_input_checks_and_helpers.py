@@ -109,3 +109,26 @@ def test_from_directions_catches_transposed_basis():
     with pytest.raises(ValueError, match=r"shape \(8, 2\) but dim=8.*pass vectors.T"):
         ids.subspaces.from_directions(basis.T, dim=8)
     assert ids.subspaces.from_directions(np.eye(3)[[0, 1, 2, 0]], dim=3).rank == 3
+
+
+@pytest.mark.parametrize('site', ['blocks.0.resid_post', 'blocks.1.attn.v', 'blocks.0.mlp.hidden'])
+def test_nan_written_at_a_later_site_in_padding_cannot_reach_valid_positions(site):
+    # 0 * NaN is NaN: an attention weight of 0 on a pad slot is not enough, its value must be masked.
+    apply, params = _tiny()
+    tokens = jnp.array([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]], jnp.int32)
+    valid = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    clean, _ = apply(params, tokens, valid=valid)
+    poison = ids.Apply(lambda h: jnp.where(valid.reshape(2, 5, *([1] * (h.ndim - 2))), h, jnp.nan))
+    dirty, captured = apply(params, tokens, valid=valid, hooks={site: (poison, ids.Capture())})
+    np.testing.assert_array_equal(np.asarray(dirty)[np.asarray(valid)], np.asarray(clean)[np.asarray(valid)])
+    assert np.isnan(np.asarray(captured[site])[0, :2]).all()  # the poison did land in the padding
+    # the same through the KV cache (prefill, then one decoded token reading the poisoned slots)
+    cache = apply.init_cache(2, 6)
+    _, _, cache = apply.forward(params, tokens, valid=valid, cache=cache, hooks={site: poison})
+    step, _, _ = apply.forward(params, jnp.array([[6], [6]]), cache=cache)
+    assert np.isfinite(np.asarray(step)).all()
+    # and the loss value (masked positions may hold NaN logits)
+    loss, _ = ids.lm_loss(apply, hooks={site: ids.Apply(
+        lambda h: jnp.where(valid[:, :-1].reshape(2, 4, *([1] * (h.ndim - 2))), h, jnp.nan))})(
+        params, {'tokens': tokens, 'valid': valid})
+    assert np.isfinite(float(loss))

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
@@ -461,3 +463,97 @@ def test_read_span_ids_read_each_span_where_read_span_reads_it():
             want = np.asarray(probes.read_span(ids_ == s, valid, reading))
             # Positions read for span s are exactly read_span's, except where the later span claims one.
             assert ((got == s) <= want).all() and (want <= ((got == s) | (got > s))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep and grouped_split
+
+
+def _sweep_data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    acts = {"blocks.0": rng.normal(size=(n, 4)),
+            "blocks.1": rng.normal(size=(n, 4)) + 1.5 * y[:, None],
+            "wide": rng.normal(size=(n, 6)) + 0.5 * y[:, None]}       # another width: a second fit_many call
+    return acts, y, np.arange(n) // 3
+
+
+def test_sweep_matches_sklearn_auc_and_accuracy_on_held_out_rows():
+    acts, y, groups = _sweep_data()
+    table = probes.sweep(acts, y, groups=groups, split=0.25, n_boot=200, seed=1)
+    train, test = probes.grouped_split(groups, 0.25, seed=1)
+    assert table.sites == ("blocks.0", "blocks.1", "wide")
+    assert (table.n_train, table.n_test) == (train.size, test.size)
+    for k, site in enumerate(table.sites):
+        p = np.asarray(probes.predict_proba(table.probes[site], acts[site][test].astype(np.float32)))
+        assert table.auc[k] == pytest.approx(roc_auc_score(y[test], p), abs=1e-12)
+        assert table.accuracy[k] == pytest.approx(np.mean((p > 0.5) == y[test]), abs=1e-12)
+        assert table.auc_low[k] <= table.auc[k] <= table.auc_high[k]
+        # the probe is the one fit_many gives on the training rows alone
+        alone = probes.fit_many(acts[site][train].astype(np.float32)[None], y[train], seed=1)
+        np.testing.assert_allclose(table.probes[site].w, alone.w[0], rtol=1e-5, atol=1e-6)
+    assert table.best() == "blocks.1"
+    rows = table.rows()
+    assert rows[1]["site"] == "blocks.1" and set(rows[1]) == {"site", "auc", "auc_low", "auc_high", "accuracy",
+                                                              "n_train", "n_test"}
+    assert "blocks.1" in str(table) and "95% CI" in str(table)
+    again = probes.sweep(acts, y, groups=groups, split=0.25, n_boot=200, seed=1)
+    np.testing.assert_array_equal(again.auc_low, table.auc_low)   # same seed, same interval
+
+
+def test_sweep_explicit_split_and_row_bootstrap():
+    acts, y, _ = _sweep_data()
+    train, test = np.arange(0, 120, 2), np.arange(1, 120, 2)
+    table = probes.sweep(acts, y, split=(train, test), n_boot=100)
+    mask_table = probes.sweep(acts, y, split=(np.arange(120) % 2 == 0, np.arange(120) % 2 == 1), n_boot=100)
+    np.testing.assert_array_equal(table.auc, mask_table.auc)
+    p = np.asarray(probes.predict_proba(table.probes["blocks.0"], acts["blocks.0"][test].astype(np.float32)))
+    assert table.auc[0] == pytest.approx(roc_auc_score(y[test], p), abs=1e-12)
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = table.plot()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(table.sites)
+
+
+def test_sweep_bad_input():
+    acts, y, groups = _sweep_data()
+    with pytest.raises(ValueError, match=r"acts_by_site\['wide'\] has 119 rows but labels has 120"):
+        probes.sweep({**acts, "wide": acts["wide"][1:]}, y)
+    with pytest.raises(ValueError, match=r"must be \[N, D\].*shape \(120, 2, 3\)"):
+        probes.sweep({"x": np.zeros((120, 2, 3))}, y)
+    with pytest.raises(ValueError, match="labels must be binary 0/1"):
+        probes.sweep(acts, y + 1)
+    with pytest.raises(ValueError, match=r"groups has shape \(60,\); expected one group id per row"):
+        probes.sweep(acts, y, groups=groups[:60])
+    with pytest.raises(ValueError, match="shares rows"):
+        probes.sweep(acts, y, split=(np.arange(10), np.arange(5, 20)))
+    with pytest.raises(ValueError, match="not both"):
+        probes.sweep(acts, y, groups=groups, split=(np.arange(10), np.arange(10, 20)))
+    with pytest.raises(ValueError, match="held-out rows .* hold only class 0"):
+        probes.sweep(acts, y, split=(np.arange(60), 60 + np.flatnonzero(y[60:] == 0)))
+    with pytest.raises(TypeError, match="held-out fraction"):
+        probes.sweep(acts, y, split="half")
+
+
+def test_grouped_split_errors():
+    with pytest.raises(ValueError, match="1 distinct group.*at least 2"):
+        probes.grouped_split([7, 7, 7])
+    with pytest.raises(ValueError, match=r"test_size = 1.0"):
+        probes.grouped_split([0, 1, 2], 1.0)
+    with pytest.raises(ValueError, match=r"shape \[N\]; got shape \(2, 2\)"):
+        probes.grouped_split([[0, 1], [2, 3]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(st.integers(0, 8), min_size=2, max_size=40).filter(lambda g: len(set(g)) >= 2),
+       test_size=st.floats(0.05, 0.95), seed=st.integers(0, 2 ** 16))
+def test_grouped_split_invariants(groups, test_size, seed):
+    g = np.asarray(groups)
+    train, test = probes.grouped_split(g, test_size, seed=seed)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(g)))  # a partition
+    assert train.size and test.size
+    assert not set(g[train].tolist()) & set(g[test].tolist())                                # no group on both sides
+    n_groups = len(set(groups))
+    assert len(set(g[test].tolist())) == min(max(round(test_size * n_groups), 1), n_groups - 1)
+    again = probes.grouped_split(g, test_size, seed=seed)
+    np.testing.assert_array_equal(again[0], train)                                           # deterministic

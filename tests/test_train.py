@@ -84,3 +84,53 @@ def test_lm_loss_never_counts_padded_targets():
     loss_pad, aux_pad = loss_fn(params, {"tokens": padded, "valid": valid})
     assert int(aux_pad["tokens"]) == int(aux_row["tokens"]) == 3
     np.testing.assert_allclose(loss_pad, loss_row, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_batches_raise_clear_errors_before_jax(tiny_config):
+    apply, params = build(tiny_config)
+    opt = optax.sgd(0.1)
+    step = ids.make_train_step(ids.lm_loss(apply), opt)
+    state = ids.init_train_state(params, opt)
+    toks = np.ones((2, 5), np.int32)
+    with pytest.raises(TypeError, match=r"got a bare array of shape \(2, 5\). Wrap it: \{'tokens': x\}"):
+        step(state, toks)
+    with pytest.raises(KeyError, match=r"no 'tokens' entry; it has keys \['input_ids'\]"):
+        step(state, {"input_ids": toks})
+    with pytest.raises(ValueError, match=r"\['loss_mask'\]: expected the tokens' shape \(2, 5\).*got shape \(2, 4\)"):
+        step(state, {"tokens": toks, "loss_mask": np.ones((2, 4))})
+    with pytest.raises(ValueError, match=r"\['valid'\]: expected the tokens' shape"):
+        step(state, {"tokens": toks, "valid": np.ones((5,), bool)})
+    with pytest.raises(ValueError, match=r"\['tokens'\]: expected integer token ids of shape \[B, T\].*shape \(5,\)"):
+        step(state, {"tokens": toks[0]})
+    with pytest.raises(ValueError, match=r"dtype float32"):
+        step(state, {"tokens": toks.astype(np.float32)})
+    eval_step = ids.train.make_eval_step(ids.lm_loss(apply))
+    with pytest.raises(TypeError, match="Wrap it"):
+        ids.train.evaluate(eval_step, params, [toks])
+    with pytest.raises(KeyError, match="LMForward: batch: no 'tokens' entry"):
+        ids.curvature.LMForward(apply)(params, {"ids": toks}, None)
+    # nested lists are accepted as tokens
+    loss, _ = ids.lm_loss(apply)(params, {"tokens": [[1, 2, 3], [4, 5, 6]]})
+    assert np.isfinite(float(loss))
+    _, metrics = step(state, {"tokens": [[1, 2, 3], [4, 5, 6]]})       # also through the jitted step
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_checked_step_catches_out_of_range_ids_inside_jit(tiny_config):
+    apply, params = build(tiny_config)
+    opt = optax.sgd(0.1)
+    checked = ids.make_train_step(ids.lm_loss(apply), opt, checked=True, donate=True)
+    plain = ids.make_train_step(ids.lm_loss(apply), opt)
+    fresh = lambda: ids.init_train_state(jax.tree.map(jnp.array, params), opt)  # copies: the step donates
+    toks = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
+    ref, _ = plain(fresh(), {"tokens": toks})
+    out, _ = checked(fresh(), {"tokens": toks})
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+        np.testing.assert_array_equal(a, b)   # the checked step computes the same update
+    # padding may hold anything: an out-of-range id where valid is False passes
+    valid = jnp.array([[True] * 4, [False, True, True, True]])
+    checked(fresh(), {"tokens": toks.at[1, 0].set(99), "valid": valid})
+    with pytest.raises(ValueError, match=r"step 0: tokens: an id \(min -3, max 40\) is outside the vocabulary \[0, 37\)"):
+        checked(fresh(), {"tokens": toks.at[0, 1].set(40).at[1, 2].set(-3)})
+    with pytest.raises(ValueError, match="pass vocab_size="):
+        ids.make_train_step(lambda p, b: (0.0, {}), opt, checked=True)

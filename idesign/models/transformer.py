@@ -74,10 +74,12 @@ def check_tokens(tokens: Any, vocab_size: int, valid: Any = None) -> Array:
     return jnp.asarray(tokens, jnp.int32)
 
 
-def checkify_tokens(tokens: Array, vocab_size: int) -> Array:
-    """The checked mode inside jit: a ``checkify`` check that every id is in ``[0, vocab_size)``.
+def checkify_tokens(tokens: Array, vocab_size: int, valid: Array | None = None) -> Array:
+    """The checked mode inside jit: a ``checkify`` check that every id (where ``valid``) is in ``[0, vocab_size)``.
 
-    Costs a reduction per call and nothing when the function is not wrapped by ``checkify.checkify``.
+    Costs a reduction per call. Call it only inside a function transformed by ``checkify.checkify``:
+    under a plain ``jit`` an unfunctionalised check is refused by jax. ``make_train_step(...,
+    checked=True)`` does this for a training step.
 
     >>> import jax, jax.numpy as jnp, idesign as ids
     >>> from jax.experimental import checkify
@@ -87,9 +89,13 @@ def checkify_tokens(tokens: Array, vocab_size: int) -> Array:
     True
     """
     from jax.experimental import checkify
-    checkify.check(jnp.all((tokens >= 0) & (tokens < vocab_size)),
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if valid is not None:  # padding may hold anything
+        bad = bad & jnp.asarray(valid, bool)
+    checkify.check(~jnp.any(bad),
                    "tokens: an id (min {lo}, max {hi}) is outside the vocabulary [0, " + str(vocab_size) + "); "
-                   "map ids into range before calling the model.", lo=jnp.min(tokens), hi=jnp.max(tokens))
+                   "map ids into range before calling the model.",
+                   lo=jnp.min(jnp.where(bad, tokens, vocab_size)), hi=jnp.max(jnp.where(bad, tokens, -1)))
     return tokens
 
 
@@ -268,7 +274,7 @@ class Attention(nnx.Module):
         self.o_proj = _dense(c, c.n_heads * hd, d, c.out_bias, rngs, std=0.02 / (2 * c.n_layers) ** 0.5)
 
     def __call__(self, x: Array, sites: SiteRunner, prefix: str, positions: Array, mask: Array,
-                 cache: LayerCache | None, start: Array) -> tuple[Array, LayerCache | None]:
+                 cache: LayerCache | None, start: Array, key_valid: Array) -> tuple[Array, LayerCache | None]:
         c = self.config
         B, T, _ = x.shape
         H, K, Dh = c.n_heads, c.kv_heads, c.head_dim
@@ -284,6 +290,9 @@ class Attention(nnx.Module):
             cache = LayerCache(keys, values)
         else:
             keys, values = k, v
+        # A padding slot's value may hold anything (NaN written by a hook at a padded position); its attention
+        # weight is 0, but 0 * NaN is NaN, so `where` keeps it out of real positions' sums (and their gradients).
+        values = jnp.where(key_valid[:, :, None, None], values, 0)
         # Grouped-query attention: query heads come in K groups of G sharing one key/value head.
         G = H // K
         qg = q.reshape(B, T, K, G, Dh).astype(jnp.float32)
@@ -338,10 +347,10 @@ class Block(nnx.Module):
         self.ln2 = Norm(config, rngs=rngs)
         self.mlp = Mlp(config, rngs=rngs)
 
-    def __call__(self, x, sites, prefix, positions, mask, cache, start):
+    def __call__(self, x, sites, prefix, positions, mask, cache, start, key_valid):
         x = sites(f"{prefix}.resid_pre", x)
         attn_out, cache = self.attn(sites(f"{prefix}.ln1.out", self.ln1(x)), sites, f"{prefix}.attn",
-                                    positions, mask, cache, start)
+                                    positions, mask, cache, start, key_valid)
         x = sites(f"{prefix}.resid_mid", x + sites(f"{prefix}.attn_out", attn_out))
         mlp_out = sites(f"{prefix}.mlp_out", self.mlp(sites(f"{prefix}.ln2.out", self.ln2(x)), sites, f"{prefix}.mlp"))
         return sites(f"{prefix}.resid_post", x + mlp_out), cache
@@ -410,7 +419,7 @@ class Transformer(nnx.Module):
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start)
+            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start, key_valid)
             new_layers.append(layer_cache)
         x = sites("final_norm", self.final_norm(x))
         x = sites("unembed.in", x)

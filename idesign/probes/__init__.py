@@ -22,6 +22,10 @@ token probe, span-max      :func:`fit_span_probe`                 Obeso et al. s
                                                                   closed form, cross-validated R²
 =========================  =====================================  ===========================================
 
+A layer sweep is one call: :func:`sweep` fits a probe per site on training rows and returns a
+:class:`SweepTable` of held-out AUC (with a bootstrap interval) and accuracy, with :func:`plot_sweep`;
+:func:`grouped_split` keeps every group (entity, document) on one side of the split.
+
 Probes carry their input standardisation, so :func:`save_probe` / :func:`load_probe` round-trip
 a self-contained probe with its site, layer and config. Inputs are checked: mismatched lengths,
 a single class, NaN/inf activations (with their rows) and wrong shapes raise errors that say so.
@@ -48,6 +52,7 @@ from idesign.probes._scoring import predict_proba, score
 from idesign.probes._span import (READINGS, fit_span_probe, omega_schedule, read_span, read_span_ids, span_masks,
                                   span_max_logits, span_max_loss,
                                   span_scores, token_targets)
+from idesign.probes._sweep import SweepTable, grouped_split, plot_sweep, sweep
 
 __all__ = [
     "DEFAULT_CS",
@@ -60,6 +65,7 @@ __all__ = [
     "RidgeFit",
     "RidgeProbe",
     "SoftmaxProbe",
+    "SweepTable",
     "as_affine",
     "attention_logits",
     "attention_weights",
@@ -71,10 +77,12 @@ __all__ = [
     "fit_ridge",
     "fit_softmax",
     "fit_span_probe",
+    "grouped_split",
     "init_attention_probe",
     "init_stats",
     "load_probe",
     "omega_schedule",
+    "plot_sweep",
     "predict_proba",
     "predict_ridge",
     "read_span",
@@ -85,6 +93,7 @@ __all__ = [
     "span_max_logits",
     "span_max_loss",
     "span_scores",
+    "sweep",
     "stratified_folds",
     "token_targets",
     "update_stats",

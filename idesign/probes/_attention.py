@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idesign import _treescope
 from idesign.probes import _checks
 from idesign.probes._training import masked_standardization, train_minibatch
 
@@ -50,6 +51,9 @@ class AttentionProbe(NamedTuple):
     b: Array
     mean: Array
     scale: Array
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
 
 def init_attention_probe(key: Array, dim: int, *, n_heads: int = 4, n_classes: int = 2,

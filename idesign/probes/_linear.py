@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign.distributed import to_host
+from idesign import _treescope
 from idesign.probes import _checks
 
 Array = jax.Array
@@ -67,6 +68,9 @@ class LogisticProbe(NamedTuple):
     mean: Array
     scale: Array
 
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
+
 
 class SoftmaxProbe(NamedTuple):
     """A multinomial linear probe: ``logits(x) = ((x - mean) / scale) @ w + b``, one per class.
@@ -89,6 +93,9 @@ class SoftmaxProbe(NamedTuple):
     b: Array
     mean: Array
     scale: Array
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
 
 class FitInfo(NamedTuple):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign import _treescope
 from idesign.probes import _checks
 
 Array = jax.Array
@@ -47,6 +48,9 @@ class MassMeanProbe(NamedTuple):
 
     w: Array
     b: Array
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
 
 class MeanStats(NamedTuple):
