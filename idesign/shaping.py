@@ -153,14 +153,14 @@ def _orthonormal_basis(site: str, basis: Array | sub.Subspace) -> Array:
         return b  # a Subspace is orthonormal by construction; a traced basis cannot be checked
     dtype = b.dtype if jnp.issubdtype(b.dtype, jnp.floating) else jnp.float32
     b64 = np.asarray(b, np.float64)
-    dev = float(np.abs(b64 @ b64.T - np.eye(b64.shape[0])).max())
-    if dev <= sub.ORTHONORMAL_TOL.get(np.dtype(dtype), 1e-4):
+    dev = sub.orthonormality_error(b64)
+    if dev <= sub.ORTHONORMAL_TOL:
         return b.astype(dtype)
     ortho = sub.from_directions(b64).basis
     if ortho.shape[0] == 0:
         raise ValueError(f"caft: basis for site {site!r} has no nonzero direction.")
     warnings.warn(f"caft: basis for site {site!r} (shape {tuple(b.shape)}) does not have orthonormal rows "
-                  f"(max |B Bᵀ - I| = {dev:.3g}); ablating the span of its orthonormalised rows "
+                  f"(‖B Bᵀ - I‖₂ = {dev:.3g}); ablating the span of its orthonormalised rows "
                   f"(rank {ortho.shape[0]}).", UserWarning, stacklevel=3)
     return jnp.asarray(ortho, dtype)
 

@@ -7,6 +7,9 @@ from typing import Any
 
 import optax
 
+from idesign import masks as masks_lib
+from idesign.optim._freezing import FrozenTransformation, freeze_mask_of
+
 
 def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.GradientTransformation,
                          state_cls: Callable[[Any, Any], Any]) -> optax.GradientTransformationExtraArgs:
@@ -25,7 +28,9 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
     >>> updates['w'].tolist(), type(state).__name__
     ([-0.5, -0.5], 'Pair')
     """
+    inner_mask = freeze_mask_of(optimizer)
     inner = optax.with_extra_args_support(optimizer)
+    final = optax.with_extra_args_support(final)
 
     def init_fn(params):
         return state_cls(inner.init(params), final.init(params))
@@ -33,7 +38,13 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
     def update_fn(updates, state, params=None, **extra_args):
         inner_state, final_state = state
         updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
-        updates, final_state = final.update(updates, final_state, params)
+        # the final transform must honour every freeze mask, or it would move frozen elements: one passed down
+        # by an enclosing `frozen`, and that of a `frozen` optimizer it wraps
+        masks = [m for m in (extra_args.get("freeze_mask"), inner_mask) if m is not None]
+        extra = {"freeze_mask": masks_lib.union(*masks)} if masks else {}
+        updates, final_state = final.update(updates, final_state, params, **extra)
         return updates, state_cls(inner_state, final_state)
 
+    if inner_mask is not None:  # pass the mask on, so that projected(observed(frozen(...))) still sees it
+        return FrozenTransformation(init_fn, update_fn, inner_mask)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -34,8 +34,7 @@ import optax
 from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 
-Mask = Any
-PyTree = Any
+from idesign._types import Mask, PyTree
 
 
 def _is_whole(leaf: Any) -> bool:
@@ -117,6 +116,23 @@ class FrozenState(NamedTuple):
     inner_state: Any
 
 
+class FrozenTransformation(optax.GradientTransformationExtraArgs):
+    """What :func:`frozen` returns: an ``optax.GradientTransformationExtraArgs`` that also carries its
+    ``freeze_mask`` (``True`` = frozen), so that a wrapper around it (:func:`~idesign.optim.projected`,
+    :func:`~idesign.optim.observed`) can keep the frozen elements at zero. The mask is not kept in the
+    state: it would cost a byte per element of optimizer state for nothing the step needs."""
+
+    def __new__(cls, init: Any, update: Any, freeze_mask: Mask):
+        obj = super().__new__(cls, init, update)
+        obj.freeze_mask = freeze_mask
+        return obj
+
+
+def freeze_mask_of(optimizer: Any) -> Mask | None:
+    """The freeze mask an optimizer carries (:class:`FrozenTransformation`, or a wrapper that passes one on)."""
+    return getattr(optimizer, "freeze_mask", None)
+
+
 def _fully_frozen(leaf: Any) -> bool:
     if isinstance(leaf, jax.core.Tracer):
         return False  # a traced mask is not known at trace time: keep state, still freeze exactly
@@ -144,7 +160,10 @@ def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None 
       train_mask: element mask, ``True`` = trained (everything else is frozen).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`FrozenState`.
+      A :class:`FrozenTransformation` (an ``optax.GradientTransformationExtraArgs`` that carries the mask)
+      with state :class:`FrozenState`. A projection inside ``optimizer`` (``projected``, or ``project_out``
+      chained) receives the mask as the extra argument ``freeze_mask=`` and keeps frozen elements at zero
+      while it projects, so both guarantees hold; ``projected(frozen(...), ...)`` reads the mask it carries.
 
     >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
     >>> params = {'embed': jnp.ones((4, 2)), 'w': jnp.ones(3)}
@@ -173,11 +192,16 @@ def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None 
         return FrozenState(inner.init(params))
 
     def update_fn(updates: PyTree, state: FrozenState, params: PyTree | None = None, **extra_args):
-        updates = _apply_freeze(updates, mask)
-        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        return _apply_freeze(updates, mask), FrozenState(inner_state)
+        # a projection inside `optimizer` receives the mask (as `freeze_mask=`, with any from an enclosing
+        # `frozen`) and projects onto the updates that keep the frozen elements at zero: re-freezing after a
+        # plain projection would put components back inside the protected subspace
+        outer = extra_args.pop("freeze_mask", None)
+        combined = mask if outer is None else masks_lib.union(mask, outer)
+        updates = _apply_freeze(updates, combined)
+        updates, inner_state = inner.update(updates, state.inner_state, params, freeze_mask=combined, **extra_args)
+        return _apply_freeze(updates, combined), FrozenState(inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return FrozenTransformation(init_fn, update_fn, mask)
 
 
 def opt_state_nbytes(opt_state: PyTree) -> int:
