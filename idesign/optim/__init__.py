@@ -6,8 +6,7 @@ user's optimizer (``ids.optim.freeze(mask)``), or wrap an optimizer (``ids.optim
 ``ids.optim.projected(adamw, subspaces)``, ``ids.optim.observed(adamw, concepts)``).
 """
 
-from idesign.optim._freezing import (FrozenState, FrozenTransformation, freeze, frozen, frozen_state_savings,
-                                     opt_state_nbytes)
+from idesign.optim._freezing import FrozenState, freeze, frozen, frozen_state_savings, opt_state_nbytes
 from idesign.optim import projection
 from idesign.optim.projection import (ConflictState, ProjectedState, ProjectionState, apply_projection, check_subspaces,
                                       project_conflicting, project_onto, project_out, projected, subspaces_for)

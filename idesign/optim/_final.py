@@ -8,7 +8,7 @@ from typing import Any
 import optax
 
 from idesign import masks as masks_lib
-from idesign.optim._freezing import FrozenTransformation, freeze_mask_of
+from idesign.optim._freezing import freeze_masks_in
 
 
 def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.GradientTransformation,
@@ -28,7 +28,6 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
     >>> updates['w'].tolist(), type(state).__name__
     ([-0.5, -0.5], 'Pair')
     """
-    inner_mask = freeze_mask_of(optimizer)
     inner = optax.with_extra_args_support(optimizer)
     final = optax.with_extra_args_support(final)
 
@@ -39,12 +38,11 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
         inner_state, final_state = state
         updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
         # the final transform must honour every freeze mask, or it would move frozen elements: one passed down
-        # by an enclosing `frozen`, and that of a `frozen` optimizer it wraps
-        masks = [m for m in (extra_args.get("freeze_mask"), inner_mask) if m is not None]
+        # by an enclosing `frozen`, and those of `frozen` wrappers inside `optimizer` (static data in its state)
+        masks = [extra_args["freeze_mask"]] if extra_args.get("freeze_mask") is not None else []
+        masks += freeze_masks_in(inner_state)
         extra = {"freeze_mask": masks_lib.union(*masks)} if masks else {}
         updates, final_state = final.update(updates, final_state, params, **extra)
         return updates, state_cls(inner_state, final_state)
 
-    if inner_mask is not None:  # pass the mask on, so that projected(observed(frozen(...))) still sees it
-        return FrozenTransformation(init_fn, update_fn, inner_mask)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

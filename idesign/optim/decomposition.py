@@ -176,11 +176,12 @@ def check_concepts(concepts: Concepts, params: PyTree) -> None:
     ...
     ValueError: concepts for w: directions have shape (1, 3) (side 'input') but the kernel has shape (2, 5); side 'input' needs directions [k, 2] (the kernel's first axis).
     """
-    leaves = tree_lib.named_leaves(params)
+    leaves = _named(params)
     for path in concepts.names:
         if path not in leaves:
             raise KeyError(tree_lib.unknown_name_message(path, list(leaves), what="parameter path"))
-        _check_leaf(concepts, path, tuple(jnp.shape(leaves[path])))
+        if not _held_out(leaves[path]):
+            _check_leaf(concepts, path, tuple(jnp.shape(leaves[path])))
 
 
 def _components(concepts: Concepts, path: str, update: Array, weight: Array | None,
@@ -198,9 +199,18 @@ def _components(concepts: Concepts, path: str, update: Array, weight: Array | No
     return jnp.sign(change) * fraction, jnp.linalg.norm(w, axis=1)
 
 
+def _held_out(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _named(tree: PyTree) -> dict[str, Any]:
+    """``named_leaves``, with the ``None`` / ``MaskedNode`` leaves optax's wrappers put in place of held-out leaves."""
+    return {tree_lib.path_str(p): x for p, x in tree_lib.leaves_with_paths(tree, is_leaf=_held_out)}
+
+
 def _decompose(updates: PyTree, concepts: Concepts, params: PyTree | None) -> tuple[dict[str, Array], dict[str, Array]]:
-    ups = tree_lib.named_leaves(updates)
-    weights = tree_lib.named_leaves(params) if params is not None else None
+    ups = _named(updates)
+    weights = _named(params) if params is not None else None
     if weights is None and concepts.reference is None:
         raise ValueError("decompose_update: the sign of a step (reinforce or suppress) is measured against the "
                          "weights; pass params=, or build the Concepts with concepts_for(params, ...) so they "
@@ -209,6 +219,13 @@ def _decompose(updates: PyTree, concepts: Concepts, params: PyTree | None) -> tu
     for path in concepts.names:
         if path not in ups:
             raise KeyError(tree_lib.unknown_name_message(path, list(ups), what="update path"))
+        if _held_out(ups[path]):  # a kernel frozen entirely (inside ids.optim.frozen): it does not move
+            k = len(concepts.names[path])
+            ref = concepts.reference[path] if concepts.reference is not None else None
+            coefficients[path] = jnp.zeros((k,), jnp.float32)
+            gains[path] = (jnp.linalg.norm(ref.astype(jnp.float32), axis=1) if ref is not None
+                           else jnp.full((k,), jnp.nan, jnp.float32))
+            continue
         weight = None
         if weights is not None:
             if path not in weights:

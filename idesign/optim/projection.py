@@ -177,9 +177,15 @@ def _masked_side(m: Array, basis: Array, free: Array, onto: bool) -> Array:
         a = (basis @ m).T                                           # [n, k]
         a = a - jnp.einsum("nab,nbc,nc->na", jnp.linalg.pinv(h, hermitian=True), h, a)
         return basis.T @ a.T
-    h = jnp.einsum("ai,in,bi->nab", basis, free, basis)
-    lam = jnp.einsum("nab,bn->na", jnp.linalg.pinv(h, hermitian=True), basis @ (free * m))
-    return free * (m - basis.T @ lam.T)
+    h_pinv = jnp.linalg.pinv(jnp.einsum("ai,in,bi->nab", basis, free, basis), hermitian=True)
+    solve = lambda g: free * (g - basis.T @ jnp.einsum("nab,bn->na", h_pinv, basis @ (free * g)).T)
+    y = solve(solve(m))  # one step of iterative refinement: the second pass removes the first one's rounding
+    # A column whose result is at rounding level (a dot product of length d is exact to about d·eps relative)
+    # is one the constraints pin to zero (e.g. fewer free elements than directions): return it exactly, or
+    # its rounding noise, all of it inside the subspace, would be the whole update.
+    eps = jnp.finfo(m.dtype).eps
+    noise = m.shape[0] * eps * jnp.linalg.norm(m, axis=0)
+    return jnp.where(jnp.linalg.norm(y, axis=0) <= noise, 0.0, y)
 
 
 def _project_masked(x: Array, basis: Array, side: str, fixed: Array, onto: bool) -> Array:
