@@ -53,11 +53,9 @@ import optax
 from tqdm.auto import tqdm
 
 from idesign import tree as tree_lib
+from idesign._types import Array, Batch, Params
 from idesign.hooks import Add, Capture
 
-Array = jax.Array
-Params = Any
-Batch = Mapping[str, Any]
 Fisher = Literal["true", "empirical"]
 
 __all__ = [

@@ -37,10 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign import tree as tree_lib
+from idesign._types import Array, PyTree
 from idesign.hooks import Capture, Hooks, merge_hooks
-
-Array = jax.Array
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,13 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._types import Array, PyTree
 from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
 from idesign.hooks import Capture
 from idesign.probes import READINGS
 from idesign.probes import score as probe_score
-
-Array = jax.Array
-PyTree = Any
 
 
 class ProbeMonitorState(NamedTuple):

@@ -42,11 +42,11 @@ import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign._pytree import pytree_class, static
+from idesign._types import Array, PyTree
 from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
-PyTree = Any
-Array = jax.Array
 ConceptSide = Literal["input", "output"]
 CONCEPT_SIDES = ("input", "output")
 
@@ -55,8 +55,7 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True, eq=False)
+@pytree_class
 class Concepts:
     """Named concept directions per dense kernel, all on one side of their kernels.
 
@@ -78,11 +77,11 @@ class Concepts:
     ([[0.6000000238418579, 0.800000011920929]], 'input')
     """
 
-    names: Mapping[str, tuple[str, ...]]
+    names: Mapping[str, tuple[str, ...]] = static()
     directions: Mapping[str, Array]
-    side: ConceptSide = "input"
+    side: ConceptSide = static(default="input")
     reference: Mapping[str, Array] | None = None
-    transposed: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = static(default=())
 
     def __post_init__(self):
         if self.side not in CONCEPT_SIDES:
@@ -118,22 +117,6 @@ class Concepts:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "directions", directions)
         object.__setattr__(self, "transposed", tuple(self.transposed))
-
-    def tree_flatten(self):
-        paths = tuple(self.names)
-        children = (tuple(self.directions[p] for p in paths),
-                    None if self.reference is None else tuple(self.reference[p] for p in paths))
-        return children, (paths, tuple(self.names[p] for p in paths), self.side, self.transposed)
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        paths, names, side, transposed = static
-        obj = object.__new__(cls)  # no validation: leaves may be tracers
-        for field, value in (("names", dict(zip(paths, names))), ("directions", dict(zip(paths, children[0]))),
-                             ("side", side), ("transposed", transposed),
-                             ("reference", None if children[1] is None else dict(zip(paths, children[1])))):
-            object.__setattr__(obj, field, value)
-        return obj
 
     def __repr__(self) -> str:
         return f"Concepts(side={self.side!r}, {', '.join(f'{p}: {list(n)}' for p, n in self.names.items())})"

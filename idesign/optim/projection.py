@@ -39,11 +39,10 @@ import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign._types import Array, PyTree
 from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
-PyTree = Any
-Array = jax.Array
 Rule = Literal["pass", "zero"]
 Others = Rule | Mapping[str, Rule]
 RULES = ("pass", "zero")

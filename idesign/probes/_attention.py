@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idesign._types import Array
 from idesign.probes import _checks
 from idesign.probes._training import masked_standardization, train_minibatch
-
-Array = jax.Array
 
 
 class AttentionProbe(NamedTuple):

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._types import Array
 from idesign.probes import _checks
-
-Array = jax.Array
 
 
 class MassMeanProbe(NamedTuple):
