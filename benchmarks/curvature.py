@@ -2,7 +2,7 @@
 
 Measurements (medians after compilation, runs alternated A B A B ... so load drifts hit both):
 
-* ``collection_vs_train_step_ratio``: one batch of :func:`idesign.curvature.make_factor_step`
+* ``collection_vs_train_step_ratio``: one batch of :func:`idesign.curvature.make_factors_update`
   (true Fisher, every MLP dense layer: forward with captures, sampled targets, backward to the layer
   outputs, float32 ``x xᵀ`` / ``g gᵀ`` sums) divided by one plain jitted training step on the same
   batch (forward + backward + ``optax.adamw`` update, :func:`idesign.train.make_train_step`).
@@ -63,9 +63,9 @@ def _model(config: Config):
 
 def bench_collection(apply, params, batch, config: Config) -> dict[str, Any]:
     layers = curvature.resolve_layers(apply, params, MLP_LAYERS)
-    step = curvature.make_factor_step(apply, list(layers))
+    step = curvature.make_factors_update(apply, list(layers))
     key = jax.random.key(config.seed)
-    holder = {"factors": curvature.init_factors(params, layers)}
+    holder = {"factors": curvature.factors_init(params, layers)}
 
     def collect():
         holder["factors"] = step(holder["factors"], params, batch, key)  # factors are donated
@@ -126,7 +126,7 @@ def _kfac_jax_run(apply, params, batch, layers: dict[str, str], config: Config, 
             results["states"] = update(state, rng)
     ours = curvature.collect_factors(apply, params, [batch], list(layers), fisher="empirical", progress=False)
     theirs = [jnp.asarray(getattr(f, "value", f)) for bs in results["states"].blocks_states for f in bs.factors]
-    mine = [m for n in layers for m in ours[n].finalize()]
+    mine = [m for n in layers for m in curvature.factors_finalize(ours[n])]
     norm = lambda m: np.asarray(m, np.float64) / np.trace(np.asarray(m, np.float64))
     diffs = [np.abs(norm(a) - norm(b)).max() / np.abs(norm(b)).max() for a, b in zip(mine, theirs)]
     if len(theirs) != len(mine) or any(np.shape(a) != np.shape(b) for a, b in zip(mine, theirs)):

@@ -52,9 +52,9 @@ from tqdm.auto import tqdm
 from idesign import distributed
 from idesign import sharding as sharding_lib
 from idesign import tree as tree_lib
+from idesign._types import Array
 from idesign.hooks import Capture, Hooks, merge_hooks
 
-Array = jax.Array
 Positions = None | str | np.ndarray | Callable[[dict[str, np.ndarray]], np.ndarray]
 Reduce = None | Literal["mean", "max", "sum"] | Callable[[Array, Array], Array]
 _ADDED_COLUMNS = ("row", "position")

@@ -271,6 +271,7 @@ def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: 
     if target is not None:
         specs = tree_lib.map_with_path(lambda name, leaf: _target_spec(leaf, name), target)
         problems = tree_lib.leaf_diff(specs, saved_specs, what="checkpoint")  # in the target's order
+        problems.sort(key=lambda line: tree_lib.in_optimizer_state(line.split(":")[0]))  # parameters first
         if problems:
             lines = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
                                                if len(problems) > _MAX_LISTED else [])

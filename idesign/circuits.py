@@ -44,12 +44,10 @@ import numpy as np
 
 from idesign import masks as masks_lib
 from idesign import tree as tree_lib
+from idesign._types import Array, Mask, Params
 from idesign.hooks import Add, Capture
 from idesign.models.config import TransformerConfig
 
-Array = jax.Array
-Params = Any
-Mask = Any
 Component = tuple[int, int]
 SharedKV = Literal["any", "all"]
 

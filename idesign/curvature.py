@@ -24,7 +24,9 @@ Conventions (Merullo et al. 2025, arXiv 2510.24256; ``docs/methods.md`` §3):
 * ``g`` is obtained by adding a zero perturbation ``ids.Add(zeros)`` of the output's shape at
   ``<layer>.out`` and differentiating ``L`` with respect to it; ``x`` is captured at ``<layer>.in``.
 * Sums are float32 (``einsum`` at ``Precision.HIGHEST``) whatever the model's compute dtype, kept as
-  running ``a_sum``, ``g_sum`` and ``count`` (:class:`KFACFactors`); ``A = a_sum / count``. Sums over
+  running ``a_sum``, ``g_sum`` and ``count`` (:class:`KFACFactors`); ``A = a_sum / count``. Streaming
+  has the library's one spelling: :func:`factors_init`, :func:`make_factors_update` (the update needs the
+  model, so it is built once), :func:`factors_finalize`. Sums over
   a batch are global, so collection is correct when the batch is sharded over a mesh's ``data``
   axis (XLA inserts the reductions).
 
@@ -51,17 +53,15 @@ import optax
 from tqdm.auto import tqdm
 
 from idesign import tree as tree_lib
+from idesign._types import Array, Batch, Params
 from idesign.hooks import Add, Capture
 from idesign.train import check_batch
 
-Array = jax.Array
-Params = Any
-Batch = Mapping[str, Any]
 Fisher = Literal["true", "empirical"]
 
 __all__ = [
     "KFACFactors", "KFACEigen", "Spectrum", "LMForward", "ClassifierForward", "dense_layers",
-    "resolve_layers", "init_factors", "make_factor_step", "collect_factors", "eigh_descending",
+    "resolve_layers", "factors_init", "make_factors_update", "factors_finalize", "collect_factors", "eigh_descending",
     "eigendecompose", "curvature_spectrum",
 ]
 
@@ -76,7 +76,7 @@ class KFACFactors(NamedTuple):
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> f = ids.curvature.KFACFactors(2 * jnp.eye(2), 4 * jnp.eye(3), jnp.float32(2))
-    >>> A, G = f.finalize()
+    >>> A, G = ids.curvature.factors_finalize(f)
     >>> A.tolist(), G[0, 0].item()
     ([[1.0, 0.0], [0.0, 1.0]], 2.0)
     """
@@ -84,14 +84,6 @@ class KFACFactors(NamedTuple):
     a_sum: Array  # [d_in, d_in]
     g_sum: Array  # [d_out, d_out]
     count: Array  # [] number of counted positions
-
-    def finalize(self) -> tuple[Array, Array]:
-        """``(A, G) = (a_sum / count, g_sum / count)``; raises if nothing was counted."""
-        count = float(self.count) if not isinstance(self.count, jax.core.Tracer) else None
-        if count is not None and count <= 0:
-            raise ValueError("KFACFactors.finalize: count is 0 (no token positions were counted); "
-                             "check the dataset, its valid / loss_mask columns, and num_batches.")
-        return self.a_sum / self.count, self.g_sum / self.count
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -258,11 +250,11 @@ def resolve_layers(apply: Callable, params: Params, layers: str | Sequence[str])
 # --------------------------------------------------------------------------- collection
 
 
-def init_factors(params: Params, layers: Mapping[str, str]) -> dict[str, KFACFactors]:
+def factors_init(params: Params, layers: Mapping[str, str]) -> dict[str, KFACFactors]:
     """Zero running sums for ``{layer: kernel_path}`` (from :func:`resolve_layers`).
 
     >>> import jax.numpy as jnp, idesign as ids
-    >>> f = ids.curvature.init_factors({'l': {'kernel': jnp.ones((2, 3))}}, {'l': 'l.kernel'})
+    >>> f = ids.curvature.factors_init({'l': {'kernel': jnp.ones((2, 3))}}, {'l': 'l.kernel'})
     >>> f['l'].shapes
     ((2, 2), (3, 3))
     """
@@ -273,6 +265,23 @@ def init_factors(params: Params, layers: Mapping[str, str]) -> dict[str, KFACFac
         out[name] = KFACFactors(jnp.zeros((d_in, d_in), jnp.float32), jnp.zeros((d_out, d_out), jnp.float32),
                                 jnp.zeros((), jnp.float32))
     return out
+
+
+def factors_finalize(factors: KFACFactors) -> tuple[Array, Array]:
+    """``(A, G) = (a_sum / count, g_sum / count)`` of one layer's running sums; raises if nothing was counted.
+
+    The streaming spelling shared with :func:`idesign.subspaces.covariance_finalize` and
+    :func:`idesign.probes.class_means_finalize`: ``factors_init`` → ``make_factors_update`` → ``factors_finalize``.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> ids.curvature.factors_finalize(ids.curvature.KFACFactors(jnp.eye(1), jnp.eye(1), jnp.float32(4)))[0].item()
+    0.25
+    """
+    count = float(factors.count) if not isinstance(factors.count, jax.core.Tracer) else None
+    if count is not None and count <= 0:
+        raise ValueError("factors_finalize: count is 0 (no token positions were counted); "
+                         "check the dataset, its valid / loss_mask columns, and num_batches.")
+    return factors.a_sum / factors.count, factors.g_sum / factors.count
 
 
 def _mask_for(weights: Array, lead: tuple[int, ...]) -> Array:
@@ -317,7 +326,7 @@ def _batch_factors(forward: Callable, names: tuple[str, ...], fisher: str, param
     return out
 
 
-def make_factor_step(apply: Callable, layers: Sequence[str], *, fisher: Fisher = "true",
+def make_factors_update(apply: Callable, layers: Sequence[str], *, fisher: Fisher = "true",
                      forward: Callable | None = None, jit: bool = True) -> Callable:
     """``step(factors, params, batch, key) -> factors``: adds one batch's sums (for custom loops).
 
@@ -327,8 +336,8 @@ def make_factor_step(apply: Callable, layers: Sequence[str], *, fisher: Fisher =
     >>> import jax, jax.numpy as jnp, idesign as ids
     >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
     >>> layers = ids.curvature.resolve_layers(apply, params, ['blocks.0.mlp.up'])
-    >>> step = ids.curvature.make_factor_step(apply, list(layers))
-    >>> f = step(ids.curvature.init_factors(params, layers), params, {'tokens': jnp.ones((2, 5), jnp.int32)},
+    >>> step = ids.curvature.make_factors_update(apply, list(layers))
+    >>> f = step(ids.curvature.factors_init(params, layers), params, {'tokens': jnp.ones((2, 5), jnp.int32)},
     ...          jax.random.key(0))
     >>> float(f['blocks.0.mlp.up'].count)
     8.0
@@ -416,7 +425,7 @@ def collect_factors(apply: Callable, params: Params, batches: Iterable[Batch] | 
     total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     iterator = iter(batches) if num_batches is None else itertools.islice(batches, num_batches)
     step = _cached_step(apply, tuple(resolved), fisher, forward or _default_forward(apply))
-    factors = init_factors(params, resolved)
+    factors = factors_init(params, resolved)
     data_size = 1 if mesh is None else mesh.shape["data"]
     rows = None
     bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True,
@@ -446,7 +455,7 @@ def collect_factors(apply: Callable, params: Params, batches: Iterable[Batch] | 
 
 @functools.lru_cache(maxsize=32)
 def _cached_step(apply: Callable, names: tuple[str, ...], fisher: str, forward: Callable) -> Callable:
-    return make_factor_step(apply, names, fisher=fisher, forward=forward)
+    return make_factors_update(apply, names, fisher=fisher, forward=forward)
 
 
 # --------------------------------------------------------------------------- eigenbases
@@ -496,7 +505,7 @@ def eigendecompose(factors: KFACFactors | Mapping[str, KFACFactors], *, dtype: A
         return factors
     if not isinstance(factors, KFACFactors):
         raise TypeError(f"expected KFACFactors or KFACEigen; got {type(factors).__name__}.")
-    A, G = factors.finalize()
+    A, G = factors_finalize(factors)
     mu, u_a = eigh_descending(A, dtype=dtype)
     lam, u_g = eigh_descending(G, dtype=dtype)
     return KFACEigen(mu, u_a, lam, u_g)

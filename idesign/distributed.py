@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-PyTree = Any
+from idesign._types import PyTree
 
 
 class ProcessInfo(NamedTuple):

@@ -27,10 +27,9 @@ import numpy as np
 
 from idesign import curvature as curv
 from idesign import tree as tree_lib
+from idesign._types import Array, Params
 from idesign.hooks import Capture
 
-Array = jax.Array
-Params = Any
 
 __all__ = ["EditReport", "prune_low_curvature", "prune_svd", "prune_random", "keep_mask_by_mass", "BandActivations",
            "curvature_band_activations"]

@@ -21,7 +21,7 @@ Monitor protocol (all methods are traced; the monitor is a pytree)::
 
 Write a monitor as a pytree dataclass: arrays (probe weights, thresholds, a teacher's parameters)
 are leaves, so changing them never recompiles; configuration (``sites``, ``max_inject``) is static
-metadata (``dataclasses.field(metadata=dict(static=True))`` with ``jax.tree_util.register_dataclass``,
+metadata (``static()`` with ``jax.tree_util.register_dataclass``,
 or a property computed from static shapes, as in :class:`InjectAfterToken`).
 """
 
@@ -37,10 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign import tree as tree_lib
+from idesign._pytree import pytree_class
+from idesign._types import Array, PyTree
 from idesign.hooks import Capture, Hooks, merge_hooks
-
-Array = jax.Array
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +237,7 @@ class Monitor:
         raise NotImplementedError
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_class(eq=True)
 class InjectAfterToken(Monitor):
     """Injects ``inject_ids`` right after a row samples ``trigger_id``, at most ``max_events`` times per row.
 

@@ -9,15 +9,14 @@ intervention or a tuple of interventions applied in order::
     }
     logits, captured = apply(params, tokens, hooks=hooks)
 
-Interventions are pytree dataclasses: their arrays are traced leaves and their class is part of
+Interventions are pytree classes (:mod:`idesign._pytree`: frozen dataclasses whose checks run at
+construction, not when JAX rebuilds them): their arrays are traced leaves and their class is part of
 the static tree structure, so a jitted ``apply`` compiles once per *kind* of intervention and
 never again when only a direction, basis or mask changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,15 +25,10 @@ import jax.numpy as jnp
 
 from idesign import _treescope
 from idesign import tree as tree_lib
+from idesign._orthonormal import check_orthonormal
+from idesign._pytree import pytree_class, static
+from idesign._types import Array
 
-Array = jax.Array
-
-
-def _pytree_dataclass(cls):
-    """A frozen dataclass whose fields are all pytree children."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
 
 
 def _broadcast_error(kind: str, site: str, field: str, shape: tuple, site_shape: tuple) -> ValueError:
@@ -77,7 +71,7 @@ class Intervention:
         return _treescope.render(self, path, subtree_renderer)
 
 
-@_pytree_dataclass
+@pytree_class(eq=True)
 class Capture(Intervention):
     """Records the activation at its position in the site's chain; changes nothing.
 
@@ -89,8 +83,7 @@ class Capture(Intervention):
         return h
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fn", "with_site"])
-@dataclasses.dataclass(frozen=True)
+@pytree_class(eq=True)
 class Apply(Intervention):
     """A one-off hook without subclassing: ``fn(h) -> h'`` (or ``fn(site, h)`` with ``with_site=True``).
 
@@ -103,8 +96,8 @@ class Apply(Intervention):
     Array([[2., 2.]], dtype=float32)
     """
 
-    fn: Callable[..., Array]
-    with_site: bool = False
+    fn: Callable[..., Array] = static()
+    with_site: bool = static(default=False)
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -119,7 +112,7 @@ class Apply(Intervention):
         return out.astype(h.dtype)
 
 
-@_pytree_dataclass
+@pytree_class(eq=True)
 class Add(Intervention):
     """Adds ``scale * direction`` (steering; preventative steering during training).
 
@@ -139,7 +132,7 @@ class Add(Intervention):
         return h + (jnp.asarray(self.scale) * self.direction).astype(h.dtype)
 
 
-@_pytree_dataclass
+@pytree_class(eq=True)
 class Ablate(Intervention):
     """Removes a subspace: ``h - (h Vᵀ) V`` for a basis ``V`` of shape ``[k, d]`` with orthonormal rows.
 
@@ -152,6 +145,15 @@ class Ablate(Intervention):
 
     basis: Array
 
+    def __post_init__(self):
+        # checked as Subspace checks its basis (construction only; a traced basis is not checked)
+        if not isinstance(self.basis, jax.core.Tracer):
+            object.__setattr__(self, "basis", jnp.asarray(self.basis))
+        if jnp.ndim(self.basis) != 2:
+            raise ValueError(f"Ablate: basis must be 2-D [k, d] (rows are directions); got shape "
+                             f"{tuple(jnp.shape(self.basis))}.")
+        check_orthonormal(self.basis, "Ablate")
+
     def apply(self, site: str, h: Array) -> Array:
         basis = jnp.asarray(self.basis)
         if basis.ndim != 2 or basis.shape[-1] != h.shape[-1]:
@@ -162,7 +164,7 @@ class Ablate(Intervention):
         return h - (h @ basis.T) @ basis
 
 
-@_pytree_dataclass
+@pytree_class(eq=True)
 class Replace(Intervention):
     """Patches values: ``where(mask, value, h)`` (activation patching from another run).
 
@@ -185,7 +187,7 @@ class Replace(Intervention):
         return jnp.where(jnp.asarray(self.mask, bool), value, h)
 
 
-@_pytree_dataclass
+@pytree_class(eq=True)
 class Route(Intervention):
     """Gradient routing: ``m ⊙ h + (1 − m) ⊙ stop_gradient(h)``.
 

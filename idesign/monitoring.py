@@ -27,20 +27,18 @@ recall of the monitor can be computed against ground truth afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._pytree import pytree_class, static
+from idesign._types import Array, PyTree
 from idesign.generate import Injection, Monitor, PromptInfo, StepInfo
 from idesign.hooks import Capture
 from idesign.probes import READINGS
 from idesign.probes import score as probe_score
-
-Array = jax.Array
-PyTree = Any
 
 
 class ProbeMonitorState(NamedTuple):
@@ -67,8 +65,7 @@ class ProbeMonitorState(NamedTuple):
     previous: Array
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_class(eq=True)
 class ProbeMonitor(Monitor):
     """Runs a frozen teacher in lockstep with generation; injects tokens when a probe fires (module docstring).
 
@@ -100,16 +97,16 @@ class ProbeMonitor(Monitor):
     (4, [False, True, False, False], [True, False, False, False])
     """
 
-    teacher_apply: Any = dataclasses.field(metadata=dict(static=True))
-    site: str = dataclasses.field(metadata=dict(static=True))
-    max_steps: int = dataclasses.field(metadata=dict(static=True))
+    teacher_apply: Any = static()
+    site: str = static()
+    max_steps: int = static()
     teacher_params: PyTree = None
     probe: Any = None
     span_tokens: Array = None
     inject_ids: Array = None
     threshold: Array | float = 0.7
     max_events: Array | int = 1
-    reading: str = dataclasses.field(default="answer", metadata=dict(static=True))
+    reading: str = static(default="answer")
     close_tokens: Array | None = None
 
     sites = ()  # reads no activations of the policy: the teacher computes its own
@@ -120,7 +117,7 @@ class ProbeMonitor(Monitor):
                              "max_new_tokens (a positive integer).")
         if self.reading not in READINGS:
             raise ValueError(f"ProbeMonitor.reading={self.reading!r}; expected one of {READINGS}.")
-        arrays = (np.ndarray, jax.Array)  # pytree unflattening may pass placeholders: check arrays only
+        arrays = (np.ndarray, jax.Array)  # fields left as None (or other non-arrays) are not checked here
         if isinstance(self.inject_ids, arrays) and np.ndim(self.inject_ids) != 1:
             raise ValueError(f"ProbeMonitor.inject_ids must be [L] token ids; got shape {np.shape(self.inject_ids)}.")
         for field in ("span_tokens", "close_tokens"):

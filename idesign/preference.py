@@ -34,10 +34,9 @@ import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign._types import Array, PyTree
 from idesign.train import TrainState
 
-Array = jax.Array
-PyTree = Any
 
 _SIDES = ("chosen", "rejected")
 

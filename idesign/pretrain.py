@@ -48,10 +48,10 @@ import jax
 import numpy as np
 
 from idesign import checkpoint
+from idesign._types import PyTree
 
 __all__ = ["cache_dir", "cache_key", "cache_path", "canonical_config", "cached"]
 
-PyTree = Any
 ENV_VAR = "IDESIGN_CACHE"
 _SUBDIR = "pretrained"
 

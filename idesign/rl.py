@@ -52,13 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idesign._types import Array, PyTree
 from idesign.hooks import Capture
 from idesign.probes import score as probe_score
 from idesign.probes._span import READINGS, read_span, read_span_ids, span_scores  # noqa: F401  (rl.read_span stays)
 from idesign.train import TrainState
-
-Array = jax.Array
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,8 +44,7 @@ import numpy as np
 import optax
 
 from idesign import train as train_lib
-
-Array = jax.Array
+from idesign._types import Array
 
 
 class SAEParams(NamedTuple):

@@ -30,7 +30,6 @@ naming the site and both shapes.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign import subspaces as sub
+from idesign._pytree import Static, pytree_class
+from idesign._types import Array, Batch
 from idesign.hooks import Ablate, Add, Hooks, Intervention, Route, TrainingOnly, merge_hooks
 
-Array = jax.Array
-Batch = Mapping[str, Any]
 HooksFn = Callable[[Batch], Hooks]
 
 
@@ -51,12 +50,12 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True, eq=False)
+@pytree_class
 class TrainingHooks(TrainingOnly):
     """Interventions for the training loss only: a hooks dict, a ``batch -> hooks`` function, or a chain of them.
 
-    A pytree: the arrays of dict parts are traced leaves; function parts are static (compare by identity).
+    A pytree: the arrays of dict parts are traced leaves; function parts are static (held as
+    :class:`idesign._pytree.Static`, compared by identity of the function).
     Build one with :func:`caft`, :func:`preventative_steering`, :func:`gradient_routing` or
     :func:`combine`, or directly from any hooks. Give it to :func:`idesign.train.lm_loss`; every inference
     path (a model's ``apply``, ``generate``, ``collect_activations``) refuses it with a ``TypeError``.
@@ -90,18 +89,9 @@ class TrainingHooks(TrainingOnly):
             elif not callable(part):
                 raise TypeError(f"TrainingHooks: part {i} is {type(part).__name__}; expected a hooks dict "
                                 "{site: intervention} or a function batch -> hooks dict.")
+        # a function is static data of the tree, a dict's arrays are leaves
+        parts = tuple(p if isinstance(p, (Mapping, Static)) else Static(p) for p in parts)
         object.__setattr__(self, "parts", parts)
-
-    def tree_flatten(self):
-        children = tuple(p if isinstance(p, Mapping) else None for p in self.parts)
-        static = tuple(None if isinstance(p, Mapping) else p for p in self.parts)
-        return children, static
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        obj = object.__new__(cls)  # no validation: leaves may be tracers
-        object.__setattr__(obj, "parts", tuple(c if f is None else f for c, f in zip(children, static)))
-        return obj
 
     def resolve(self, batch: Batch) -> dict[str, tuple[Intervention, ...]]:
         """The plain hooks for one batch (what the training loss passes to the model).
@@ -153,14 +143,14 @@ def _orthonormal_basis(site: str, basis: Array | sub.Subspace) -> Array:
         return b  # a Subspace is orthonormal by construction; a traced basis cannot be checked
     dtype = b.dtype if jnp.issubdtype(b.dtype, jnp.floating) else jnp.float32
     b64 = np.asarray(b, np.float64)
-    dev = float(np.abs(b64 @ b64.T - np.eye(b64.shape[0])).max())
-    if dev <= sub.ORTHONORMAL_TOL.get(np.dtype(dtype), 1e-4):
+    dev = sub.orthonormality_error(b64)
+    if dev <= sub.ORTHONORMAL_TOL:
         return b.astype(dtype)
     ortho = sub.from_directions(b64).basis
     if ortho.shape[0] == 0:
         raise ValueError(f"caft: basis for site {site!r} has no nonzero direction.")
     warnings.warn(f"caft: basis for site {site!r} (shape {tuple(b.shape)}) does not have orthonormal rows "
-                  f"(max |B Bᵀ - I| = {dev:.3g}); ablating the span of its orthonormalised rows "
+                  f"(‖B Bᵀ - I‖₂ = {dev:.3g}); ablating the span of its orthonormalised rows "
                   f"(rank {ortho.shape[0]}).", UserWarning, stacklevel=3)
     return jnp.asarray(ortho, dtype)
 

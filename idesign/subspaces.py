@@ -15,8 +15,8 @@ GPM), the streamed covariance (:func:`covariance_init` / :func:`covariance_updat
 the explicit ``[d, d]`` matrix.
 
 **Orthonormality policy.** ``Subspace(basis)`` *validates*: a concrete basis whose rows are not
-orthonormal (``max |B Bᵀ - I|`` above :data:`ORTHONORMAL_TOL` for its dtype) raises, naming the
-deviation. Arbitrary vectors go through :meth:`Subspace.orthonormalized` (= :func:`from_directions`),
+orthonormal (``‖B Bᵀ - I‖₂`` above :data:`ORTHONORMAL_TOL`, derived so that at most :data:`MAX_LEAK` of an
+update stays inside the subspace per step) raises, naming the deviation. Arbitrary vectors go through :meth:`Subspace.orthonormalized` (= :func:`from_directions`),
 which orthonormalises and drops dependent vectors. Inside ``jit`` (traced bases) nothing is checked.
 
 Builders that choose a rank from data (an energy threshold) run eagerly on the host; with a fixed
@@ -25,6 +25,7 @@ Builders that choose a rank from data (an energy threshold) run eagerly on the h
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -32,14 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign import _treescope
+from idesign._orthonormal import MAX_LEAK, ORTHONORMAL_TOL, check_orthonormal, orthonormality_error
+from idesign._pytree import pytree_class, static
+from idesign._types import Array
 
-Array = jax.Array
 Side = Literal["input", "output", "flat"]
 SIDES: tuple[str, ...] = ("input", "output", "flat")
-
-#: Largest allowed ``max |B Bᵀ - I|`` for a concrete basis, by dtype (other dtypes: 1e-4).
-ORTHONORMAL_TOL: dict[Any, float] = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-4,
-                                     np.dtype(jnp.bfloat16): 2e-2, np.dtype(np.float16): 5e-3}
 
 #: :func:`from_directions` drops a vector whose residual, after removing the directions kept so far,
 #: has norm at most ``DEPENDENCE_RTOL`` times the vector's own norm (computed in float64).
@@ -50,7 +49,7 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer) and isinstance(x, (np.ndarray, jax.Array))
 
 
-@jax.tree_util.register_pytree_node_class
+@pytree_class
 class Subspace:
     """An orthonormal basis ``[k, d]`` (rows) and the side of a parameter it acts on.
 
@@ -71,49 +70,27 @@ class Subspace:
     >>> ids.subspaces.Subspace(jnp.array([[1., 1., 0.]]))
     Traceback (most recent call last):
     ...
-    ValueError: Subspace: basis rows are not orthonormal (max |B Bᵀ - I| = 1, tolerance 0.0001 for float32). Use Subspace.orthonormalized(vectors) to orthonormalise arbitrary vectors.
+    ValueError: Subspace: basis rows are not orthonormal (‖B Bᵀ - I‖₂ = 1, tolerance 1e-06, which bounds the share of an update left inside the subspace per step at 1e-06). Use Subspace.orthonormalized(vectors) to orthonormalise arbitrary vectors.
     """
 
-    __slots__ = ("basis", "side")
+    basis: Array
+    side: Side = static(default="input")
 
-    def __init__(self, basis: Any, side: Side = "input"):
-        if side not in SIDES:
-            raise ValueError(f"Subspace: side must be one of {SIDES}; got {side!r}.")
-        if not isinstance(basis, jax.core.Tracer):
-            basis = jnp.asarray(basis)
+    def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"Subspace: side must be one of {SIDES}; got {self.side!r}.")
+        basis = self.basis if isinstance(self.basis, jax.core.Tracer) else jnp.asarray(self.basis)
         if basis.ndim != 2:
             raise ValueError(f"Subspace: basis must be 2-D [k, d] (rows are directions); got shape {basis.shape}.")
-        if _is_concrete(basis) and basis.shape[0] > 0:
-            b = np.asarray(basis, np.float64)
-            dev = float(np.abs(b @ b.T - np.eye(b.shape[0])).max())
-            tol = ORTHONORMAL_TOL.get(np.dtype(basis.dtype), 1e-4)
-            if not dev <= tol:
-                raise ValueError(
-                    f"Subspace: basis rows are not orthonormal (max |B Bᵀ - I| = {dev:.3g}, tolerance {tol:g} "
-                    f"for {np.dtype(basis.dtype).name}). Use Subspace.orthonormalized(vectors) to "
-                    "orthonormalise arbitrary vectors.")
+        check_orthonormal(basis, "Subspace")
         object.__setattr__(self, "basis", basis)
-        object.__setattr__(self, "side", side)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Subspace is immutable; use Subspace(new_basis, side) or .with_side(side).")
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
-
-    def tree_flatten(self):
-        return (self.basis,), self.side
-
-    @classmethod
-    def tree_unflatten(cls, side, children):
-        obj = object.__new__(cls)  # no validation: leaves may be tracers, None or other placeholders
-        object.__setattr__(obj, "basis", children[0])
-        object.__setattr__(obj, "side", side)
-        return obj
 
     def __repr__(self) -> str:
         shape = getattr(self.basis, "shape", None)
         return f"Subspace(rank={shape[0] if shape else '?'}, dim={shape[1] if shape else '?'}, side={self.side!r})"
+
+    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
+        return _treescope.render(self, path, subtree_renderer)
 
     @property
     def rank(self) -> int:
@@ -132,9 +109,7 @@ class Subspace:
         >>> ids.subspaces.Subspace(jnp.eye(2)[:1]).with_side('output').side
         'output'
         """
-        if side not in SIDES:
-            raise ValueError(f"Subspace: side must be one of {SIDES}; got {side!r}.")
-        return Subspace.tree_unflatten(side, (self.basis,))
+        return dataclasses.replace(self, side=side)
 
     @classmethod
     def orthonormalized(cls, vectors: Any, side: Side = "input", *, rtol: float = DEPENDENCE_RTOL) -> "Subspace":
@@ -498,6 +473,6 @@ def principal_angles(a: Subspace | Any, b: Subspace | Any) -> Array:
     return jnp.where(cos ** 2 >= 0.5, from_sin, from_cos)
 
 
-__all__ = ["Subspace", "CovarianceState", "ORTHONORMAL_TOL", "DEPENDENCE_RTOL", "projector", "from_activations",
+__all__ = ["Subspace", "CovarianceState", "ORTHONORMAL_TOL", "MAX_LEAK", "orthonormality_error", "check_orthonormal", "DEPENDENCE_RTOL", "projector", "from_activations",
            "covariance_init", "covariance_update", "covariance_finalize", "from_covariance", "from_directions",
            "from_class_means", "from_contrastive_pairs", "from_probe", "extend", "principal_angles"]

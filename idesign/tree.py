@@ -144,6 +144,30 @@ def _paths(tree: PyTree | Sequence[str], is_leaf: Callable[[Any], bool] | None) 
     return [path_str(p) for p, _ in leaves_with_paths(tree, is_leaf=is_leaf)]
 
 
+#: Path components that name an optimizer state: in structure messages its paths come after the parameters'.
+OPTIMIZER_STATE_NAMES = frozenset({"opt_state", "optimizer_state", "optimizer"})
+
+
+def parameters_first(paths: Sequence[str]) -> list[str]:
+    """``paths`` with those under an optimizer state (a component in :data:`OPTIMIZER_STATE_NAMES`) last,
+    each group in its given order: a mismatch message names the parameters, the likely cause, first
+    (a dict state flattens in sorted key order, which would put ``opt_state`` before ``params``).
+
+    >>> parameters_first(['opt_state.0.mu.w', 'params.w', 'step'])
+    ['params.w', 'step', 'opt_state.0.mu.w']
+    """
+    return sorted(paths, key=in_optimizer_state)
+
+
+def in_optimizer_state(path: str) -> bool:
+    """Whether a dotted path lies under an optimizer state (a component in :data:`OPTIMIZER_STATE_NAMES`).
+
+    >>> in_optimizer_state('opt_state.0.mu.w'), in_optimizer_state('params.optimizer_bias')
+    (True, False)
+    """
+    return any(part in OPTIMIZER_STATE_NAMES for part in path.split("."))
+
+
 def _listed(names: Sequence[str]) -> str:
     return f"{list(names[:6])}{' ...' if len(names) > 6 else ''}"
 
@@ -169,8 +193,8 @@ def structure_diff(expected: PyTree | Sequence[str], got: PyTree | Sequence[str]
     want, have = _paths(expected, is_leaf), _paths(got, is_leaf)
     head = f"{what} does not have {against}: "
     if want != have:
-        missing = [p for p in want if p not in set(have)]
-        extra = [p for p in have if p not in set(want)]
+        missing = parameters_first([p for p in want if p not in set(have)])
+        extra = parameters_first([p for p in have if p not in set(want)])
         parts = ([f"missing {_listed(missing)}"] if missing else []) + (
             [f"unexpected {_listed(extra)}"] if extra else [])
         return head + ("; ".join(parts) or "the same paths in a different order")

@@ -518,3 +518,15 @@ def test_mismatch_lists_parameters_before_optimizer_state(tmp_path):
     assert paths[0].startswith("params.") and paths[-1].startswith("opt_state.")
     assert max(i for i, p in enumerate(paths) if p.startswith("params.")) < min(
         i for i, p in enumerate(paths) if p.startswith("opt_state."))
+
+
+def test_mismatch_lists_parameter_paths_before_optimizer_state_paths(tmp_path):
+    # a dict state flattens in sorted key order ('opt_state' < 'params'); the message still leads with params
+    state = _train_state(width=8)
+    save_checkpoint(tmp_path, {"opt_state": state.opt_state, "params": state.params})
+    wider = _train_state(width=16)
+    with pytest.raises(CheckpointMismatchError) as info:
+        restore_checkpoint(tmp_path, {"opt_state": wider.opt_state, "params": wider.params})
+    paths = [line.split(":")[0] for line in info.value.problems]
+    in_state = [p.startswith("opt_state") for p in paths]
+    assert in_state == sorted(in_state) and not in_state[0] and in_state[-1], paths

@@ -64,7 +64,7 @@ def test_factors_match_explicit_per_token_sums(tiny_config, fisher):
         assert float(f.count) == count == 3 * 6 - 2 - 2
         np.testing.assert_allclose(f.a_sum, a_sum, rtol=1e-4, atol=1e-6 * np.abs(a_sum).max())
         np.testing.assert_allclose(f.g_sum, g_sum, rtol=1e-4, atol=1e-5 * np.abs(g_sum).max())
-        A, G = f.finalize()
+        A, G = curvature.factors_finalize(f)
         np.testing.assert_allclose(A, a_sum / count, rtol=1e-4, atol=1e-6 * np.abs(a_sum).max())
 
 
@@ -131,7 +131,7 @@ def _kfac_block(apply, params, x, repeats, seed=0):
     batches = [{"inputs": x}] * repeats  # every repeat draws fresh targets (fold_in(key, b))
     f = curvature.collect_factors(apply, params, batches, "fc", key=seed, forward=curvature.ClassifierForward(apply),
                                   progress=False)["fc"]
-    A, G = f.finalize()
+    A, G = curvature.factors_finalize(f)
     return np.kron(np.asarray(A, np.float64), np.asarray(G, np.float64)), A
 
 
@@ -222,7 +222,8 @@ def test_bad_input_errors(tiny_config):
     with pytest.raises(ValueError, match="tied parameter 'embed.embedding'"):
         curvature.resolve_layers(tied_apply, tied_params, "unembed")
     with pytest.raises(ValueError, match="count is 0"):
-        curvature.init_factors(params, {"blocks.0.mlp.up": "blocks.0.mlp.up.kernel"})["blocks.0.mlp.up"].finalize()
+        empty = curvature.factors_init(params, {"blocks.0.mlp.up": "blocks.0.mlp.up.kernel"})
+        curvature.factors_finalize(empty["blocks.0.mlp.up"])
 
 
 # --- 8 simulated devices ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _numpy_prune(w, A, G, rho):
 def test_pruning_matches_a_numpy_reference_and_keeps_the_minimal_prefix(rho):
     params, f = _params(seed=1), {"layer": _factors(6, 5, seed=2)}
     new, report = edit.prune_low_curvature(params, f, ["layer"], rho)
-    A, G = (np.asarray(m) for m in f["layer"].finalize())
+    A, G = (np.asarray(m) for m in ids.curvature.factors_finalize(f["layer"]))
     w_ref, k, mass, mass_without_last = _numpy_prune(np.asarray(params["layer"]["kernel"], np.float64), A, G, rho)
     assert report["layer"]["kept"] == k
     assert mass >= rho > mass_without_last

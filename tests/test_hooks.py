@@ -123,7 +123,7 @@ def test_unknown_site_suggests_close_names(tiny_config):
 
 @pytest.mark.parametrize("hook, match", [
     (ids.Add(jnp.ones(5)), r"Add at site 'blocks.0.resid_post': direction has shape \(5,\).*\(1, 3, 32\)"),
-    (ids.Ablate(jnp.ones((2, 5))), r"Ablate at site 'blocks.0.resid_post': basis has shape \(2, 5\); expected \[k, 32\]"),
+    (ids.Ablate(jnp.eye(5)[:2]), r"Ablate at site 'blocks.0.resid_post': basis has shape \(2, 5\); expected \[k, 32\]"),
     (ids.Route(jnp.ones((4, 1, 1))), r"Route at site 'blocks.0.resid_post': mask has shape \(4, 1, 1\)"),
 ])
 def test_interventions_that_do_not_fit_the_site_are_explained(tiny_config, hook, match):
@@ -137,3 +137,16 @@ def test_hooks_must_be_interventions():
         ids.merge_hooks({"x": np.ones(3)})
     with pytest.raises(ValueError, match="more than one Capture"):
         ids.merge_hooks({"x": (ids.Capture(), ids.Capture())})
+
+
+def test_ablate_checks_its_basis_as_subspace_does():
+    with pytest.raises(ValueError, match=r"Ablate: basis rows are not orthonormal .*‖B Bᵀ - I‖₂ = 9"):
+        ids.Ablate(jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"Ablate: basis must be 2-D"):
+        ids.Ablate(jnp.ones(5))
+    # a deviation of 2e-6 could leave 2e-6 of an update inside the span: refused; rounding-level error passes
+    with pytest.raises(ValueError, match="not orthonormal"):
+        ids.Ablate(np.array([[np.sqrt(1 + 2e-6), 0.0]]))
+    ids.Ablate(np.array([[np.sqrt(1 + 5e-7), 0.0]]))
+    # rebuilt by JAX with tracers or placeholders: no check at unflatten
+    jax.tree_util.tree_map(lambda _: object(), ids.Ablate(jnp.eye(3)[:1]))

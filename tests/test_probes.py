@@ -203,19 +203,19 @@ def test_lda_direction_matches_closed_form_and_sklearn(two_gaussians):
 def test_streamed_statistics_equal_all_at_once(two_gaussians):
     x, y = two_gaussians
     w = np.random.default_rng(6).uniform(0.0, 2.0, len(y)).astype(np.float32)
-    whole = probes.update_stats(probes.init_stats(5), x, y, w)
-    stats = probes.init_stats(5)
-    update = jax.jit(probes.update_stats)
+    whole = probes.class_means_update(probes.class_means_init(5), x, y, w)
+    stats = probes.class_means_init(5)
+    update = jax.jit(probes.class_means_update)
     for lo in range(0, len(y), 64):  # tokens as [B, T, D] batches, some with a single class
         batch = slice(lo, lo + 64)
         stats = update(stats, x[batch][None], y[batch][None], w[batch][None])
     for a, b in zip(stats, whole):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(probes.finalize(stats, whiten=True).w, probes.finalize(whole, whiten=True).w,
+    np.testing.assert_allclose(probes.class_means_finalize(stats, whiten=True).w, probes.class_means_finalize(whole, whiten=True).w,
                                rtol=1e-3, atol=1e-4)
     # Weight 0 drops rows; the stats match those of the kept rows.
-    kept = probes.update_stats(probes.init_stats(5), x[w > 1], y[w > 1])
-    dropped = probes.update_stats(probes.init_stats(5), x, y, (w > 1).astype(np.float32))
+    kept = probes.class_means_update(probes.class_means_init(5), x[w > 1], y[w > 1])
+    dropped = probes.class_means_update(probes.class_means_init(5), x, y, (w > 1).astype(np.float32))
     for a, b in zip(kept, dropped):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
@@ -366,7 +366,7 @@ def test_bad_inputs_raise_errors_that_name_the_problem(binary):
     with pytest.raises(ValueError, match=r"single class"):
         probes.fit_mass_mean(x, np.zeros(N, np.int32))
     with pytest.raises(ValueError, match=r"both classes need examples"):
-        probes.finalize(probes.update_stats(probes.init_stats(D), x, np.zeros(N, np.int32)))
+        probes.class_means_finalize(probes.class_means_update(probes.class_means_init(D), x, np.zeros(N, np.int32)))
     with pytest.raises(ValueError, match=r"labels has 3 entries but the activations have 4 sequences"):
         probes.fit_attention_probe(np.zeros((4, 2, 3)), [0, 1, 0], progress=False)
     with pytest.raises(ValueError, match=r"mask selects no position in 1 sequences \(rows \[2\]\)"):

@@ -23,7 +23,7 @@ def span_equal(a: sub.Subspace, b, tol: float = 1e-4) -> bool:
 # --- Subspace ------------------------------------------------------------------------------------
 
 def test_subspace_validates_orthonormality_and_shape():
-    with pytest.raises(ValueError, match=r"not orthonormal \(max \|B Bᵀ - I\| = 0.21"):
+    with pytest.raises(ValueError, match=r"not orthonormal \(‖B Bᵀ - I‖₂ = 0.21"):
         sub.Subspace(np.array([[1.1, 0.0]], np.float32))
     with pytest.raises(ValueError, match=r"must be 2-D"):
         sub.Subspace(np.ones(3, np.float32))
@@ -32,6 +32,26 @@ def test_subspace_validates_orthonormality_and_shape():
     s = sub.Subspace.orthonormalized(np.array([[1.1, 0.0], [1.0, 1.0]], np.float32))
     np.testing.assert_allclose(np.asarray(s.basis), np.eye(2), atol=1e-6)
     assert sub.Subspace(np.zeros((0, 4), np.float32)).rank == 0
+
+
+def test_orthonormality_tolerance_bounds_the_leak_per_step():
+    # the tolerance is on the spectral norm: k rows each off by δ in their cross terms deviate by (k-1)δ, not δ
+    k, delta = 8, 3e-7
+    g = np.eye(k) + delta * (np.ones((k, k)) - np.eye(k))       # Gram with max entry error δ, spectral (k-1)δ
+    basis = np.linalg.cholesky(g).T @ np.eye(k, 16)               # rows with exactly that Gram matrix
+    with pytest.raises(ValueError, match="not orthonormal"):
+        sub.Subspace(basis)
+    # at the tolerance, the worst-case leak of u - BᵀBu into span(B) stays at most MAX_LEAK
+    rng = np.random.default_rng(0)
+    e = sub.ORTHONORMAL_TOL
+    b = np.linalg.qr(rng.normal(size=(16, 4)))[0].T
+    b[0] *= np.sqrt(1 + e)                                       # one row stretched: ‖BBᵀ - I‖₂ = e
+    assert abs(sub.orthonormality_error(b) - e) < 1e-12
+    sub.Subspace(b)                                              # accepted
+    u = b[0] / np.linalg.norm(b[0])                              # the worst direction
+    u_out = u - b.T @ (b @ u)
+    true_projector = b.T @ np.linalg.inv(b @ b.T) @ b
+    assert np.linalg.norm(true_projector @ u_out) <= sub.MAX_LEAK * (1 + 1e-9)
 
 
 def test_subspace_is_a_pytree_and_new_bases_do_not_recompile():

@@ -33,11 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idesign._types import Array
 from idesign.hooks import SiteRunner
 from idesign.models.config import RopeScaling, TransformerConfig
-
-Array = jax.Array
-
 
 
 def check_tokens(tokens: Any, vocab_size: int, valid: Any = None) -> Array:

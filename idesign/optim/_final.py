@@ -7,6 +7,9 @@ from typing import Any
 
 import optax
 
+from idesign import masks as masks_lib
+from idesign.optim._freezing import freeze_masks_in
+
 
 def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.GradientTransformation,
                          state_cls: Callable[[Any, Any], Any]) -> optax.GradientTransformationExtraArgs:
@@ -26,6 +29,7 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
     ([-0.5, -0.5], 'Pair')
     """
     inner = optax.with_extra_args_support(optimizer)
+    final = optax.with_extra_args_support(final)
 
     def init_fn(params):
         return state_cls(inner.init(params), final.init(params))
@@ -33,7 +37,12 @@ def then_on_final_update(optimizer: optax.GradientTransformation, final: optax.G
     def update_fn(updates, state, params=None, **extra_args):
         inner_state, final_state = state
         updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
-        updates, final_state = final.update(updates, final_state, params)
+        # the final transform must honour every freeze mask, or it would move frozen elements: one passed down
+        # by an enclosing `frozen`, and those of `frozen` wrappers inside `optimizer` (static data in its state)
+        masks = [extra_args["freeze_mask"]] if extra_args.get("freeze_mask") is not None else []
+        masks += freeze_masks_in(inner_state)
+        extra = {"freeze_mask": masks_lib.union(*masks)} if masks else {}
+        updates, final_state = final.update(updates, final_state, params, **extra)
         return updates, state_cls(inner_state, final_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -34,8 +34,7 @@ import optax
 from idesign import masks as masks_lib
 from idesign import tree as tree_lib
 
-Mask = Any
-PyTree = Any
+from idesign._types import Mask, PyTree
 
 
 def _is_whole(leaf: Any) -> bool:
@@ -110,11 +109,39 @@ def _one_mask(freeze_mask: Mask | None, train_mask: Mask | None) -> Mask:
     return mask if freeze_mask is not None else masks_lib.complement(mask)
 
 
+class StaticMask:
+    """A freeze mask carried in an optimizer state as static pytree data: no leaves (it costs no state memory,
+    is not checkpointed, and never becomes a tracer); states compare it by identity, so a jitted step that
+    returns the state it was given does not recompile."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask: Mask):
+        self.mask = mask
+
+    def __repr__(self) -> str:
+        return "StaticMask(...)"
+
+
+jax.tree_util.register_pytree_node(StaticMask, lambda s: ((), s), lambda s, _: s)
+
+
 class FrozenState(NamedTuple):
     """State of :func:`frozen`: the wrapped optimizer's state, partitioned so that leaves frozen
-    entirely hold none (``optax.MaskedNode`` in their place)."""
+    entirely hold none (``optax.MaskedNode`` in their place), and the freeze mask as static data.
+
+    The mask is there so that a projection wrapped *around* ``frozen`` (``projected(optax.chain(frozen(...),
+    ...), ...)``) finds it in the inner state and keeps the frozen elements at zero (see
+    :func:`freeze_masks_in`)."""
 
     inner_state: Any
+    freeze_mask: StaticMask
+
+
+def freeze_masks_in(state: Any) -> list[Mask]:
+    """The freeze masks of every :func:`frozen` wrapper whose state is inside ``state``."""
+    found = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, FrozenState))
+    return [s.freeze_mask.mask for s in found if isinstance(s, FrozenState)]
 
 
 def _fully_frozen(leaf: Any) -> bool:
@@ -144,7 +171,10 @@ def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None 
       train_mask: element mask, ``True`` = trained (everything else is frozen).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`FrozenState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`FrozenState`. A projection inside
+      ``optimizer`` (``projected``, or ``project_out`` chained) receives the mask as the extra argument
+      ``freeze_mask=`` and keeps frozen elements at zero while it projects, so both guarantees hold; a
+      ``projected`` (or ``observed``) around ``frozen`` finds the mask in the state.
 
     >>> import numpy as np, jax.numpy as jnp, optax, idesign as ids
     >>> params = {'embed': jnp.ones((4, 2)), 'w': jnp.ones(3)}
@@ -167,15 +197,21 @@ def frozen(optimizer: optax.GradientTransformation, *, freeze_mask: Mask | None 
     mask = _one_mask(freeze_mask, train_mask)
     labels = jax.tree_util.tree_map(lambda m: "frozen" if _fully_frozen(m) else "train", mask)
     inner = optax.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    static_mask = StaticMask(mask)
 
     def init_fn(params: PyTree) -> FrozenState:
         masks_lib.check(params, mask)
-        return FrozenState(inner.init(params))
+        return FrozenState(inner.init(params), static_mask)
 
     def update_fn(updates: PyTree, state: FrozenState, params: PyTree | None = None, **extra_args):
-        updates = _apply_freeze(updates, mask)
-        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        return _apply_freeze(updates, mask), FrozenState(inner_state)
+        # a projection inside `optimizer` receives the mask (as `freeze_mask=`, with any from an enclosing
+        # `frozen`) and projects onto the updates that keep the frozen elements at zero: re-freezing after a
+        # plain projection would put components back inside the protected subspace
+        outer = extra_args.pop("freeze_mask", None)
+        combined = mask if outer is None else masks_lib.union(mask, outer)
+        updates = _apply_freeze(updates, combined)
+        updates, inner_state = inner.update(updates, state.inner_state, params, freeze_mask=combined, **extra_args)
+        return _apply_freeze(updates, combined), FrozenState(inner_state, state.freeze_mask)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -7,7 +7,7 @@ report it beside its results (METHODS.md §8: the shortcut an arm could take is 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,8 @@ import numpy as np
 
 from idesign import masks as masks_lib
 from idesign import tree as tree_lib
+from idesign._types import PyTree
 from idesign.optim import projection
-
-PyTree = Any
 
 
 class Leak(NamedTuple):

@@ -42,11 +42,11 @@ import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign._pytree import pytree_class, static
+from idesign._types import Array, PyTree
 from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
-PyTree = Any
-Array = jax.Array
 ConceptSide = Literal["input", "output"]
 CONCEPT_SIDES = ("input", "output")
 
@@ -55,8 +55,7 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True, eq=False)
+@pytree_class
 class Concepts:
     """Named concept directions per dense kernel, all on one side of their kernels.
 
@@ -78,11 +77,11 @@ class Concepts:
     ([[0.6000000238418579, 0.800000011920929]], 'input')
     """
 
-    names: Mapping[str, tuple[str, ...]]
+    names: Mapping[str, tuple[str, ...]] = static()
     directions: Mapping[str, Array]
-    side: ConceptSide = "input"
+    side: ConceptSide = static(default="input")
     reference: Mapping[str, Array] | None = None
-    transposed: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = static(default=())
 
     def __post_init__(self):
         if self.side not in CONCEPT_SIDES:
@@ -118,22 +117,6 @@ class Concepts:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "directions", directions)
         object.__setattr__(self, "transposed", tuple(self.transposed))
-
-    def tree_flatten(self):
-        paths = tuple(self.names)
-        children = (tuple(self.directions[p] for p in paths),
-                    None if self.reference is None else tuple(self.reference[p] for p in paths))
-        return children, (paths, tuple(self.names[p] for p in paths), self.side, self.transposed)
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        paths, names, side, transposed = static
-        obj = object.__new__(cls)  # no validation: leaves may be tracers
-        for field, value in (("names", dict(zip(paths, names))), ("directions", dict(zip(paths, children[0]))),
-                             ("side", side), ("transposed", transposed),
-                             ("reference", None if children[1] is None else dict(zip(paths, children[1])))):
-            object.__setattr__(obj, field, value)
-        return obj
 
     def __repr__(self) -> str:
         return f"Concepts(side={self.side!r}, {', '.join(f'{p}: {list(n)}' for p, n in self.names.items())})"
@@ -176,11 +159,12 @@ def check_concepts(concepts: Concepts, params: PyTree) -> None:
     ...
     ValueError: concepts for w: directions have shape (1, 3) (side 'input') but the kernel has shape (2, 5); side 'input' needs directions [k, 2] (the kernel's first axis).
     """
-    leaves = tree_lib.named_leaves(params)
+    leaves = _named(params)
     for path in concepts.names:
         if path not in leaves:
             raise KeyError(tree_lib.unknown_name_message(path, list(leaves), what="parameter path"))
-        _check_leaf(concepts, path, tuple(jnp.shape(leaves[path])))
+        if not _held_out(leaves[path]):
+            _check_leaf(concepts, path, tuple(jnp.shape(leaves[path])))
 
 
 def _components(concepts: Concepts, path: str, update: Array, weight: Array | None,
@@ -198,9 +182,18 @@ def _components(concepts: Concepts, path: str, update: Array, weight: Array | No
     return jnp.sign(change) * fraction, jnp.linalg.norm(w, axis=1)
 
 
+def _held_out(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _named(tree: PyTree) -> dict[str, Any]:
+    """``named_leaves``, with the ``None`` / ``MaskedNode`` leaves optax's wrappers put in place of held-out leaves."""
+    return {tree_lib.path_str(p): x for p, x in tree_lib.leaves_with_paths(tree, is_leaf=_held_out)}
+
+
 def _decompose(updates: PyTree, concepts: Concepts, params: PyTree | None) -> tuple[dict[str, Array], dict[str, Array]]:
-    ups = tree_lib.named_leaves(updates)
-    weights = tree_lib.named_leaves(params) if params is not None else None
+    ups = _named(updates)
+    weights = _named(params) if params is not None else None
     if weights is None and concepts.reference is None:
         raise ValueError("decompose_update: the sign of a step (reinforce or suppress) is measured against the "
                          "weights; pass params=, or build the Concepts with concepts_for(params, ...) so they "
@@ -209,6 +202,13 @@ def _decompose(updates: PyTree, concepts: Concepts, params: PyTree | None) -> tu
     for path in concepts.names:
         if path not in ups:
             raise KeyError(tree_lib.unknown_name_message(path, list(ups), what="update path"))
+        if _held_out(ups[path]):  # a kernel frozen entirely (inside ids.optim.frozen): it does not move
+            k = len(concepts.names[path])
+            ref = concepts.reference[path] if concepts.reference is not None else None
+            coefficients[path] = jnp.zeros((k,), jnp.float32)
+            gains[path] = (jnp.linalg.norm(ref.astype(jnp.float32), axis=1) if ref is not None
+                           else jnp.full((k,), jnp.nan, jnp.float32))
+            continue
         weight = None
         if weights is not None:
             if path not in weights:

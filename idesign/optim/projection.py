@@ -35,14 +35,14 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from idesign import tree as tree_lib
+from idesign._types import Array, PyTree
 from idesign.optim._final import then_on_final_update
 from idesign.subspaces import Subspace
 
-PyTree = Any
-Array = jax.Array
 Rule = Literal["pass", "zero"]
 Others = Rule | Mapping[str, Rule]
 RULES = ("pass", "zero")
@@ -125,9 +125,12 @@ def check_subspaces(subspaces: PyTree, params: PyTree) -> None:
     ...
     ValueError: subspace for w: basis has shape (1, 2) (side 'input') but the parameter has shape (3, 2); side 'input' needs a basis [k, 3] (the leaf's first axis).
     """
-    specs = _flatten_specs(subspaces, params)
-    for (path, leaf), spec in zip(tree_lib.leaves_with_paths(params), specs):
-        _check_leaf(tree_lib.path_str(path), tuple(jnp.shape(leaf)), spec)
+    # inside optax.partition / optax.masked, leaves the wrapper holds out arrive as MaskedNode: no shape to check
+    is_leaf = lambda x: x is None or isinstance(x, optax.MaskedNode)
+    specs = _flatten_specs(subspaces, params) if not _has_masked(params) else _flatten_specs_loose(subspaces, params)
+    for (path, leaf), spec in zip(tree_lib.leaves_with_paths(params, is_leaf=is_leaf), specs):
+        if not is_leaf(leaf):
+            _check_leaf(tree_lib.path_str(path), tuple(jnp.shape(leaf)), spec)
 
 
 def _check_others(others: Others) -> None:
@@ -160,22 +163,88 @@ def _apply_side(x: Array, basis: Array, side: str, onto: bool) -> Array:
     return (inside if onto else m - inside).reshape(shape)
 
 
-def _project_leaf(path: str, update: Any, spec: Any, onto: bool, others: Others) -> Any:
+def _masked_side(m: Array, basis: Array, free: Array, onto: bool) -> Array:
+    """Projection of ``m [d, n]`` (basis ``[k, d]`` acting on axis 0, each column on its own) onto the
+    updates that leave the frozen elements (``free == 0``) at zero: the closest such update, exactly.
+
+    Out of the subspace, column ``g`` with free set ``M``: ``y = M (g - Uᵀ λ)`` with ``(U M Uᵀ) λ = U M g``, the
+    orthogonal projection onto ``{y : y_frozen = 0, U y = 0}`` (a ``k × k`` solve per column). Onto it: ``y = Uᵀ a``
+    with ``a = (I - H⁺H) U g``, ``H = U (I - M) Uᵀ``, the closest update inside the span that is zero where frozen.
+    """
+    if onto:
+        h = jnp.einsum("ai,in,bi->nab", basis, 1.0 - free, basis)
+        a = (basis @ m).T                                           # [n, k]
+        a = a - jnp.einsum("nab,nbc,nc->na", jnp.linalg.pinv(h, hermitian=True), h, a)
+        return basis.T @ a.T
+    h_pinv = jnp.linalg.pinv(jnp.einsum("ai,in,bi->nab", basis, free, basis), hermitian=True)
+    solve = lambda g: free * (g - basis.T @ jnp.einsum("nab,bn->na", h_pinv, basis @ (free * g)).T)
+    y = solve(solve(m))  # one step of iterative refinement: the second pass removes the first one's rounding
+    # A column whose result is at rounding level (a dot product of length d is exact to about d·eps relative)
+    # is one the constraints pin to zero (e.g. fewer free elements than directions): return it exactly, or
+    # its rounding noise, all of it inside the subspace, would be the whole update.
+    eps = jnp.finfo(m.dtype).eps
+    noise = m.shape[0] * eps * jnp.linalg.norm(m, axis=0)
+    return jnp.where(jnp.linalg.norm(y, axis=0) <= noise, 0.0, y)
+
+
+def _project_masked(x: Array, basis: Array, side: str, fixed: Array, onto: bool) -> Array:
+    """``_apply_side`` for a leaf some of whose elements are frozen (``fixed`` broadcasts to ``x``)."""
+    shape = x.shape
+    free = 1.0 - jnp.broadcast_to(jnp.asarray(fixed, bool), shape).astype(x.dtype)
+    if side == "input":
+        y = _masked_side(x.reshape(shape[0], -1), basis, free.reshape(shape[0], -1), onto)
+    elif side == "output":
+        y = _masked_side(x.reshape(-1, shape[-1]).T, basis, free.reshape(-1, shape[-1]).T, onto).T
+    else:
+        y = _masked_side(x.reshape(-1, 1), basis, free.reshape(-1, 1), onto)
+    return y.reshape(shape)
+
+
+def _whole(fixed: Any) -> bool | None:
+    """``True``/``False`` for a mask leaf known at trace time to cover the whole leaf, else ``None``."""
+    if fixed is None:
+        return False
+    if isinstance(fixed, jax.core.Tracer):
+        return None
+    f = np.asarray(fixed)
+    return bool(f.all()) if f.all() or not f.any() else None
+
+
+def _project_leaf(path: str, update: Any, spec: Any, onto: bool, others: Others, fixed: Any = None) -> Any:
     if update is None or isinstance(update, optax.MaskedNode):
         return update
+    whole = _whole(fixed)
+    if whole:  # frozen entirely: freezing wins, and a zero update satisfies every projection
+        return jnp.full_like(update, -0.0)
     specs = _as_tuple(spec)
     if not specs:
-        return update if _rule_for(path, others) == "pass" else jnp.full_like(update, -0.0)
+        out = update if _rule_for(path, others) == "pass" else jnp.full_like(update, -0.0)
+        return out if whole is False else jnp.where(fixed, jnp.asarray(-0.0, update.dtype), out)
     _check_leaf(path, tuple(update.shape), spec)
     compute = jnp.promote_types(update.dtype, jnp.float32)
     x = update.astype(compute)
-    for s in specs:  # input- and output-side projectors commute; "flat" is one leaf-wide projector
-        x = _apply_side(x, s.basis.astype(compute), s.side, onto)
-    return x.astype(update.dtype)
+    if whole is False:
+        for s in specs:  # input- and output-side projectors commute; "flat" is one leaf-wide projector
+            x = _apply_side(x, s.basis.astype(compute), s.side, onto)
+        return x.astype(update.dtype)
+    if len(specs) > 1:
+        raise NotImplementedError(
+            f"subspace for {path}: the leaf has subspaces on two sides ({[s.side for s in specs]}) and some, not all, "
+            "of its elements are frozen; the joint projection is implemented for one side per partly frozen leaf. "
+            "Freeze the whole leaf, or protect one side.")
+    s = specs[0]
+    x = _project_masked(x, s.basis.astype(compute), s.side, fixed, onto)
+    x = x.astype(update.dtype)
+    # bit-exact zeros: -0.0 leaves p + u == p for every p (see idesign.optim._freezing)
+    return jnp.where(jnp.broadcast_to(jnp.asarray(fixed, bool), x.shape), jnp.asarray(-0.0, x.dtype), x)
 
 
-def apply_projection(updates: PyTree, subspaces: PyTree, *, onto: bool = False, others: Others = "pass") -> PyTree:
+def apply_projection(updates: PyTree, subspaces: PyTree, *, onto: bool = False, others: Others = "pass",
+                     freeze_mask: PyTree | None = None) -> PyTree:
     """Projects each leaf of ``updates`` out of (or onto) its subspace: the function behind the transforms.
+
+    With ``freeze_mask`` (an element mask, ``True`` = frozen), the result is the closest update that is
+    both projected and zero (``-0.0``) on the frozen elements, so freezing and projection hold at once.
 
     >>> import jax.numpy as jnp, idesign as ids
     >>> from idesign.optim import projection
@@ -184,13 +253,35 @@ def apply_projection(updates: PyTree, subspaces: PyTree, *, onto: bool = False, 
     >>> out = projection.apply_projection(u, s, others='zero')
     >>> out['w'].tolist(), out['b'].tolist()
     ([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], [-0.0, -0.0, -0.0])
+
+    A frozen element stays put and the update still has no component along the protected direction:
+
+    >>> s = {'w': ids.subspaces.Subspace(jnp.array([[0.6, 0.8]])), 'b': None}
+    >>> m = {'w': jnp.array([[True, False, False], [False, False, False]]), 'b': False}
+    >>> out = projection.apply_projection(u, s, freeze_mask=m)['w']
+    >>> out[0, 0].item(), abs(jnp.array([0.6, 0.8]) @ out).max() < 1e-6
+    (-0.0, Array(True, dtype=bool))
     """
     _check_others(others)
+    is_leaf = lambda x: x is None or isinstance(x, optax.MaskedNode)
     specs = _flatten_specs(subspaces, updates) if not _has_masked(updates) else _flatten_specs_loose(subspaces, updates)
-    leaves = tree_lib.leaves_with_paths(updates, is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
-    treedef = jax.tree_util.tree_structure(updates, is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
-    out = [_project_leaf(tree_lib.path_str(p), u, s, onto, others) for (p, u), s in zip(leaves, specs)]
+    leaves = tree_lib.leaves_with_paths(updates, is_leaf=is_leaf)
+    treedef = jax.tree_util.tree_structure(updates, is_leaf=is_leaf)
+    fixed = [None] * len(leaves) if freeze_mask is None else _flatten_mask(freeze_mask, updates)
+    out = [_project_leaf(tree_lib.path_str(p), u, s, onto, others, f)
+           for (p, u), s, f in zip(leaves, specs, fixed)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _flatten_mask(mask: PyTree, updates: PyTree) -> list[Any]:
+    """Mask leaves in the order of ``updates``' leaves (``None`` / ``MaskedNode`` updates count as leaves)."""
+    is_leaf = lambda x: x is None or isinstance(x, optax.MaskedNode)
+    want = [tree_lib.path_str(p) for p, _ in tree_lib.leaves_with_paths(updates, is_leaf=is_leaf)]
+    got = {tree_lib.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    problem = tree_lib.structure_diff(want, list(got), what="the freeze mask")
+    if problem:
+        raise ValueError(problem + ".")
+    return [got[p] for p in want]
 
 
 def _has_masked(tree: PyTree) -> bool:
@@ -205,7 +296,7 @@ def _flatten_specs_loose(subspaces: PyTree, updates: PyTree) -> list[Any]:
     return _flatten_specs(subspaces, placeholder)
 
 
-def _projection(subspaces: PyTree, onto: bool, others: Others) -> optax.GradientTransformation:
+def _projection(subspaces: PyTree, onto: bool, others: Others) -> optax.GradientTransformationExtraArgs:
     _check_others(others)
 
     def init_fn(params):
@@ -213,11 +304,13 @@ def _projection(subspaces: PyTree, onto: bool, others: Others) -> optax.Gradient
         # copies: a train step that donates its state must not delete the caller's basis arrays
         return ProjectionState(jax.tree_util.tree_map(jnp.copy, subspaces))
 
-    def update_fn(updates, state, params=None):
-        del params
-        return apply_projection(updates, state.subspaces, onto=onto, others=others), state
+    def update_fn(updates, state, params=None, *, freeze_mask=None, **extra_args):
+        # freeze_mask arrives from an enclosing ids.optim.frozen (or a frozen optimizer inside projected):
+        # the projection then also keeps the frozen elements at zero, so both guarantees hold at once
+        del params, extra_args
+        return apply_projection(updates, state.subspaces, onto=onto, others=others, freeze_mask=freeze_mask), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def project_out(subspaces: PyTree, *, others: Others = "pass") -> optax.GradientTransformation:

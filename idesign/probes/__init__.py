@@ -10,9 +10,9 @@ family                     fit                                    how
                                                                   L-BFGS; ``C`` as scikit-learn; CV
 :class:`SoftmaxProbe`      :func:`fit_softmax`                    multinomial, same solver
 (stacks of the above)      :func:`fit_many`                       layers x targets in one vmapped call
-:class:`MassMeanProbe`     :func:`init_stats`,                    class means (and shared covariance)
-                           :func:`update_stats`,                  streamed over any number of tokens;
-                           :func:`finalize`,                      mass-mean or LDA direction
+:class:`MassMeanProbe`     :func:`class_means_init`,              class means (and shared covariance)
+                           :func:`class_means_update`,            streamed over any number of tokens;
+                           :func:`class_means_finalize`,          mass-mean or LDA direction
                            :func:`fit_mass_mean`
 token probe, span-max      :func:`fit_span_probe`                 Obeso et al. span-max loss, minibatch Adam;
 (a :class:`LogisticProbe`)                                        entity score = :func:`span_scores`
@@ -46,7 +46,8 @@ from idesign.probes._attention import (AttentionProbe, attention_logits, attenti
 from idesign.probes._io import load_probe, save_probe
 from idesign.probes._linear import (DEFAULT_CS, FitInfo, LogisticProbe, SoftmaxProbe, as_affine, fit_logistic,
                                     fit_many, fit_softmax, stratified_folds)
-from idesign.probes._mass_mean import MassMeanProbe, MeanStats, finalize, fit_mass_mean, init_stats, update_stats
+from idesign.probes._mass_mean import (ClassMeansState, MassMeanProbe, class_means_finalize, class_means_init,
+                                       class_means_update, fit_mass_mean)
 from idesign.probes._ridge import RidgeFit, RidgeProbe, fit_ridge, predict_ridge
 from idesign.probes._scoring import predict_proba, score
 from idesign.probes._span import (READINGS, fit_span_probe, omega_schedule, read_span, read_span_ids, span_masks,
@@ -58,10 +59,10 @@ __all__ = [
     "DEFAULT_CS",
     "READINGS",
     "AttentionProbe",
+    "ClassMeansState",
     "FitInfo",
     "LogisticProbe",
     "MassMeanProbe",
-    "MeanStats",
     "RidgeFit",
     "RidgeProbe",
     "SoftmaxProbe",
@@ -69,7 +70,9 @@ __all__ = [
     "as_affine",
     "attention_logits",
     "attention_weights",
-    "finalize",
+    "class_means_finalize",
+    "class_means_init",
+    "class_means_update",
     "fit_attention_probe",
     "fit_logistic",
     "fit_many",
@@ -79,7 +82,6 @@ __all__ = [
     "fit_span_probe",
     "grouped_split",
     "init_attention_probe",
-    "init_stats",
     "load_probe",
     "omega_schedule",
     "plot_sweep",
@@ -93,8 +95,7 @@ __all__ = [
     "span_max_logits",
     "span_max_loss",
     "span_scores",
-    "sweep",
     "stratified_folds",
+    "sweep",
     "token_targets",
-    "update_stats",
 ]

@@ -22,10 +22,9 @@ import numpy as np
 import optax
 
 from idesign import _treescope
+from idesign._types import Array
 from idesign.probes import _checks
 from idesign.probes._training import masked_standardization, train_minibatch
-
-Array = jax.Array
 
 
 class AttentionProbe(NamedTuple):

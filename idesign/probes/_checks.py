@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._types import Array
 from idesign.distributed import to_host
 
-Array = jax.Array
 _SHOWN = 10  # how many offending rows a message lists
 
 

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idesign._types import Array
 from idesign.distributed import to_host
 from idesign import _treescope
 from idesign.probes import _checks
 
-Array = jax.Array
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))  # as LogisticRegressionCV(Cs=10)
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the stopping rule needs float32 gradients
 

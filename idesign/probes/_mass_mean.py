@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idesign import _treescope
+from idesign._types import Array
 from idesign.probes import _checks
-
-Array = jax.Array
 
 
 class MassMeanProbe(NamedTuple):
@@ -53,7 +52,7 @@ class MassMeanProbe(NamedTuple):
         return _treescope.render(self, path, subtree_renderer)
 
 
-class MeanStats(NamedTuple):
+class ClassMeansState(NamedTuple):
     """Streamed sufficient statistics for mass-mean / LDA probes.
 
     Attributes:
@@ -68,22 +67,23 @@ class MeanStats(NamedTuple):
     scatter: Array | None
 
 
-def init_stats(dim: int, *, n_classes: int = 2, covariance: bool = True, dtype: Any = jnp.float32) -> MeanStats:
+def class_means_init(dim: int, *, n_classes: int = 2, covariance: bool = True,
+                     dtype: Any = jnp.float32) -> ClassMeansState:
     """Empty statistics for ``dim``-dimensional activations.
 
     Example:
       >>> from idesign import probes
-      >>> stats = probes.init_stats(4)
+      >>> stats = probes.class_means_init(4)
       >>> stats.mean.shape, stats.scatter.shape
       ((2, 4), (4, 4))
     """
     if dim < 1 or n_classes < 2:
-        raise ValueError(f"init_stats: need dim >= 1 and n_classes >= 2, got dim={dim}, n_classes={n_classes}.")
+        raise ValueError(f"class_means_init: need dim >= 1 and n_classes >= 2, got dim={dim}, n_classes={n_classes}.")
     scatter = jnp.zeros((dim, dim), dtype) if covariance else None
-    return MeanStats(jnp.zeros((n_classes,), dtype), jnp.zeros((n_classes, dim), dtype), scatter)
+    return ClassMeansState(jnp.zeros((n_classes,), dtype), jnp.zeros((n_classes, dim), dtype), scatter)
 
 
-def update_stats(stats: MeanStats, acts: Any, labels: Any, weights: Any = None) -> MeanStats:
+def class_means_update(stats: ClassMeansState, acts: Any, labels: Any, weights: Any = None) -> ClassMeansState:
     """Adds a batch to the statistics; jit-compatible.
 
     Args:
@@ -99,11 +99,11 @@ def update_stats(stats: MeanStats, acts: Any, labels: Any, weights: Any = None) 
       >>> import numpy as np
       >>> from idesign import probes
       >>> x = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 2.0]], np.float32)
-      >>> stats = probes.update_stats(probes.init_stats(2), x, np.array([0, 0, 1]))
+      >>> stats = probes.class_means_update(probes.class_means_init(2), x, np.array([0, 0, 1]))
       >>> stats.count.tolist(), stats.mean.tolist()
       ([2.0, 1.0], [[1.0, 0.0], [4.0, 2.0]])
     """
-    fn = "update_stats"
+    fn = "class_means_update"
     K, D = stats.mean.shape
     x = _checks.float_array(acts, fn=fn, name="activations")
     if x.ndim < 1 or x.shape[-1] != D:
@@ -127,7 +127,7 @@ def update_stats(stats: MeanStats, acts: Any, labels: Any, weights: Any = None) 
 
 
 @jax.jit
-def _update(stats: MeanStats, x: Array, y: Array, w: Array) -> MeanStats:
+def _update(stats: ClassMeansState, x: Array, y: Array, w: Array) -> ClassMeansState:
     K = stats.mean.shape[0]
     x, w = x.astype(stats.mean.dtype), w.astype(stats.mean.dtype)
     onehot = jax.nn.one_hot(y, K, dtype=x.dtype) * w[:, None]  # [N, K]
@@ -143,10 +143,10 @@ def _update(stats: MeanStats, x: Array, y: Array, w: Array) -> MeanStats:
         scatter_b = jnp.einsum("nd,ne->de", centred * w[:, None], centred)
         coef = stats.count * frac  # n_a n_b / n
         scatter = stats.scatter + scatter_b + jnp.einsum("k,kd,ke->de", coef, delta, delta)
-    return MeanStats(n, mean, scatter)
+    return ClassMeansState(n, mean, scatter)
 
 
-def finalize(stats: MeanStats, *, whiten: bool = False, shrinkage: float = 0.1,
+def class_means_finalize(stats: ClassMeansState, *, whiten: bool = False, shrinkage: float = 0.1,
              calibrate: bool = False) -> MassMeanProbe:
     """The binary probe from the statistics: mass-mean, or LDA with ``whiten=True``.
 
@@ -164,11 +164,12 @@ def finalize(stats: MeanStats, *, whiten: bool = False, shrinkage: float = 0.1,
       >>> import numpy as np
       >>> from idesign import probes
       >>> x = np.array([[0.0, 1.0], [0.0, -1.0], [2.0, 1.0], [2.0, -1.0]], np.float32)
-      >>> probe = probes.finalize(probes.update_stats(probes.init_stats(2), x, np.array([0, 0, 1, 1])))
+      >>> stats = probes.class_means_update(probes.class_means_init(2), x, np.array([0, 0, 1, 1]))
+      >>> probe = probes.class_means_finalize(stats)
       >>> probe.w.tolist(), float(probe.b)
       ([2.0, 0.0], -2.0)
     """
-    fn = "finalize"
+    fn = "class_means_finalize"
     K, D = stats.mean.shape
     if K != 2:
         raise ValueError(f"{fn}: a mass-mean probe is binary; the statistics have {K} classes.")
@@ -176,7 +177,7 @@ def finalize(stats: MeanStats, *, whiten: bool = False, shrinkage: float = 0.1,
         raise ValueError(f"{fn}: shrinkage must be in [0, 1], got {shrinkage}.")
     if (whiten or calibrate) and stats.scatter is None:
         raise ValueError(f"{fn}: whiten/calibrate need the within-class covariance; create the statistics with "
-                         "init_stats(..., covariance=True).")
+                         "class_means_init(..., covariance=True).")
     if _checks.is_concrete(stats.count):
         counts = np.asarray(stats.count)
         if np.any(counts <= 0):
@@ -185,7 +186,7 @@ def finalize(stats: MeanStats, *, whiten: bool = False, shrinkage: float = 0.1,
 
 
 @functools.partial(jax.jit, static_argnames=("whiten", "shrinkage", "calibrate"))
-def _finalize(stats: MeanStats, *, whiten: bool, shrinkage: float, calibrate: bool) -> MassMeanProbe:
+def _finalize(stats: ClassMeansState, *, whiten: bool, shrinkage: float, calibrate: bool) -> MassMeanProbe:
     D = stats.mean.shape[1]
     mu0, mu1 = stats.mean[0], stats.mean[1]
     direction = mu1 - mu0
@@ -206,7 +207,8 @@ def _finalize(stats: MeanStats, *, whiten: bool, shrinkage: float, calibrate: bo
 
 def fit_mass_mean(acts: Any, labels: Any, *, weights: Any = None, whiten: bool = False,
                   shrinkage: float = 0.1, calibrate: bool = False) -> MassMeanProbe:
-    """``finalize(update_stats(init_stats(D), acts, labels, weights), ...)`` for data that fits in memory.
+    """``class_means_finalize(class_means_update(class_means_init(D), acts, labels, weights), ...)`` in one call,
+    for data that fits in memory.
 
     Example:
       >>> import numpy as np
@@ -225,6 +227,6 @@ def fit_mass_mean(acts: Any, labels: Any, *, weights: Any = None, whiten: bool =
     _checks.check_rows(int(np.prod(y_host.shape)), int(np.prod(x.shape[:-1])), fn="fit_mass_mean", name="labels")
     _checks.class_labels(y_host.reshape(-1) if weights is None else y_host.reshape(-1)[np.asarray(weights).reshape(-1) > 0],
                          fn="fit_mass_mean", binary=True)
-    stats = init_stats(x.shape[-1], covariance=whiten or calibrate, dtype=x.dtype)
-    return finalize(update_stats(stats, x, y_host.reshape(x.shape[:-1]), weights), whiten=whiten,
-                    shrinkage=shrinkage, calibrate=calibrate)
+    stats = class_means_init(x.shape[-1], covariance=whiten or calibrate, dtype=x.dtype)
+    stats = class_means_update(stats, x, y_host.reshape(x.shape[:-1]), weights)
+    return class_means_finalize(stats, whiten=whiten, shrinkage=shrinkage, calibrate=calibrate)

@@ -7,11 +7,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idesign._types import Array
 from idesign.probes._attention import AttentionProbe, attention_logits
 from idesign.probes._linear import LogisticProbe, SoftmaxProbe, linear_logits
 from idesign.probes._mass_mean import MassMeanProbe
 
-Array = jax.Array
 PROBE_TYPES = (LogisticProbe, SoftmaxProbe, MassMeanProbe, AttentionProbe)
 Probe = LogisticProbe | SoftmaxProbe | MassMeanProbe | AttentionProbe
 

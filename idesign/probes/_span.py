@@ -29,12 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idesign._types import Array
 from idesign.probes import _checks
 from idesign.probes._linear import LogisticProbe, linear_logits
 from idesign.probes._scoring import score
 from idesign.probes._training import masked_standardization, train_minibatch
-
-Array = jax.Array
 
 
 def omega_schedule(num_steps: int) -> optax.Schedule:

@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-Array = jax.Array
+from idesign._types import Array
+
 # (params, batch, consts, step, **static) -> scalar loss
 LossFn = Callable[..., Array]
 
