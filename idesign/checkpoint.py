@@ -33,11 +33,11 @@ import orbax.checkpoint as ocp
 import xxhash
 
 from idesign import tree as tree_lib
+from idesign._types import PyTree
 
 __all__ = ["CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "abstract_like",
            "restore_checkpoint", "save_checkpoint"]
 
-PyTree = Any
 PathLike = str | Path
 
 _STATE, _METADATA, _CHECKSUMS = "state", "metadata", "checksums"

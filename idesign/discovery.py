@@ -63,8 +63,8 @@ import numpy as np
 from idesign import metrics as metrics_lib
 from idesign import probes as probes_lib
 from idesign import sae as sae_lib
+from idesign._types import Array
 
-Array = jax.Array
 
 EVIDENCE_LINES = ("probe", "sae", "attribution")
 

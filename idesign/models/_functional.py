@@ -16,13 +16,12 @@ import numpy as np
 from flax import nnx
 
 from idesign import tree as tree_lib
-from idesign._types import Array
+from idesign._types import Array, Params
 from idesign.hooks import Hooks, SiteRunner
 from idesign.models.config import TransformerConfig
 from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_layer_names,
                                         site_names)
 
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -49,9 +49,8 @@ from flax.core import tracers as flax_tracers
 
 from idesign import hooks as hooks_lib
 from idesign import tree as tree_lib
-from idesign._types import Array, PyTree
+from idesign._types import Array, Params, PyTree
 
-Params = dict[Any, Any]
 Runner = Callable[[str, Array], Array]
 
 __all__ = ["NNXApply", "LinenApply", "from_nnx", "from_linen"]
