@@ -23,7 +23,6 @@ from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_
                                         site_names)
 
 
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class TransformerApply:
     """``apply(params, tokens, *, hooks=None, valid=None) -> (logits, captured)`` for the reference model.
