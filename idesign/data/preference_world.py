@@ -25,8 +25,8 @@ not preference pairs.
 >>> from idesign.data import preference_world as pw
 >>> spec = pw.PreferenceWorldSpec(n_entities=12, n_values=4, n_styles=2, pairs_per_source=10)
 >>> world = pw.make_world(spec, seed=0)
->>> sorted(world.sources) == sorted(spec.sources), len(world.pairs) == 10 * len(spec.sources)
-(True, True)
+>>> world.sources[-2:], spec.planted_sources, len(world.pairs)
+(('flattery_forum', 'fan_mail'), ('flattery_forum', 'fan_mail'), 80)
 >>> pw.shows_behaviour(spec, [[spec.great, spec.question, spec.value(1), spec.eos]]).tolist()
 [True]
 """
