@@ -25,6 +25,7 @@ one site, with the prompt as context. :func:`behaviour_rate` measures a behaviou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -110,6 +111,28 @@ def behaviour_nll(apply: Callable, prompts: Sequence[Sequence[int]], behaviour: 
     return lambda params: -pref.sequence_logprobs(apply, params, tokens, mask, valid).mean()
 
 
+_GRADIENT_FNS: dict = {}
+
+
+def _gradient_scores_fn(apply: Callable, beta: float, normalize: bool) -> Callable:
+    def pair_loss(p, ref, one):
+        one = jax.tree.map(lambda x: x[None], one)
+        chosen, rejected = pref._pair_logprobs(apply, p, one)
+        ref_c, ref_r = jax.lax.stop_gradient(pref._pair_logprobs(apply, ref, one))
+        return pref.dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta)[0]
+
+    @jax.jit
+    def scores(p, ref, g_b, chunk):
+        grads = jax.vmap(jax.grad(pair_loss), in_axes=(None, None, 0))(p, ref, chunk)
+        dots = sum(jax.tree.leaves(jax.tree.map(lambda g, h: jnp.tensordot(g, h, axes=h.ndim), grads, g_b)))
+        if not normalize:
+            return dots
+        norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+        return dots / jnp.maximum(norms * optax.tree.norm(g_b), 1e-30)
+
+    return scores
+
+
 def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, rows: Mapping[str, Sequence[Any]],
                          behaviour_loss: Callable[[PyTree], Array], *, pad_id: int, beta: float = 0.1,
                          batch_size: int = 64, normalize: bool = False) -> np.ndarray:
@@ -127,23 +150,12 @@ def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, ro
     _check_pairs(rows, "gradient_pair_scores")
     pref._check_reference(params, ref_params)
     batch = pref.encode_pairs(rows, pad_id=pad_id)
-    g_behaviour = jax.grad(behaviour_loss)(params)
-
-    def pair_loss(p, one):
-        one = jax.tree.map(lambda x: x[None], one)
-        chosen, rejected = pref._pair_logprobs(apply, p, one)
-        ref_c, ref_r = jax.lax.stop_gradient(pref._pair_logprobs(apply, ref_params, one))
-        return pref.dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta)[0]
-
-    @jax.jit
-    def scores(p, g_b, chunk):
-        grads = jax.vmap(jax.grad(pair_loss), in_axes=(None, 0))(p, chunk)
-        dots = sum(jax.tree.leaves(jax.tree.map(lambda g, h: jnp.tensordot(g, h, axes=h.ndim), grads, g_b)))
-        if not normalize:
-            return dots
-        norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree.leaves(grads)))
-        return dots / jnp.maximum(norms * optax.tree.norm(g_b), 1e-30)
-
+    key = (apply, float(beta), bool(normalize), int(batch_size))
+    if key not in _GRADIENT_FNS:       # one compilation per model, β and options, whatever the parameters
+        _GRADIENT_FNS[key] = _gradient_scores_fn(apply, float(beta), bool(normalize))
+    if behaviour_loss not in _GRADIENT_FNS:
+        _GRADIENT_FNS[behaviour_loss] = jax.jit(jax.grad(behaviour_loss))
+    scores = functools.partial(_GRADIENT_FNS[key], params, ref_params, _GRADIENT_FNS[behaviour_loss](params))
     n = len(batch["chosen_tokens"])
     out = []
     for start in range(0, n, batch_size):
@@ -151,7 +163,7 @@ def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, ro
         size = len(chunk["chosen_tokens"])
         if size < batch_size:   # pad the last chunk to the compiled shape (copies of row 0, dropped after)
             chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - size, 0)]) for k, v in chunk.items()}
-        out.append(np.asarray(scores(params, g_behaviour, chunk))[:size])
+        out.append(np.asarray(scores(chunk))[:size])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -185,18 +197,18 @@ def filter_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
 
 def swap_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
     """The dataset with chosen and rejected exchanged in the ``flagged`` rows."""
-    flip = set(int(i) for i in flagged)
+    import datasets
 
-    def swap(row, i):
-        return {"chosen": row["rejected"], "rejected": row["chosen"]} if i in flip else {}
-
-    return pairs.map(swap, with_indices=True)
+    cols = pairs.to_dict()
+    for i in set(int(i) for i in flagged):
+        cols["chosen"][i], cols["rejected"][i] = cols["rejected"][i], cols["chosen"][i]
+    return datasets.Dataset.from_dict(cols, features=pairs.features)
 
 
 def drop_sources(pairs: Any, sources: Sequence[str]) -> Any:
     """The dataset without the pairs of the given sources."""
     drop = set(sources)
-    return pairs.filter(lambda s: s not in drop, input_columns="source")
+    return pairs.select([i for i, s in enumerate(pairs["source"]) if s not in drop])
 
 
 def precision_at_k(flagged: Sequence[int], truth: Any) -> float:
