@@ -8,7 +8,8 @@ from idesign.data import preference_world as pw
 TINY = dd.Config(base=dd.BaseConfig(world=pw.PreferenceWorldSpec(n_entities=16, n_values=4, n_styles=2,
                                                                  pairs_per_source=20),
                                     d_model=16, n_layers=1, n_heads=2, n_pretrain=256, pretrain_steps=10, batch_size=32),
-                 dpo_steps=3, dpo_batch=16, n_concept=32, samples=1, sae_features=8, sae_k=2, sae_steps=10, seeds=(0, 1))
+                 dpo_steps=3, dpo_batch=16, n_concept=32, samples=1, sae_features=8, sae_k=2, sae_steps=10, timing_repeats=1,
+                 seeds=(0, 1))
 
 
 def test_main_writes_the_issue_keys(results):
