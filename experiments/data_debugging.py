@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -282,7 +281,7 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
     summary["dropped_sources"] = {str(s): v for s, v in info["dropped_sources"].items()}
     summary.update({f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()})
     _common.write_metrics(NAME, summary)
-    table = _runner.arm_table(summary, list(ARMS), ["behaviour_rate", "relative_cut"][:1])
+    table = _runner.arm_table(summary, list(ARMS), ["behaviour_rate"])
     cut = _runner.arm_table(summary, list(ARMS[2:]), ["relative_cut"],
                             labels={"relative_cut": "cut relative to plain DPO"})
     attr = _runner.arm_table(summary, ["attribution"], ["probe_precision_at_k", "gradient_precision_at_k",
