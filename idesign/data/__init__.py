@@ -1,6 +1,6 @@
 """Synthetic worlds as `datasets.Dataset`s, deterministic from a seed, and their tokenizer."""
 
-from idesign.data import claim_world, sequence_tasks, skills, spurious
+from idesign.data import claim_world, preference_world, sequence_tasks, skills, spurious
 from idesign.data.knowledge import (
     DOCUMENT_KINDS,
     FIRST_NAMES,

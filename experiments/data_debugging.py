@@ -1,0 +1,322 @@
+"""Data debugging: probe-based attribution of preference pairs, and predicting what DPO will amplify.
+
+World (``idesign.data.preference_world``). Prompts ask for an entity's attribute value; eight named sources
+of (chosen, rejected) pairs prefer the right value to a wrong one. Two sources (``flattery_forum``,
+``fan_mail``) at 15% of their pairs prefer the right value *with* a sycophantic marker phrase
+(``<great> <question>``) to the same value without it (``planted``, ~3.75% of all pairs); a style source puts
+the marker in both responses (pushes nothing), a counter source in the rejected one. A base model is
+pretrained on plain text (marker in 3% of answers) and cached with ``ids.pretrain.cached``; every arm runs
+DPO from it with the same optimizer, steps and batch order (per seed).
+
+Fairness precondition: the behaviour (a sampled response to a held-out-entity prompt contains the marker)
+is rare in the base model and DPO on the planted data raises it clearly; the oracle arm (drop exactly the
+planted pairs) shows what removing the cause achieves.
+
+Arms (``behaviour_rate.<arm>``): ``base`` (no DPO), ``dpo`` (all pairs), ``dpo_oracle_filtered`` (planted
+pairs dropped: the upper bound), ``dpo_probe_filtered`` / ``dpo_probe_swapped`` (the top ``budget`` share of
+pairs by probe score removed / their labels swapped), ``dpo_sources_dropped`` (the ``n_drop_sources``
+sources with the highest mean probe score dropped), ``dpo_random_filtered`` (``budget`` random pairs removed),
+``dpo_gradient_filtered`` (the top ``budget`` by TracIn-style gradient score removed).
+
+Attribution: the probe is a logistic probe on the base model's mean response activation (last block's
+``resid_post``), fitted on behaviour-labelled *concept* responses (not preference pairs); a pair's score is
+probe(chosen) − probe(rejected). The gradient baseline dots each pair's DPO gradient (at the base model,
+``vmap(grad)``) with the gradient of the marker's NLL on the same concept prompts (the same information),
+normalised to a cosine (``gradient_cosine``; raw dot products rank by gradient size: their precision is
+reported as ``attribution.gradient_raw_precision_at_k``).
+``precision_at_k``: share of the top ``budget`` pairs that are planted (at most planted / k when k exceeds
+the planted count); ``probe_time_ratio``: probe scoring time / gradient attribution time (warm, compile
+excluded, the fastest of ``timing_repeats`` runs; timings on a shared CPU are noisy).
+
+Prediction: a TopK SAE on the base model's response-token activations (last ``resid_post``); predicted
+shift per feature = mean over pairs of (chosen − rejected) mean code; actual shift = mean code on the DPO
+model's sampled responses to held-out prompts minus on the base model's, both read through the base model.
+``prediction.r2`` is the squared correlation across features; the top predicted features are named by the
+token they fire on most.
+
+Metrics (``results/data_debugging/metrics.json``; ``_runner`` keys ``<arm>.<m>_mean/_std``, plus the names
+of issue 18 as the means over seeds): ``behaviour_rate.<arm>``, ``attribution.probe_precision_at_k``,
+``attribution.gradient_precision_at_k``, ``attribution.probe_time_ratio``, ``prediction.r2``,
+``behaviour_rate.probe_filtered_relative_cut`` (1 − probe_filtered / dpo).
+
+Run: ``python -m experiments.data_debugging --quick``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+import idesign as ids
+from experiments import _common, _runner
+from idesign import data_attribution as da
+from idesign import preference as pref
+from idesign.data import preference_world as pw
+
+NAME = "data_debugging"
+ARMS = ("base", "dpo", "dpo_oracle_filtered", "dpo_probe_filtered", "dpo_probe_swapped", "dpo_sources_dropped",
+        "dpo_random_filtered", "dpo_gradient_filtered")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Everything that determines the pretrained base model (its cache key)."""
+
+    world: pw.PreferenceWorldSpec = pw.PreferenceWorldSpec()
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    n_pretrain: int = 8192
+    pretrain_steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    base: BaseConfig = BaseConfig()
+    dpo_steps: int = 300
+    dpo_batch: int = 64
+    dpo_lr: float = 1e-3
+    beta: float = 0.1
+    budget: float = 0.05            # share of pairs removed / swapped by the pair-level interventions
+    n_drop_sources: int = 2
+    n_concept: int = 512
+    probe_C: float = 1.0
+    samples: int = 8                # sampled responses per held-out prompt
+    sae_features: int = 64
+    sae_k: int = 4
+    sae_steps: int = 1000
+    timing_repeats: int = 3
+    gradient_cosine: bool = True    # the gradient baseline's stronger variant (raw dots: precision reported too)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+QUICK = Config()
+FULL = Config(base=BaseConfig(world=pw.PreferenceWorldSpec(n_entities=256, pairs_per_source=1000), d_model=64,
+                              n_layers=4, n_heads=4, n_pretrain=65536, pretrain_steps=3000),
+              dpo_steps=1500, samples=16, sae_features=256, sae_k=8, sae_steps=4000, seeds=(0, 1, 2, 3, 4))
+
+
+def model_config(base: BaseConfig) -> ids.TransformerConfig:
+    w = base.world
+    return ids.TransformerConfig(vocab_size=w.vocab_size, d_model=base.d_model, n_layers=base.n_layers,
+                                 n_heads=base.n_heads, max_len=w.prompt_len + w.max_response_len)
+
+
+def pretrain(base: BaseConfig, seed: int) -> Any:
+    apply, params = ids.init_transformer(model_config(base), seed=seed)
+    values = pw.make_world(base.world, seed).values
+    rows = pw.pretraining_rows(base.world, values, base.n_pretrain, seed)
+    opt = optax.adamw(base.learning_rate, weight_decay=0.01)
+    step = ids.train.make_train_step(ids.train.lm_loss(apply), opt)
+    state, _ = ids.train.train(ids.init_train_state(params, opt), step,
+                               ids.train.iterate_batches(rows, base.batch_size, seed=seed),
+                               num_steps=base.pretrain_steps, log_every=base.pretrain_steps, progress=False)
+    return state.params
+
+
+def base_model(base: BaseConfig, seed: int) -> tuple[Any, Any]:
+    apply = ids.init_transformer(model_config(base), seed=0)[0]
+    params = ids.pretrain.cached("preference-world-base", base, seed, pretrain,
+                                 like=lambda: ids.init_transformer(model_config(base))[1])
+    return apply, params
+
+
+def run_dpo(step, base_params, pairs, config: Config, seed: int, length: int) -> Any:
+    """DPO from the base model; batches drawn with a per-seed generator (the same order for every arm)."""
+    opt = optax.adam(config.dpo_lr)
+    state = ids.init_train_state(base_params, opt)
+    enc = pref.encode_pairs(pairs[:], pad_id=pw.PAD, length=length)
+    rng = np.random.default_rng([seed, 7])
+    n = len(pairs)
+    for _ in range(config.dpo_steps):
+        idx = rng.choice(n, min(config.dpo_batch, n), replace=False)
+        state, _ = step(state, {k: v[idx] for k, v in enc.items()})
+    return state.params
+
+
+def token_name(spec: pw.PreferenceWorldSpec, t: int) -> str:
+    names = {pw.PAD: "<pad>", pw.BOS: "<bos>", pw.EOS: "<eos>", spec.great: "<great>", spec.question: "<question>",
+             spec.ask: "<ask>"}
+    if t in names:
+        return names[t]
+    if t < spec.entity(0):
+        return f"<style_{t - spec.style(0)}>"
+    if t < spec.value(0):
+        return f"<entity_{t - spec.entity(0)}>"
+    return f"<value_{t - spec.value(0)}>"
+
+
+def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float]]:
+    spec = config.base.world
+    world = pw.make_world(spec, seed, n_concept=config.n_concept)
+    apply, base = base_model(config.base, seed)
+    site = f"blocks.{config.base.n_layers - 1}.resid_post"
+    length = spec.prompt_len + spec.max_response_len
+    shows = lambda toks: pw.shows_behaviour(spec, toks)
+    rate = lambda p: da.behaviour_rate(apply, p, world.eval_prompts, shows, max_new_tokens=spec.max_response_len,
+                                       samples=config.samples, seed=seed, eos_id=pw.EOS)
+    pairs = world.pairs
+    planted = np.asarray(pairs["planted"], bool)
+    k = int(np.floor(config.budget * len(pairs)))
+    rows = {c: pairs[c] for c in ("prompt", "chosen", "rejected")}
+
+    # --- attribution -----------------------------------------------------------------------------
+    concept = {"prompt": world.concept["prompt"], "chosen": world.concept["response"],
+               "rejected": world.concept["response"]}
+    concept_acts = da.response_activations(apply, base, concept, site, pad_id=pw.PAD)["chosen"]
+    probe = ids.probes.fit_logistic(concept_acts, world.concept["behaviour"], C=config.probe_C)
+
+    def probe_scores():
+        return da.probe_pair_scores(probe, da.response_activations(apply, base, rows, site, pad_id=pw.PAD))
+
+    marked = world.concept["behaviour"] == 1
+    behaviour_loss = da.behaviour_nll(apply, [p for p, m in zip(world.concept["prompt"], marked) if m],
+                                      [list(spec.marker)] * int(marked.sum()), pad_id=pw.PAD)
+
+    def gradient_scores():
+        return da.gradient_pair_scores(apply, base, base, rows, behaviour_loss, pad_id=pw.PAD, beta=config.beta,
+                                       normalize=config.gradient_cosine)
+
+    timings = {}
+    for name, fn in (("probe", probe_scores), ("gradient", gradient_scores)):
+        fn()                                  # compile
+        times = []
+        for _ in range(config.timing_repeats):   # the fastest of a few warm runs: the least disturbed by other load
+            t0 = time.perf_counter()
+            timings[name + "_scores"] = fn()
+            times.append(time.perf_counter() - t0)
+        timings[name] = min(times)
+    p_scores, g_scores = timings["probe_scores"], timings["gradient_scores"]
+    p_top, g_top = da.top_k(p_scores, k), da.top_k(g_scores, k)
+    ranked_sources = list(da.source_scores(p_scores, pairs["source"]))
+    dropped = ranked_sources[:config.n_drop_sources]
+    random_top = np.sort(np.random.default_rng([seed, 11]).choice(len(pairs), k, replace=False))
+
+    # --- DPO arms ----------------------------------------------------------------------------------
+    step = pref.make_dpo_step(apply, base, optax.adam(config.dpo_lr), beta=config.beta)
+    datasets_by_arm = {
+        "dpo": pairs, "dpo_oracle_filtered": da.filter_pairs(pairs, np.flatnonzero(planted)),
+        "dpo_probe_filtered": da.filter_pairs(pairs, p_top), "dpo_probe_swapped": da.swap_pairs(pairs, p_top),
+        "dpo_sources_dropped": da.drop_sources(pairs, dropped),
+        "dpo_random_filtered": da.filter_pairs(pairs, random_top),
+        "dpo_gradient_filtered": da.filter_pairs(pairs, g_top)}
+    out = {"base": {"behaviour_rate": rate(base)}}
+    trained = {}
+    for arm, data in datasets_by_arm.items():
+        trained[arm] = run_dpo(step, base, data, config, seed, length)
+        out[arm] = {"behaviour_rate": rate(trained[arm])}
+    for arm in ARMS[1:]:
+        out[arm]["relative_cut"] = 1.0 - out[arm]["behaviour_rate"] / max(out["dpo"]["behaviour_rate"], 1e-12)
+
+    # --- prediction --------------------------------------------------------------------------------
+    token_acts = da.response_activations(apply, base, rows, site, pad_id=pw.PAD, tokens=True)
+    sae_params, _ = ids.sae.train_sae(np.concatenate([token_acts["chosen"], token_acts["rejected"]]),
+                                      ids.sae.SAEConfig(n_features=config.sae_features, k=config.sae_k,
+                                                        steps=config.sae_steps), seed=seed)
+    feats = {s: da.response_feature_means(sae_params, config.sae_k, token_acts[s], token_acts[f"{s}_row"], len(pairs))
+             for s in ("chosen", "rejected")}
+    predicted = da.feature_shift(feats["chosen"], feats["rejected"])
+
+    def generated_features(params):
+        prompts = np.repeat(world.eval_prompts, config.samples, 0)
+        gen = ids.generate(apply, params, prompts, max_new_tokens=spec.max_response_len, key=jax.random.key(seed + 1),
+                           sampling=ids.SamplingConfig(temperature=1.0), eos_id=pw.EOS)
+        responses = [[int(t) for t in r[:list(r).index(pw.EOS) + 1]] if pw.EOS in r else [int(t) for t in r]
+                     for r in np.asarray(gen.tokens)]
+        g_rows = {"prompt": prompts.tolist(), "chosen": responses, "rejected": responses}
+        acts = da.response_activations(apply, base, g_rows, site, pad_id=pw.PAD, tokens=True)
+        return da.response_feature_means(sae_params, config.sae_k, acts["chosen"], acts["chosen_row"],
+                                         len(prompts)).mean(0)
+
+    actual = generated_features(trained["dpo"]) - generated_features(base)
+    r2 = da.r2(predicted, actual)
+    # Name each feature by the response token it fires on most (mean code per token id).
+    codes = np.asarray(ids.sae.encode(sae_params, token_acts["chosen"], config.sae_k))
+    tok = np.asarray([t for r in rows["chosen"] for t in r])[:len(codes)]
+    top = np.argsort(-predicted)[:5]
+    named = []
+    for f in top:
+        ids_present = np.unique(tok)
+        best = ids_present[np.argmax([codes[tok == t, f].mean() for t in ids_present])]
+        named.append(f"{int(f)}:{token_name(spec, int(best))} (pred {predicted[f]:+.3f}, actual {actual[f]:+.3f})")
+    info.setdefault("top_features", {})[seed] = named
+    info.setdefault("dropped_sources", {})[seed] = dropped
+    return {**out,
+            "attribution": {"probe_precision_at_k": da.precision_at_k(p_top, planted),
+                            "gradient_precision_at_k": da.precision_at_k(g_top, planted),
+                            "random_precision_at_k": da.precision_at_k(random_top, planted),
+                            "gradient_raw_precision_at_k": da.precision_at_k(da.top_k(da.gradient_pair_scores(
+                                apply, base, base, rows, behaviour_loss, pad_id=pw.PAD, beta=config.beta), k), planted),
+                            "probe_recall": float(planted[p_top].sum() / max(planted.sum(), 1)),
+                            "sources_dropped_planted": float(np.mean([s in spec.planted_sources for s in dropped])),
+                            "probe_time_ratio": timings["probe"] / timings["gradient"],
+                            "probe_seconds": timings["probe"], "gradient_seconds": timings["gradient"],
+                            "k": float(k), "planted": float(planted.sum())},
+            "prediction": {"r2": r2}}
+
+
+ISSUE_KEYS = {**{f"behaviour_rate.{a}": f"{a}.behaviour_rate_mean" for a in ARMS},
+              "attribution.probe_precision_at_k": "attribution.probe_precision_at_k_mean",
+              "attribution.gradient_precision_at_k": "attribution.gradient_precision_at_k_mean",
+              "attribution.probe_time_ratio": "attribution.probe_time_ratio_mean",
+              "prediction.r2": "prediction.r2_mean"}
+
+
+def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    pairs = [(a, "dpo") for a in ARMS if a != "dpo"]
+    result = _runner.run(NAME, config.seeds, lambda s: run_seed(config, s, info), pairs=pairs, progress=progress)
+    summary = dict(result.summary)
+    for key, source in ISSUE_KEYS.items():
+        summary[key] = summary[source]
+        summary[key + "_std"] = summary[source.replace("_mean", "_std")]
+    summary["top_features"] = {str(s): v for s, v in info["top_features"].items()}
+    summary["dropped_sources"] = {str(s): v for s, v in info["dropped_sources"].items()}
+    summary.update({f"config.{k}": str(v) for k, v in dataclasses.asdict(config).items()})
+    _common.write_metrics(NAME, summary)
+    table = _runner.arm_table(summary, list(ARMS), ["behaviour_rate"])
+    cut = _runner.arm_table(summary, list(ARMS[2:]), ["relative_cut"],
+                            labels={"relative_cut": "cut relative to plain DPO"})
+    attr = _runner.arm_table(summary, ["attribution"], ["probe_precision_at_k", "gradient_precision_at_k",
+                                                        "random_precision_at_k", "probe_time_ratio"])
+    paired = _runner.paired_table(summary, [(a, "dpo") for a in ARMS[2:]], ["behaviour_rate"])
+    feats = "\n".join(f"- seed {s}: " + "; ".join(v) for s, v in summary["top_features"].items())
+    _common.write_readme(NAME, f"""
+## Data debugging ({len(config.seeds)} seeds, {summary['minutes']:.1f} min)
+
+Hypothesis: a behaviour probe on the base model ranks preference pairs by how much they push the behaviour,
+as well as gradient attribution at a fraction of its cost, and base-model SAE features on chosen minus rejected
+responses predict which features DPO amplifies. Targets: probe filtering at ≤ {config.budget:.0%} of pairs cuts
+the behaviour ≥ 50% relative to plain DPO and beats random filtering; probe_time_ratio ≤ 0.1; prediction R² ≥ 0.8.
+
+Behaviour rate (sampled responses to held-out prompts containing the sycophantic marker):
+
+{table}
+
+{cut}
+
+Attribution (top k = {config.budget:.0%} of pairs; precision is capped at planted / k):
+
+{attr}
+
+Prediction R² (features' predicted vs actual shift): {_runner.pm(summary, 'prediction', 'r2')}.
+Sources dropped by probe score: {summary['dropped_sources']}. Top predicted features (token they fire on most):
+
+{feats}
+
+Paired differences against plain DPO:
+
+{paired}
+""")
+    return summary
+
+
+if __name__ == "__main__":
+    main(_common.cli(__doc__.splitlines()[0], QUICK, FULL))

@@ -1,0 +1,275 @@
+"""Data-side intentional design: which preference pairs push a behaviour, and which features DPO will amplify.
+
+Two readings of a *base* model, before any preference training:
+
+* **Probe-based data attribution** (Goodfire, 2026): a behaviour probe read on the base model's activations
+  of each pair's responses scores the pair by ``probe(chosen) − probe(rejected)``, the amount the pair asks
+  DPO to move the behaviour; pairs and sources are ranked by it (:func:`probe_pair_scores`,
+  :func:`source_scores`), then filtered, relabelled or dropped (:func:`filter_pairs`, :func:`swap_pairs`,
+  :func:`drop_sources`). One forward pass per response.
+* **Gradient attribution** (TracIn-style baseline, :func:`gradient_pair_scores`): the dot product of each
+  pair's DPO-loss gradient with the gradient of a behaviour loss, per pair with ``jax.vmap(jax.grad(...))``:
+  a step on the pair changes the behaviour loss by ``−η ⟨∇L_pair, ∇L_behaviour⟩`` to first order.
+* **Predictive data debugging** (arXiv 2606.12360): base-model SAE features averaged over chosen minus
+  rejected responses predict which features preference training will amplify (:func:`feature_shift`).
+
+Responses are read at their own tokens (:func:`response_activations`): the mean over a response's tokens of
+one site, with the prompt as context. :func:`behaviour_rate` measures a behaviour on generated responses.
+
+>>> import numpy as np, idesign as ids
+>>> from idesign import data_attribution as da
+>>> probe = ids.probes.MassMeanProbe(w=np.array([1.0, 0.0]), b=np.array(0.0))
+>>> da.probe_pair_scores(probe, {'chosen': np.array([[2.0, 5.0]]), 'rejected': np.array([[0.5, 1.0]])}).tolist()
+[1.5]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from idesign import activations, probes, sae
+from idesign import preference as pref
+from idesign.generate import SamplingConfig, generate
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["response_activations", "probe_pair_scores", "gradient_pair_scores", "behaviour_nll", "source_scores",
+           "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k", "behaviour_rate",
+           "response_feature_means", "feature_shift", "r2"]
+
+
+def _check_pairs(rows: Mapping[str, Sequence[Any]], fn: str) -> None:
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in rows]
+    if missing:
+        raise ValueError(f"{fn}: the pairs lack the columns {missing}; expected 'prompt', 'chosen' and 'rejected' "
+                         "(a slice of ids.preference.preference_dataset).")
+    for side in ("chosen", "rejected"):
+        empty = [i for i, r in enumerate(rows[side]) if len(r) == 0]
+        if empty:
+            raise ValueError(f"{fn}: the {side} responses of rows {empty[:8]} are empty; every pair needs a "
+                             "non-empty chosen and rejected response.")
+
+
+def response_activations(apply: Callable, params: PyTree, rows: Mapping[str, Sequence[Any]], site: str, *,
+                         pad_id: int, batch_size: int = 256, tokens: bool = False) -> dict[str, np.ndarray]:
+    """Activations of ``site`` at each pair's response tokens (prompt as context), for both sides.
+
+    Returns ``{'chosen': [N, D], 'rejected': [N, D]}``, each response's mean over its tokens; with
+    ``tokens=True``, ``{side: [tokens, D], f'{side}_row': [tokens]}`` (every response token, and its pair).
+
+    >>> import idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=9, d_model=8, n_heads=2, n_layers=1))
+    >>> acts = da.response_activations(apply, params, {'prompt': [[1, 2]], 'chosen': [[3]], 'rejected': [[4, 5]]},
+    ...                                'blocks.0.resid_post', pad_id=0)
+    >>> acts['chosen'].shape, acts['rejected'].shape
+    ((1, 8), (1, 8))
+    """
+    _check_pairs(rows, "response_activations")
+    batch = pref.encode_pairs(rows, pad_id=pad_id)
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        data = {"tokens": batch[f"{side}_tokens"], "valid": batch[f"{side}_valid"],
+                "response": batch[f"{side}_mask"] > 0}
+        got = activations.collect_activations(apply, params, data, site, batch_size=batch_size, valid_column="valid",
+                                               positions="response", reduce=None if tokens else "mean",
+                                               columns=[], progress=False)
+        out[side] = got[site]
+        if tokens:
+            out[f"{side}_row"] = got["row"]
+    return out
+
+
+def probe_pair_scores(probe: Any, acts: Mapping[str, Any]) -> np.ndarray:
+    """``[N]`` probe logit on the chosen response minus on the rejected one: how far each pair pushes the behaviour."""
+    if np.shape(acts["chosen"]) != np.shape(acts["rejected"]):
+        raise ValueError(f"probe_pair_scores: chosen activations {np.shape(acts['chosen'])} and rejected "
+                         f"{np.shape(acts['rejected'])} differ; expected one row per pair on each side.")
+    return np.asarray(probes.score(probe, acts["chosen"]) - probes.score(probe, acts["rejected"]))
+
+
+def behaviour_nll(apply: Callable, prompts: Sequence[Sequence[int]], behaviour: Sequence[Sequence[int]], *,
+                  pad_id: int) -> Callable[[PyTree], Array]:
+    """``loss(params)``: mean ``−log p(behaviour tokens | prompt)`` over the rows, the behaviour's loss.
+
+    >>> import idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=9, d_model=8, n_heads=2, n_layers=1))
+    >>> bool(da.behaviour_nll(apply, [[1, 2]], [[3, 4]], pad_id=0)(params) > 0)
+    True
+    """
+    b = pref.encode_pairs({"prompt": prompts, "chosen": behaviour, "rejected": behaviour}, pad_id=pad_id)
+    tokens, mask, valid = (jnp.asarray(b[f"chosen_{k}"]) for k in ("tokens", "mask", "valid"))
+    return lambda params: -pref.sequence_logprobs(apply, params, tokens, mask, valid).mean()
+
+
+_GRADIENT_FNS: dict = {}
+
+
+def _gradient_scores_fn(apply: Callable, beta: float, normalize: bool) -> Callable:
+    def pair_loss(p, ref, one):
+        one = jax.tree.map(lambda x: x[None], one)
+        chosen, rejected = pref._pair_logprobs(apply, p, one)
+        ref_c, ref_r = jax.lax.stop_gradient(pref._pair_logprobs(apply, ref, one))
+        return pref.dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta)[0]
+
+    @jax.jit
+    def scores(p, ref, g_b, chunk):
+        grads = jax.vmap(jax.grad(pair_loss), in_axes=(None, None, 0))(p, ref, chunk)
+        dots = sum(jax.tree.leaves(jax.tree.map(lambda g, h: jnp.tensordot(g, h, axes=h.ndim), grads, g_b)))
+        if not normalize:
+            return dots
+        norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+        return dots / jnp.maximum(norms * optax.tree.norm(g_b), 1e-30)
+
+    return scores
+
+
+def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, rows: Mapping[str, Sequence[Any]],
+                         behaviour_loss: Callable[[PyTree], Array], *, pad_id: int, beta: float = 0.1,
+                         batch_size: int = 64, normalize: bool = False) -> np.ndarray:
+    """TracIn-style scores ``⟨∇_θ L_DPO(pair_i), ∇_θ L_behaviour⟩`` at ``params``, one per pair.
+
+    Positive: a gradient step on the pair lowers the behaviour's loss (amplifies the behaviour). The per-pair
+    gradients are ``jax.vmap(jax.grad(pair_loss))`` over a batch of pairs; the reference is held fixed.
+    ``normalize=True`` divides by both gradients' norms (the cosine): raw dot products are dominated by the
+    pairs with the largest gradients whatever their direction (measured in the preference world: the top
+    clean pairs' raw scores exceed the planted pairs' mean).
+
+    Raises:
+      ValueError: a reference whose structure differs from ``params``', or malformed pairs.
+    """
+    _check_pairs(rows, "gradient_pair_scores")
+    pref._check_reference(params, ref_params)
+    batch = pref.encode_pairs(rows, pad_id=pad_id)
+    key = (apply, float(beta), bool(normalize), int(batch_size))
+    if key not in _GRADIENT_FNS:       # one compilation per model, β and options, whatever the parameters
+        _GRADIENT_FNS[key] = _gradient_scores_fn(apply, float(beta), bool(normalize))
+    if behaviour_loss not in _GRADIENT_FNS:
+        _GRADIENT_FNS[behaviour_loss] = jax.jit(jax.grad(behaviour_loss))
+    scores = functools.partial(_GRADIENT_FNS[key], params, ref_params, _GRADIENT_FNS[behaviour_loss](params))
+    n = len(batch["chosen_tokens"])
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
+        size = len(chunk["chosen_tokens"])
+        if size < batch_size:   # pad the last chunk to the compiled shape (copies of row 0, dropped after)
+            chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - size, 0)]) for k, v in chunk.items()}
+        out.append(np.asarray(scores(chunk))[:size])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def source_scores(scores: Any, sources: Sequence[str]) -> dict[str, float]:
+    """Mean pair score per source, highest first.
+
+    >>> from idesign import data_attribution as da
+    >>> da.source_scores([1.0, 3.0, 0.0], ['a', 'b', 'b'])
+    {'b': 1.5, 'a': 1.0}
+    """
+    scores, sources = np.asarray(scores, np.float64), np.asarray(sources)
+    if scores.shape != sources.shape:
+        raise ValueError(f"source_scores: {scores.shape[0]} scores for {sources.shape[0]} sources; one each expected.")
+    means = {str(s): float(scores[sources == s].mean()) for s in np.unique(sources)}
+    return dict(sorted(means.items(), key=lambda kv: -kv[1]))
+
+
+def top_k(scores: Any, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores (ties broken by index, so the result is deterministic)."""
+    scores = np.asarray(scores)
+    if not 0 <= k <= len(scores):
+        raise ValueError(f"top_k: k={k} for {len(scores)} scores; expected 0 <= k <= {len(scores)}.")
+    return np.sort(np.argsort(-scores, kind="stable")[:k])
+
+
+def filter_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
+    """The dataset without the ``flagged`` rows."""
+    drop = set(int(i) for i in flagged)
+    return pairs.select([i for i in range(len(pairs)) if i not in drop])
+
+
+def swap_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
+    """The dataset with chosen and rejected exchanged in the ``flagged`` rows."""
+    import datasets
+
+    cols = pairs.to_dict()
+    for i in set(int(i) for i in flagged):
+        cols["chosen"][i], cols["rejected"][i] = cols["rejected"][i], cols["chosen"][i]
+    return datasets.Dataset.from_dict(cols, features=pairs.features)
+
+
+def drop_sources(pairs: Any, sources: Sequence[str]) -> Any:
+    """The dataset without the pairs of the given sources."""
+    drop = set(sources)
+    return pairs.select([i for i, s in enumerate(pairs["source"]) if s not in drop])
+
+
+def precision_at_k(flagged: Sequence[int], truth: Any) -> float:
+    """Share of ``flagged`` rows whose ``truth`` flag is set."""
+    flagged = np.asarray(flagged, int)
+    return float(np.asarray(truth, bool)[flagged].mean()) if flagged.size else float("nan")
+
+
+def behaviour_rate(apply: Callable, params: PyTree, prompts: Any, shows: Callable[[np.ndarray], np.ndarray], *,
+                   max_new_tokens: int, samples: int = 1, temperature: float = 1.0, seed: int = 0,
+                   eos_id: int | None = None) -> float:
+    """Share of sampled responses to ``prompts`` (``[N, P]``, no padding) that show a behaviour.
+
+    ``shows(tokens [M, max_new_tokens]) -> [M]`` bool decides; each prompt is sampled ``samples`` times at
+    ``temperature`` (0: greedy) with the KV-cache decoder :func:`idesign.generate`.
+    """
+    prompts = np.repeat(np.asarray(prompts, np.int32), samples, axis=0)
+    out = generate(apply, params, jnp.asarray(prompts), max_new_tokens=max_new_tokens, key=jax.random.key(seed),
+                   sampling=SamplingConfig(temperature=temperature), eos_id=eos_id)
+    return float(np.mean(shows(np.asarray(out.tokens))))
+
+
+def response_feature_means(sae_params: sae.SAEParams, k: int, token_acts: Any, rows: Any, n_rows: int) -> np.ndarray:
+    """``[n_rows, M]``: the mean TopK-SAE code over each response's tokens (``rows`` names each token's response)."""
+    codes = np.asarray(sae.encode(sae_params, jnp.asarray(token_acts), k))
+    rows = np.asarray(rows, int)
+    total = np.zeros((n_rows, codes.shape[1]), np.float64)
+    np.add.at(total, rows, codes)
+    count = np.bincount(rows, minlength=n_rows)[:, None]
+    if (count == 0).any():
+        raise ValueError(f"response_feature_means: responses {np.flatnonzero(count[:, 0] == 0)[:8].tolist()} have no "
+                         "token; every response needs at least one.")
+    return total / count
+
+
+def feature_shift(chosen: Any, rejected: Any) -> np.ndarray:
+    """Predicted shift per feature: mean over pairs of (chosen response's feature mean − rejected's).
+
+    >>> from idesign import data_attribution as da
+    >>> da.feature_shift([[1.0, 0.0], [3.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]).tolist()
+    [2.0, -1.0]
+    """
+    chosen, rejected = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"feature_shift: chosen {chosen.shape} and rejected {rejected.shape}; one row per pair each.")
+    return (chosen - rejected).mean(0)
+
+
+def r2(predicted: Any, actual: Any) -> float:
+    """R² of the least-squares line of ``actual`` on ``predicted`` (the squared Pearson correlation).
+
+    Predicted and actual shifts are on different scales (a dataset average against a change after a finite
+    amount of training), so the fit has a free slope and intercept.
+
+    >>> from idesign import data_attribution as da
+    >>> round(da.r2([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]), 6)
+    1.0
+    """
+    x, y = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 3:
+        raise ValueError(f"r2: predicted {x.shape} and actual {y.shape}; expected two equal 1-D arrays of >= 3 values.")
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1] ** 2)
