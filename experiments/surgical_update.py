@@ -100,7 +100,7 @@ BASE_VERSION = "1"
 class Config:
     t1: str = "reverse"
     t2: str = "lookup"
-    t3: str = "copy"                 # T1's format with another task token: the shortcut is possible
+    n_edit: int = 4                  # T3: new values for this many of T2's (lookup's) keys
     length: int = 6
     n_symbols: int = 16
     n_train: int = 4000              # training rows per task
@@ -120,7 +120,10 @@ class Config:
     eval_every: int = 15
     replays: tuple[float, ...] = (0.01, 0.02, 0.05)
     replay: float = 0.02             # the headline group
-    joint_replay: float = 0.5        # the upper-bound group
+    joint_replay: float = 0.5        # an upper-bound group (labelled replay)
+    kl_weight: float = 1.0           # the ``kl`` group: + kl_weight × KL(old model || model) on unlabelled prompts
+    kl_batch: int = 32               # anchor prompts per step (T1 and unedited T2 prompts, answered by the old model)
+    n_anchor: int = 512              # the anchor pool
     budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
     budget: float = 0.1              # the headline arms' share of parameters in the mask (beyond the shared ones)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -134,7 +137,7 @@ FULL = Config(length=10, n_symbols=32, n_train=50_000, n_eval=2000, n_attributio
 
 
 def group_name(replay: float) -> str:
-    return "t3only" if replay == 0 else f"r{100 * replay:g}".replace(".", "p")
+    return "edit" if replay == 0 else f"r{100 * replay:g}".replace(".", "p")
 
 
 def budget_name(arm: str, budget: float, config: Config) -> str:
@@ -149,6 +152,9 @@ def check_config(config: Config) -> None:
         raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
     if config.budget not in config.budgets:
         raise ValueError(f"Config.budget={config.budget} must be one of Config.budgets={config.budgets}.")
+    if not 1 <= config.n_edit < config.n_symbols:
+        raise ValueError(f"Config.n_edit={config.n_edit} must be in [1, n_symbols={config.n_symbols}): some "
+                         "T2 facts must stay unedited.")
 
 
 # --- data and base model -------------------------------------------------------------------------
@@ -195,9 +201,93 @@ def _compiled(config: Config) -> dict[str, Any]:
         wrong = (logits.argmax(-1) != tokens[:, 1:]) & (mask[:, 1:] > 0)
         return ~wrong.any(axis=1)
 
-    return {"apply": apply, "loss": loss, "ft_opt": ft_opt,
+    def kl_loss(params, batch):
+        """The edit's loss + kl_weight × KL(old || new) at the answer positions of the anchor prompts."""
+        value, aux = loss(params, batch)
+        anchor = batch["anchor"]
+        logits, _ = apply(params, anchor["tokens"][:, :-1])
+        logq = jax.nn.log_softmax(logits.astype(jnp.float32))
+        weights = anchor["loss_mask"][:, 1:].astype(jnp.float32)
+        kl = (jnp.exp(anchor["logp"]) * (anchor["logp"] - logq)).sum(-1)
+        kl = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return value + config.kl_weight * kl, {**aux, "kl": kl}
+
+    kl_step = ids.make_train_step(kl_loss, ft_opt, jit=False)
+    batch_axes = {"tokens": 0, "loss_mask": 0, "anchor": None}   # every run of the kl group sees one anchor batch
+
+    @jax.jit
+    def old_logp(params, tokens):
+        return jax.nn.log_softmax(apply(params, tokens[:, :-1])[0].astype(jnp.float32))
+
+    return {"apply": apply, "loss": loss, "ft_opt": ft_opt, "old_logp": old_logp,
             "ft_step": jax.jit(jax.vmap(lambda s, b, m: ft_step(s, b, frozen=m))),
+            "kl_step": jax.jit(jax.vmap(lambda s, b, m: kl_step(s, b, frozen=m), in_axes=(0, batch_axes, 0))),
             "correct": jax.jit(jax.vmap(correct, in_axes=(0, None, None)))}
+
+
+# --- the edit ------------------------------------------------------------------------------------
+
+
+def t2_config(config: Config) -> sequence_tasks.SequenceTaskConfig:
+    return task_config(config, (config.t2,), 1, 0)
+
+
+def edit(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(table, keys)``: T2's lookup table with ``n_edit`` keys given new values (a new edit every seed)."""
+    return sequence_tasks.edit_lookup(t2_config(config), config.n_edit, seed=5000 + seed)
+
+
+def arrays(data: Any) -> dict[str, np.ndarray]:
+    tokens, mask = sequence_tasks._as_arrays(data)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def take(rows: dict[str, np.ndarray], where: np.ndarray, n: int | None = None) -> dict[str, np.ndarray]:
+    index = np.flatnonzero(where)[:n]
+    return {k: v[index] for k, v in rows.items()}
+
+
+def mixture(new: dict[str, np.ndarray], old: dict[str, np.ndarray], fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """All of ``new`` plus a fixed random buffer of ``old`` rows making up ``fraction`` of the result, shuffled."""
+    rng = np.random.default_rng([seed, 11])
+    n_old = int(round(fraction / (1.0 - fraction) * len(new["tokens"])))
+    if n_old > len(old["tokens"]):
+        raise ValueError(f"{n_old} replay rows needed for fraction {fraction}, but only {len(old['tokens'])} exist.")
+    picked = rng.choice(len(old["tokens"]), size=n_old, replace=False)
+    both = {k: np.concatenate([new[k], old[k][picked]]) for k in new}
+    order = rng.permutation(len(both["tokens"]))
+    return {k: v[order] for k, v in both.items()}
+
+
+def finetune_data(config: Config, table: np.ndarray, keys: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """``(edit rows, old rows)``: T2 prompts answered with the edited table; T1 + unedited T2 pretraining rows."""
+    t2c = t2_config(config)
+    new = sequence_tasks.with_lookup_table(task_data(config, (config.t2,), config.n_train, 2000 + seed), table, t2c)
+    old = arrays(task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed))  # the pretraining rows
+    keep = (old["tokens"][:, 1] != sequence_tasks.task_token_id(config.t2)) | ~sequence_tasks.rows_with_keys(
+        old, keys, t2c)                                  # an old answer to an edited key would contradict the edit
+    return new, take(old, keep)
+
+
+def greedy_answers(config: Config, params: Any, prompts: dict[str, np.ndarray]) -> np.ndarray:
+    """The prompts completed with the model's own greedy answer (the old model labels the anchor prompts)."""
+    tokens = np.array(prompts["tokens"])
+    start = config.length + 3
+    tokens[:, start:] = 0
+    for i in range(start, tokens.shape[1]):
+        tokens[:, i] = np.asarray(_compiled(config)["old_logp"](params, jnp.asarray(tokens))[:, i - 1].argmax(-1))
+    return tokens
+
+
+def anchor_pool(config: Config, params: Any, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Unlabelled T1 prompts and T2 prompts without an edited key, answered and scored by the old model."""
+    rows = arrays(task_data(config, (config.t1, config.t2), 4 * config.n_anchor, seed=4000 + seed))
+    keep = (rows["tokens"][:, 1] != sequence_tasks.task_token_id(config.t2)) | ~sequence_tasks.rows_with_keys(
+        rows, keys, t2_config(config))
+    rows = take(rows, keep, config.n_anchor)
+    rows["tokens"] = greedy_answers(config, params, rows)
+    rows["logp"] = np.asarray(_compiled(config)["old_logp"](params, jnp.asarray(rows["tokens"])))
+    return rows
 
 
 def pretrain_base(key: dict[str, Any], seed: int, *, progress: bool = True) -> Any:
@@ -322,13 +412,16 @@ def stack(trees: Sequence[Any]) -> Any:
 
 
 def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, Any]], data: dict[str, Any],
-                  evaluate: Any, seed: int, *, progress: bool = True) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
+                  evaluate: Any, seed: int, *, anchor: dict[str, np.ndarray] | None = None,
+                  progress: bool = True) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
     """Fine-tunes one copy of ``params`` per ``(group, arm, dense mask)``, all in one vmapped step.
 
-    Runs of one group see the same batches (``data[group]``). Returns the final parameters of every run and the
+    Runs of one group see the same batches (``data[group]``). With ``anchor`` (:func:`anchor_pool`), every run
+    adds the KL term on one anchor batch per step. Returns the final parameters of every run and the
     trajectory ``[(step, evaluate(stacked params))]`` (evaluated every ``eval_every`` steps and at step 0).
     """
     c = _compiled(config)
+    anchors = None if anchor is None else ids.train.iterate_batches(anchor, config.kl_batch, seed=seed)
     groups = sorted(data)
     index = np.array([groups.index(g) for g, _, _ in runs])
     state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(stack([params] * len(runs)))
@@ -338,7 +431,10 @@ def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, An
     for step in tqdm(range(1, config.finetune_steps + 1), disable=not progress, desc=f"{NAME} fine-tune seed {seed}"):
         per_group = [next(it) for it in its]
         batch = {k: np.stack([b[k] for b in per_group])[index] for k in ("tokens", "loss_mask")}
-        state, _ = c["ft_step"](state, batch, masks)
+        if anchors is None:
+            state, _ = c["ft_step"](state, batch, masks)
+        else:
+            state, _ = c["kl_step"](state, {**batch, "anchor": next(anchors)}, masks)
         if step % config.eval_every == 0 or step == config.finetune_steps:
             trajectory.append((step, evaluate(state.params)))
     return state.params, trajectory
@@ -363,13 +459,24 @@ def at_matched(t3: np.ndarray, t1: np.ndarray, level: float) -> float:
 # --- one seed ------------------------------------------------------------------------------------
 
 
-def eval_sets(config: Config) -> dict[str, Any]:
-    evals = {k: task_data(config, (getattr(config, k),), config.n_eval, seed=99) for k in ("t1", "t2", "t3")}
-    evals["t1_as_t3"] = sequence_tasks.with_answers_of(evals["t1"], config.t3,
-                                                       task_config(config, (config.t1,), config.n_eval, 99))
-    arrays = {k: sequence_tasks._as_arrays(v) for k, v in evals.items()}
-    return {"names": list(arrays), "tokens": jnp.asarray(np.concatenate([t for t, _ in arrays.values()])),
-            "mask": jnp.asarray(np.concatenate([m for _, m in arrays.values()])), "n": config.n_eval}
+def eval_sets(config: Config, table: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
+    """Held-out prompts (fixed rows; which T2 prompts are edited depends on the seed's edit), ``n_eval`` per set:
+
+    ``t1`` T1; ``t2`` T2 prompts without an edited key (the facts kept); ``t3`` T2 prompts with an edited key,
+    answered with the new table (the edit); ``t3_old`` the same prompts with the old answers (the old fact
+    kept); ``t1_as_t3`` T1 prompts answered as the edited lookup (the "ignore the task token" shortcut).
+    """
+    t2c, n = t2_config(config), config.n_eval
+    t1 = arrays(task_data(config, (config.t1,), n, seed=99))
+    pool = arrays(task_data(config, (config.t2,), 40 * n, seed=99))
+    edited = sequence_tasks.rows_with_keys(pool, keys, t2c)
+    if min(edited.sum(), (~edited).sum()) < n:
+        raise ValueError(f"only {edited.sum()} edited and {(~edited).sum()} unedited T2 prompts among {40 * n}; "
+                         f"n_edit={config.n_edit} of n_symbols={config.n_symbols} leaves too few of one kind.")
+    sets = {"t1": t1, "t2": take(pool, ~edited, n), "t3": sequence_tasks.with_lookup_table(take(pool, edited, n), table, t2c),
+            "t3_old": take(pool, edited, n), "t1_as_t3": sequence_tasks.with_lookup_table(t1, table, t2c)}
+    return {"names": list(sets), "tokens": jnp.asarray(np.concatenate([v["tokens"] for v in sets.values()])),
+            "mask": jnp.asarray(np.concatenate([v["loss_mask"] for v in sets.values()])), "n": n}
 
 
 def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np.ndarray:
@@ -378,47 +485,63 @@ def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np
     return correct.reshape(correct.shape[0], len(evals["names"]), evals["n"]).mean(-1)
 
 
+FOUR = ("full_ft_unfrozen", "full_ft", "circuit", "random")
+
+
 def run_plan(config: Config, masks: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """``[(group, arm, mask)]``: every arm and the budget curve at the headline replay, the KL group's
+    headline arms, four arms elsewhere, and the 50%-replay upper bound."""
     headline = ("full_ft_unfrozen", "full_ft", *MASKED)
-    plan = [("t3only", arm, masks[arm]) for arm in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
+    plan = [("edit", arm, masks[arm]) for arm in FOUR]
     plan += [(group_name(r), arm, m) for r in config.replays for arm, m in masks.items()
-             if r == config.replay or arm in headline]     # the budget curve at the headline replay only
+             if arm in FOUR or r == config.replay]       # the other arms and the budget curve: headline only
     plan.append(("joint", "full_ft_unfrozen", masks["full_ft_unfrozen"]))
+    plan += [("kl", arm, masks[arm]) for arm in headline]
     return plan
 
 
-def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool = True,
+def run_seed(config: Config, seed: int, *, progress: bool = True,
              keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     params = base_model(config, seed, progress=progress)
+    table, keys = edit(config, seed)
+    evals = eval_sets(config, table, keys)
     names = evals["names"]
     before = dict(zip(names, accuracies(config, stack([params]), evals)[0]))
     t1_batch = next(batches(task_data(config, (config.t1,), config.n_attribution, seed=3000 + seed),
                             config.n_attribution, seed))
     masks = {arm: dense(m, params) for arm, m in arm_masks(config, params, t1_batch, seed).items()}
     plan = run_plan(config, masks)
-    t3_rows = task_data(config, (config.t3,), config.n_train, seed=2000 + seed)
-    old_rows = task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed)  # the pretraining rows
-    data = {"t3only": sequence_tasks.replay_mixture(t3_rows, old_rows, 0.0, seed=seed),
-            "joint": sequence_tasks.replay_mixture(t3_rows, old_rows, config.joint_replay, seed=seed)}
-    data.update({group_name(r): sequence_tasks.replay_mixture(t3_rows, old_rows, r, seed=seed)
-                 for r in config.replays})
-    _, trajectory = finetune_runs(config, params, plan, data, lambda p: accuracies(config, p, evals), seed,
-                                  progress=progress)
-    curve = np.stack([acc for _, acc in trajectory])          # [n_evals, n_runs, n_sets]
+    new, old = finetune_data(config, table, keys, seed)
+    data = {"edit": mixture(new, old, 0.0, seed), "joint": mixture(new, old, config.joint_replay, seed),
+            "kl": mixture(new, old, 0.0, seed)}
+    data.update({group_name(r): mixture(new, old, r, seed) for r in config.replays})
+    evaluate = lambda p: accuracies(config, p, evals)
+    plain = [run for run in plan if run[0] != "kl"]
+    _, trajectory = finetune_runs(config, params, plain, {g: data[g] for g in {r[0] for r in plain}}, evaluate,
+                                  seed, progress=progress)
+    with_kl = [run for run in plan if run[0] == "kl"]
+    _, kl_trajectory = finetune_runs(config, params, with_kl, {"kl": data["kl"]}, evaluate, seed,
+                                     anchor=anchor_pool(config, params, keys, seed), progress=progress)
+    plan = plain + with_kl
+    curve = np.concatenate([np.stack([acc for _, acc in trajectory]),
+                            np.stack([acc for _, acc in kl_trajectory])], axis=1)   # [n_evals, n_runs, n_sets]
     col = {name: i for i, name in enumerate(names)}
     total = n_params(params)
     out: dict[str, dict[str, float]] = {"world": {f"base_{k}": float(v) for k, v in before.items()}}
     reference = {g: i for i, (g, arm, _) in enumerate(plan) if arm == "full_ft_unfrozen"}
+    ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
     for i, (group, arm, mask) in enumerate(plan):
         final = curve[-1, i]
         full_t3 = curve[-1, reference[group], col["t3"]]
-        ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
         t1_ret = curve[:, i, col["t1"]] / before["t1"] if before["t1"] > 0 else np.full(len(curve), np.nan)
         matched = at_matched(curve[:, i, col["t3"]], t1_ret, T3_TARGET * full_t3)
         out[f"{group}_{arm}"] = {
             "t1_acc": float(final[col["t1"]]), "t2_acc": float(final[col["t2"]]), "t3_acc": float(final[col["t3"]]),
+            "t3_old": float(final[col["t3_old"]]),
             "t1_retention": ratio(final[col["t1"]], before["t1"]), "t2_retention": ratio(final[col["t2"]], before["t2"]),
-            "t3_rel_full_ft": ratio(final[col["t3"]], full_t3), "t1_as_t3": float(final[col["t1_as_t3"]]),
+            "t3_rel_full_ft": ratio(final[col["t3"]], full_t3),
+            "t3_rel_edit_full_ft": ratio(final[col["t3"]], curve[-1, reference["edit"], col["t3"]]),
+            "t1_as_t3": float(final[col["t1_as_t3"]]),
             "t1_retention_at_matched_t3": matched, "reached_matched_t3": float(np.isfinite(matched)),
             "frozen_fraction": frozen_count(mask, params) / total}
     if keep is not None:
