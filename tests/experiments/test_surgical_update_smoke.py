@@ -27,7 +27,8 @@ def test_main_writes_every_group_arm_and_target(results):
         for key in ("t1_acc", "t2_acc", "t3_acc", "t3_old", "t1_as_t3", "frozen_fraction", "reached_matched_t3"):
             assert 0.0 <= saved[f"{run}.{key}_mean"] <= 1.0 and f"{run}.{key}_std" in saved
     assert saved["n_seeds"] == 2 and {saved[k] for k in saved if k.startswith("targets.")} <= {0.0, 1.0}
-    assert all(0.0 <= saved[f"world.base_{k}_mean"] <= 1.0 for k in ("t1_acc", "t2_acc", "t3_acc", "t3_old", "t1_as_t3"))
+    assert all(0.0 <= saved[f"world.base_{k}_mean"] <= 1.0
+               for k in ("t1_acc", "t2_acc", "t3_acc", "t3_old", "t1_as_t3"))
     assert saved["kl_circuit_minus_kl_random.t1_retention_n"] == 2 and "targets.upper_bound_met" in saved
     assert saved["r5_circuit_minus_r5_random.t3_acc_n"] == 2 and "r5_circuit_minus_r5_random.t3_acc_se" in saved
     # Frozen sizes: nothing for full_ft_unfrozen, the shared parameters for full_ft, more for the masked arms.
@@ -38,7 +39,8 @@ def test_main_writes_every_group_arm_and_target(results):
     assert saved["r5_elements.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
     assert saved["r5_circuit_b50.frozen_fraction_mean"] > saved["r5_circuit.frozen_fraction_mean"]
     readme = (results / "surgical_update" / "README.md").read_text()
-    assert "| r5_circuit |" in readme and "| kl_circuit |" in readme and "Is the world fair?" in readme and "| embed.embedding |" in readme
+    assert "| r5_circuit |" in readme and "| kl_circuit |" in readme
+    assert "Is the world fair?" in readme and "| embed.embedding |" in readme
     assert (results / "surgical_update" / "retention_vs_t3.png").stat().st_size > 0
     # the base models were cached once per seed, under the test's cache folder
     assert len(list((results / "cache" / "pretrained").iterdir())) == 2
@@ -88,6 +90,8 @@ def test_matched_t3_interpolates_and_config_is_checked():
         su.main(dataclasses.replace(TINY, budget=0.3), progress=False)
     with pytest.raises(ValueError, match="must be one of Config.replays"):
         su.main(dataclasses.replace(TINY, replay=0.03), progress=False)
+    with pytest.raises(ValueError, match="some T2 facts must stay unedited"):
+        su.main(dataclasses.replace(TINY, n_edit=TINY.n_symbols), progress=False)
 
 
 def test_edit_data_and_the_kl_anchor_are_consistent_with_the_old_model():
