@@ -54,9 +54,10 @@ Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_run
   <group>_<arm>.t1_retention, .t2_retention                   accuracy after / before (same seed)
   <group>_<arm>.t3_rel_full_ft                                T3 / the group's full_ft_unfrozen T3 (same seed)
   <group>_<arm>.t1_as_t3                                      share of T1 prompts answered as T3 (the shortcut)
-  <group>_<arm>.t1_retention_at_matched_t3                    T1 retention when T3 first reaches 0.9 × the group's
-                                                              full_ft_unfrozen final T3 (interpolated between
-                                                              evaluations; null if never reached)
+  <group>_<arm>.t1_retention_at_matched_t3                    T1 retention when T3 first reaches the group's matched
+                                                              level (interpolated between evaluations; null if never)
+  <group>_<arm>.matched_t3_level                              that level: the lowest final T3 of the group's main arms
+                                                              (not the budget curve), so every main arm reaches it
   <group>_<arm>.reached_matched_t3                            1 if it reached that T3 level, else 0
   <group>_<arm>.frozen_fraction                               frozen elements / all elements (shared included)
   <a>_minus_<b>.<metric>_mean, _se, _n                        paired differences over seeds (see the pairs below)
@@ -539,12 +540,16 @@ def run_seed(config: Config, seed: int, *, progress: bool = True,
     out: dict[str, dict[str, float]] = {"world": {f"base_{k}_acc" if k in ("t1", "t2", "t3") else f"base_{k}": float(v)
                                                   for k, v in before.items()}}
     reference = {g: i for i, (g, arm, _) in enumerate(plan) if arm == "full_ft_unfrozen"}
+    level: dict[str, float] = {}     # a T3 level every main arm of the group reaches: compare T1 there
+    for i, (group, arm, _) in enumerate(plan):
+        if not arm.startswith(("circuit_b", "random_b")):
+            level[group] = min(level.get(group, np.inf), float(curve[-1, i, col["t3"]]))
     ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
     for i, (group, arm, mask) in enumerate(plan):
         final = curve[-1, i]
         full_t3 = curve[-1, reference[group], col["t3"]]
         t1_ret = curve[:, i, col["t1"]] / before["t1"] if before["t1"] > 0 else np.full(len(curve), np.nan)
-        matched = at_matched(curve[:, i, col["t3"]], t1_ret, T3_TARGET * full_t3)
+        matched = at_matched(curve[:, i, col["t3"]], t1_ret, level[group])
         out[f"{group}_{arm}"] = {
             "t1_acc": float(final[col["t1"]]), "t2_acc": float(final[col["t2"]]), "t3_acc": float(final[col["t3"]]),
             "t3_old": float(final[col["t3_old"]]),
@@ -554,6 +559,7 @@ def run_seed(config: Config, seed: int, *, progress: bool = True,
             "t3_rel_edit_full_ft": ratio(final[col["t3"]], curve[-1, reference["edit"], col["t3"]]),
             "t1_as_t3": float(final[col["t1_as_t3"]]),
             "t1_retention_at_matched_t3": matched, "reached_matched_t3": float(np.isfinite(matched)),
+            "matched_t3_level": level[group],
             "frozen_fraction": frozen_count(mask, params) / total}
     if keep is not None:
         keep.setdefault("leaf_fractions", {arm: leaf_fractions(masks[arm], params)
