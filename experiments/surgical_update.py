@@ -1,34 +1,36 @@
-"""Surgical update: does freezing the weights that carry an old task protect it while the model learns a new one?
+"""Surgical update: does freezing the weights that carry an old task protect it while the model learns an edit?
 
-Hypothesis. A reference transformer pretrained on two synthetic sequence tasks T1 and T2 (from
-:mod:`idesign.data.sequence_tasks`) is fine-tuned to add a third task T3. Freezing the *T1 circuit* — the
-attention heads and MLP neurons that gradient × weight attribution on T1 rows ranks highest per parameter,
-up to a budget of k% of the parameters, frozen element by element with ``ids.optim.frozen`` — keeps T1
-(target: retention ≥ 0.95) while T3 still reaches ≥ 0.90 of full fine-tuning, and protects T1 better than a
-random mask of the same size in the same tensors (by more than 2 paired standard errors).
+Hypothesis. A reference transformer pretrained on two synthetic sequence tasks T1 (``reverse``) and T2 (``lookup``,
+a fixed table of symbol → symbol facts; :mod:`idesign.data.sequence_tasks`) gets a realistic **edit**: T3 = new
+values for ``n_edit`` of T2's keys, the other T2 facts unchanged. Freezing the *T1 circuit* — the attention heads
+and MLP neurons that gradient × weight attribution on T1 rows ranks highest per parameter, up to a budget of k% of
+the parameters, frozen element by element with ``ids.optim.frozen`` — keeps T1 (target: retention ≥ 0.95) while
+T3 still reaches ≥ 0.90 of full fine-tuning, and protects T1 better than a random mask of the same size in the
+same tensors (by more than 2 paired standard errors).
 
-A fair test (docs/methods.md §8):
+A fair test (METHODS.md §8):
 - **Pretrain once.** The base model is trained on T1 + T2 once per (config, seed) and cached with
   ``ids.pretrain.cached``; every arm of a seed starts from the same checkpoint.
-- **The shortcut is closed.** T3 (``copy``) has T1's format; only the task token differs. Fine-tuned on T3
-  alone, the cheapest update is "copy whatever the task token", which any few percent of the weights can
-  implement and which erases T1 whatever is frozen (the ``t3only`` group measures it:
-  ``t1_as_t3`` = share of T1 prompts answered as T3). The update must therefore *need* the task token: every
-  other group fine-tunes on T3 plus a small **replay** of T1 and T2 rows (a fixed buffer of 1, 2 or 5% of the
-  fine-tuning rows, reused every epoch). Replay was chosen over a KL term because it is what continual-learning
-  practice does, it needs no second forward pass, and with a base model near 100% accuracy on T1/T2 the
-  replayed labels are the old model's answers anyway; it is swept because its size sets how much the mask
-  has left to add.
+- **The update needs the task token.** T3 lives under T2's task token and *contradicts* what the model knows
+  (an earlier version used T3 = copy, T1's format with another token: "copy whatever the token" was the
+  cheapest update, and even 50% replay could not keep T1). ``t1_as_t3`` (T1 prompts answered as the edited
+  lookup) measures the task-token shortcut; ``t3_old`` the share of edited prompts still answered the old way.
+- **The upper bound reaches the target** (measured before the arms were run): ``kl_full_ft_unfrozen`` fine-tunes
+  on the edit with nothing frozen, plus ``kl_weight`` × KL(old model ‖ model) at the answer positions of
+  *unlabelled* T1 prompts and T2 prompts without an edited key (answered greedily by the old model). The
+  ``joint`` group (50% labelled replay) is a second reference.
 - **Shared parameters frozen in every masked arm.** Embeddings (tied with the unembedding), positions, norms and
   the output biases (``ids.circuits.shared_mask``: no head or neuron owns them) are frozen in every masked arm and
   in ``full_ft``; the report prints per-leaf frozen fractions.
 - **The mask's own value is visible**: ``full_ft`` (shared frozen, nothing else) and ``full_ft_unfrozen``
-  (nothing frozen) see the same replay.
-- **The upper bound is measured**: ``joint_full_ft_unfrozen`` fine-tunes on T3 with 50% replay; if even it
-  cannot keep T1 and learn T3, the world is wrong, not the method.
+  (nothing frozen) see the same data (and KL) as the masked arms.
+- **Fine-tuning lr** is warmup + cosine decay to a peak of ``finetune_lr``, chosen on the upper bound only (a
+  constant 1e-3 from fresh Adam moments erased T1 within 20 steps in an earlier world).
 
-Arms (all runs of a seed start from the same base model; runs in one data group see the same batches):
-- groups: ``t3only`` (no replay), ``r1``, ``r2``, ``r5`` (1, 2, 5% replay; ``Config.replays``), ``joint`` (50%).
+Groups (data) and arms (all runs of a seed start from the same base model; runs in one group see the same batches):
+- ``edit``: the edit rows alone (T2 prompts answered with the edited table). ``r1``, ``r2``, ``r5``: + a fixed
+  replay buffer of 1, 2, 5% old rows (T1 and unedited T2 pretraining rows; ``Config.replays``; ``r2`` is the
+  headline). ``joint``: 50% replay. ``kl``: the edit rows + the KL term.
 - ``full_ft_unfrozen``: nothing frozen. ``full_ft``: the shared parameters frozen.
 - ``circuit``: shared + heads and neurons of the T1 circuit within ``Config.budget`` of all parameters
   (``ids.circuits.budget_circuit``: by attribution per parameter, greedily while they fit).
@@ -39,29 +41,33 @@ Arms (all runs of a seed start from the same base model; runs in one data group 
 - ``elements``: shared + the single block elements with the highest attribution, as many as the circuit.
 - ``circuit_b<p>``, ``random_b<p>``: the same at the other budgets of ``Config.budgets`` (the budget curve, in the
   headline replay group only).
-``t3only`` runs full_ft_unfrozen, full_ft, circuit and random; ``joint`` runs full_ft_unfrozen; each replay
-group runs full_ft_unfrozen, full_ft, circuit, random, layers and elements.
+``edit`` and the non-headline replay groups run full_ft_unfrozen, full_ft, circuit and random; the headline group
+and ``kl`` run all six arms; ``joint`` runs full_ft_unfrozen.
 
 Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_runner.py``; every
 ``<group>_<arm>.<metric>`` has ``_mean`` and ``_std`` over seeds):
   world.base_t1_acc, world.base_t2_acc, world.base_t3_acc   exact-match accuracy of the pretrained base model
-  world.base_t1_as_t3                                         its share of T1 prompts answered as T3 (before)
-  <group>_<arm>.t1_acc, .t2_acc, .t3_acc                      after fine-tuning
+  world.base_t3_old, world.base_t1_as_t3                      its old answers to edited prompts; T1 answered as T3
+  <group>_<arm>.t1_acc, .t2_acc, .t3_acc                      after fine-tuning (t2: unedited facts; t3: the edit)
+  <group>_<arm>.t3_old                                        edited prompts still answered with the old fact
+  <group>_<arm>.t3_rel_edit_full_ft                           T3 / edit_full_ft_unfrozen's T3 (same seed)
   <group>_<arm>.t1_retention, .t2_retention                   accuracy after / before (same seed)
   <group>_<arm>.t3_rel_full_ft                                T3 / the group's full_ft_unfrozen T3 (same seed)
   <group>_<arm>.t1_as_t3                                      share of T1 prompts answered as T3 (the shortcut)
-  <group>_<arm>.t1_retention_at_matched_t3                    T1 retention when T3 first reaches 0.9 × the group's
-                                                              full_ft_unfrozen final T3 (interpolated between
-                                                              evaluations; null if never reached)
+  <group>_<arm>.t1_retention_at_matched_t3                    T1 retention when T3 first reaches the group's matched
+                                                              level (interpolated between evaluations; null if never)
+  <group>_<arm>.matched_t3_level                              that level: the lowest final T3 of the group's main arms
+                                                              (not the budget curve), so every main arm reaches it
   <group>_<arm>.reached_matched_t3                            1 if it reached that T3 level, else 0
   <group>_<arm>.frozen_fraction                               frozen elements / all elements (shared included)
   <a>_minus_<b>.<metric>_mean, _se, _n                        paired differences over seeds (see the pairs below)
   targets.t1_retention_met, targets.t3_rel_met, targets.beats_random   1.0 / 0.0 at the headline replay and budget
+  targets.upper_bound_met                                     kl_full_ft_unfrozen: T1 ret. ≥ 0.95, T3 ≥ 0.9 × edit
   n_seeds, minutes
 
 Accuracy is exact match of the whole answer under greedy decoding (``sequence_tasks.answer_correct``) on held-out
-rows. Every seed draws new pretraining and fine-tuning rows, a new initialisation and batch order; evaluation rows
-and task rules are fixed.
+rows. Every seed draws new pretraining and fine-tuning rows, a new edit, a new initialisation and batch order;
+evaluation prompts and task rules are fixed.
 
 Run: ``python -m experiments.surgical_update --quick`` (CPU, minutes; the base models are cached in
 ``$IDESIGN_CACHE``, default ``~/.cache/idesign``) or ``--full`` (GPU preset).
@@ -100,7 +106,7 @@ BASE_VERSION = "1"
 class Config:
     t1: str = "reverse"
     t2: str = "lookup"
-    t3: str = "copy"                 # T1's format with another task token: the shortcut is possible
+    n_edit: int = 4                  # T3: new values for this many of T2's (lookup's) keys
     length: int = 6
     n_symbols: int = 16
     n_train: int = 4000              # training rows per task
@@ -115,18 +121,23 @@ class Config:
     warmup: int = 100
     finetune_batch: int = 32
     finetune_steps: int = 150
-    finetune_lr: float = 3e-4        # peak; warmup then cosine decay (a constant 1e-3 from fresh Adam moments erased
-    finetune_warmup: int = 20        # T1 within 20 steps even with 50% replay: the upper bound was not reachable)
+    finetune_lr: float = 1e-3        # peak; warmup then cosine decay. Chosen on the upper bound (kl_full_ft_unfrozen)
+    finetune_warmup: int = 20        # alone, seeds 0-1: peak 3e-4 kept T1 (0.97, 0.96) but learned the edit to only
+                                     # 0.67 / 0.33; 1e-3 kept T1 (0.99, 0.96) and learned it to 0.99 / 0.70
     eval_every: int = 15
     replays: tuple[float, ...] = (0.01, 0.02, 0.05)
     replay: float = 0.02             # the headline group
-    joint_replay: float = 0.5        # the upper-bound group
+    joint_replay: float = 0.5        # an upper-bound group (labelled replay)
+    kl_weight: float = 3.0           # the ``kl`` group: + kl_weight × KL(old model || model) on unlabelled prompts
+                                     # (chosen on the upper bound alone: 1.0 kept T1 at 0.94 on seed 0, 3.0 at 0.97)
+    kl_batch: int = 32               # anchor prompts per step (T1 and unedited T2 prompts, answered by the old model)
+    n_anchor: int = 512              # the anchor pool
     budgets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
     budget: float = 0.1              # the headline arms' share of parameters in the mask (beyond the shared ones)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
-QUICK = Config()
+QUICK = Config(budgets=(0.01, 0.05, 0.1, 0.5), seeds=(0, 1))     # 2 seeds, a 4-point budget curve: minutes on CPU
 FULL = Config(length=10, n_symbols=32, n_train=50_000, n_eval=2000, n_attribution=2000, d_model=256, n_layers=4,
               n_heads=8, batch_size=128, pretrain_steps=10_000, finetune_steps=2000, finetune_batch=128,
               finetune_warmup=100, eval_every=100,
@@ -134,7 +145,7 @@ FULL = Config(length=10, n_symbols=32, n_train=50_000, n_eval=2000, n_attributio
 
 
 def group_name(replay: float) -> str:
-    return "t3only" if replay == 0 else f"r{100 * replay:g}".replace(".", "p")
+    return "edit" if replay == 0 else f"r{100 * replay:g}".replace(".", "p")
 
 
 def budget_name(arm: str, budget: float, config: Config) -> str:
@@ -149,6 +160,9 @@ def check_config(config: Config) -> None:
         raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
     if config.budget not in config.budgets:
         raise ValueError(f"Config.budget={config.budget} must be one of Config.budgets={config.budgets}.")
+    if not 1 <= config.n_edit < config.n_symbols:
+        raise ValueError(f"Config.n_edit={config.n_edit} must be in [1, n_symbols={config.n_symbols}): some "
+                         "T2 facts must stay unedited.")
 
 
 # --- data and base model -------------------------------------------------------------------------
@@ -195,9 +209,94 @@ def _compiled(config: Config) -> dict[str, Any]:
         wrong = (logits.argmax(-1) != tokens[:, 1:]) & (mask[:, 1:] > 0)
         return ~wrong.any(axis=1)
 
-    return {"apply": apply, "loss": loss, "ft_opt": ft_opt,
+    def kl_loss(params, batch):
+        """The edit's loss + kl_weight × KL(old || new) at the answer positions of the anchor prompts."""
+        value, aux = loss(params, batch)
+        anchor = batch["anchor"]
+        logits, _ = apply(params, anchor["tokens"][:, :-1])
+        logq = jax.nn.log_softmax(logits.astype(jnp.float32))
+        weights = anchor["loss_mask"][:, 1:].astype(jnp.float32)
+        kl = (jnp.exp(anchor["logp"]) * (anchor["logp"] - logq)).sum(-1)
+        kl = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return value + config.kl_weight * kl, {**aux, "kl": kl}
+
+    kl_step = ids.make_train_step(kl_loss, ft_opt, jit=False)
+    batch_axes = {"tokens": 0, "loss_mask": 0, "anchor": None}   # every run of the kl group sees one anchor batch
+
+    @jax.jit
+    def old_logp(params, tokens):
+        return jax.nn.log_softmax(apply(params, tokens[:, :-1])[0].astype(jnp.float32))
+
+    return {"apply": apply, "loss": loss, "ft_opt": ft_opt, "old_logp": old_logp,
             "ft_step": jax.jit(jax.vmap(lambda s, b, m: ft_step(s, b, frozen=m))),
+            "kl_step": jax.jit(jax.vmap(lambda s, b, m: kl_step(s, b, frozen=m), in_axes=(0, batch_axes, 0))),
             "correct": jax.jit(jax.vmap(correct, in_axes=(0, None, None)))}
+
+
+# --- the edit ------------------------------------------------------------------------------------
+
+
+def t2_config(config: Config) -> sequence_tasks.SequenceTaskConfig:
+    return task_config(config, (config.t2,), 1, 0)
+
+
+def edit(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(table, keys)``: T2's lookup table with ``n_edit`` keys given new values (a new edit every seed)."""
+    return sequence_tasks.edit_lookup(t2_config(config), config.n_edit, seed=5000 + seed)
+
+
+def arrays(data: Any) -> dict[str, np.ndarray]:
+    tokens, mask = sequence_tasks._as_arrays(data)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def take(rows: dict[str, np.ndarray], where: np.ndarray, n: int | None = None) -> dict[str, np.ndarray]:
+    index = np.flatnonzero(where)[:n]
+    return {k: v[index] for k, v in rows.items()}
+
+
+def mixture(new: dict[str, np.ndarray], old: dict[str, np.ndarray], fraction: float,
+            seed: int) -> dict[str, np.ndarray]:
+    """All of ``new`` plus a fixed random buffer of ``old`` rows making up ``fraction`` of the result, shuffled."""
+    rng = np.random.default_rng([seed, 11])
+    n_old = int(round(fraction / (1.0 - fraction) * len(new["tokens"])))
+    if n_old > len(old["tokens"]):
+        raise ValueError(f"{n_old} replay rows needed for fraction {fraction}, but only {len(old['tokens'])} exist.")
+    picked = rng.choice(len(old["tokens"]), size=n_old, replace=False)
+    both = {k: np.concatenate([new[k], old[k][picked]]) for k in new}
+    order = rng.permutation(len(both["tokens"]))
+    return {k: v[order] for k, v in both.items()}
+
+
+def finetune_data(config: Config, table: np.ndarray, keys: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """``(edit rows, old rows)``: T2 prompts answered with the edited table; T1 + unedited T2 pretraining rows."""
+    t2c = t2_config(config)
+    new = sequence_tasks.with_lookup_table(task_data(config, (config.t2,), config.n_train, 2000 + seed), table, t2c)
+    old = arrays(task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed))  # the pretraining rows
+    keep = (old["tokens"][:, 1] != sequence_tasks.task_token_id(config.t2)) | ~sequence_tasks.rows_with_keys(
+        old, keys, t2c)                                  # an old answer to an edited key would contradict the edit
+    return new, take(old, keep)
+
+
+def greedy_answers(config: Config, params: Any, prompts: dict[str, np.ndarray]) -> np.ndarray:
+    """The prompts completed with the model's own greedy answer (the old model labels the anchor prompts)."""
+    tokens = np.array(prompts["tokens"])
+    start = config.length + 3
+    tokens[:, start:] = 0
+    for i in range(start, tokens.shape[1]):
+        tokens[:, i] = np.asarray(_compiled(config)["old_logp"](params, jnp.asarray(tokens))[:, i - 1].argmax(-1))
+    return tokens
+
+
+def anchor_pool(config: Config, params: Any, keys: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Unlabelled T1 prompts and T2 prompts without an edited key, answered and scored by the old model."""
+    rows = arrays(task_data(config, (config.t1, config.t2), 4 * config.n_anchor, seed=4000 + seed))
+    keep = (rows["tokens"][:, 1] != sequence_tasks.task_token_id(config.t2)) | ~sequence_tasks.rows_with_keys(
+        rows, keys, t2_config(config))
+    rows = take(rows, keep, config.n_anchor)
+    rows["tokens"] = greedy_answers(config, params, rows)
+    rows["logp"] = np.asarray(_compiled(config)["old_logp"](params, jnp.asarray(rows["tokens"])))
+    return rows
 
 
 def pretrain_base(key: dict[str, Any], seed: int, *, progress: bool = True) -> Any:
@@ -322,13 +421,16 @@ def stack(trees: Sequence[Any]) -> Any:
 
 
 def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, Any]], data: dict[str, Any],
-                  evaluate: Any, seed: int, *, progress: bool = True) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
+                  evaluate: Any, seed: int, *, anchor: dict[str, np.ndarray] | None = None,
+                  progress: bool = True) -> tuple[list[Any], list[tuple[int, np.ndarray]]]:
     """Fine-tunes one copy of ``params`` per ``(group, arm, dense mask)``, all in one vmapped step.
 
-    Runs of one group see the same batches (``data[group]``). Returns the final parameters of every run and the
+    Runs of one group see the same batches (``data[group]``). With ``anchor`` (:func:`anchor_pool`), every run
+    adds the KL term on one anchor batch per step. Returns the final parameters of every run and the
     trajectory ``[(step, evaluate(stacked params))]`` (evaluated every ``eval_every`` steps and at step 0).
     """
     c = _compiled(config)
+    anchors = None if anchor is None else ids.train.iterate_batches(anchor, config.kl_batch, seed=seed)
     groups = sorted(data)
     index = np.array([groups.index(g) for g, _, _ in runs])
     state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(stack([params] * len(runs)))
@@ -338,7 +440,10 @@ def finetune_runs(config: Config, params: Any, runs: Sequence[tuple[str, str, An
     for step in tqdm(range(1, config.finetune_steps + 1), disable=not progress, desc=f"{NAME} fine-tune seed {seed}"):
         per_group = [next(it) for it in its]
         batch = {k: np.stack([b[k] for b in per_group])[index] for k in ("tokens", "loss_mask")}
-        state, _ = c["ft_step"](state, batch, masks)
+        if anchors is None:
+            state, _ = c["ft_step"](state, batch, masks)
+        else:
+            state, _ = c["kl_step"](state, {**batch, "anchor": next(anchors)}, masks)
         if step % config.eval_every == 0 or step == config.finetune_steps:
             trajectory.append((step, evaluate(state.params)))
     return state.params, trajectory
@@ -363,13 +468,25 @@ def at_matched(t3: np.ndarray, t1: np.ndarray, level: float) -> float:
 # --- one seed ------------------------------------------------------------------------------------
 
 
-def eval_sets(config: Config) -> dict[str, Any]:
-    evals = {k: task_data(config, (getattr(config, k),), config.n_eval, seed=99) for k in ("t1", "t2", "t3")}
-    evals["t1_as_t3"] = sequence_tasks.with_answers_of(evals["t1"], config.t3,
-                                                       task_config(config, (config.t1,), config.n_eval, 99))
-    arrays = {k: sequence_tasks._as_arrays(v) for k, v in evals.items()}
-    return {"names": list(arrays), "tokens": jnp.asarray(np.concatenate([t for t, _ in arrays.values()])),
-            "mask": jnp.asarray(np.concatenate([m for _, m in arrays.values()])), "n": config.n_eval}
+def eval_sets(config: Config, table: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
+    """Held-out prompts (fixed rows; which T2 prompts are edited depends on the seed's edit), ``n_eval`` per set:
+
+    ``t1`` T1; ``t2`` T2 prompts without an edited key (the facts kept); ``t3`` T2 prompts with an edited key,
+    answered with the new table (the edit); ``t3_old`` the same prompts with the old answers (the old fact
+    kept); ``t1_as_t3`` T1 prompts answered as the edited lookup (the "ignore the task token" shortcut).
+    """
+    t2c, n = t2_config(config), config.n_eval
+    t1 = arrays(task_data(config, (config.t1,), n, seed=99))
+    pool = arrays(task_data(config, (config.t2,), 40 * n, seed=99))
+    edited = sequence_tasks.rows_with_keys(pool, keys, t2c)
+    if min(edited.sum(), (~edited).sum()) < n:
+        raise ValueError(f"only {edited.sum()} edited and {(~edited).sum()} unedited T2 prompts among {40 * n}; "
+                         f"n_edit={config.n_edit} of n_symbols={config.n_symbols} leaves too few of one kind.")
+    sets = {"t1": t1, "t2": take(pool, ~edited, n),
+            "t3": sequence_tasks.with_lookup_table(take(pool, edited, n), table, t2c),
+            "t3_old": take(pool, edited, n), "t1_as_t3": sequence_tasks.with_lookup_table(t1, table, t2c)}
+    return {"names": list(sets), "tokens": jnp.asarray(np.concatenate([v["tokens"] for v in sets.values()])),
+            "mask": jnp.asarray(np.concatenate([v["loss_mask"] for v in sets.values()])), "n": n}
 
 
 def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np.ndarray:
@@ -378,48 +495,71 @@ def accuracies(config: Config, stacked_params: Any, evals: dict[str, Any]) -> np
     return correct.reshape(correct.shape[0], len(evals["names"]), evals["n"]).mean(-1)
 
 
+FOUR = ("full_ft_unfrozen", "full_ft", "circuit", "random")
+
+
 def run_plan(config: Config, masks: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """``[(group, arm, mask)]``: every arm and the budget curve at the headline replay, the KL group's
+    headline arms, four arms elsewhere, and the 50%-replay upper bound."""
     headline = ("full_ft_unfrozen", "full_ft", *MASKED)
-    plan = [("t3only", arm, masks[arm]) for arm in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
+    plan = [("edit", arm, masks[arm]) for arm in FOUR]
     plan += [(group_name(r), arm, m) for r in config.replays for arm, m in masks.items()
-             if r == config.replay or arm in headline]     # the budget curve at the headline replay only
+             if arm in FOUR or r == config.replay]       # the other arms and the budget curve: headline only
     plan.append(("joint", "full_ft_unfrozen", masks["full_ft_unfrozen"]))
+    plan += [("kl", arm, masks[arm]) for arm in headline]
     return plan
 
 
-def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool = True,
+def run_seed(config: Config, seed: int, *, progress: bool = True,
              keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     params = base_model(config, seed, progress=progress)
+    table, keys = edit(config, seed)
+    evals = eval_sets(config, table, keys)
     names = evals["names"]
     before = dict(zip(names, accuracies(config, stack([params]), evals)[0]))
     t1_batch = next(batches(task_data(config, (config.t1,), config.n_attribution, seed=3000 + seed),
                             config.n_attribution, seed))
     masks = {arm: dense(m, params) for arm, m in arm_masks(config, params, t1_batch, seed).items()}
     plan = run_plan(config, masks)
-    t3_rows = task_data(config, (config.t3,), config.n_train, seed=2000 + seed)
-    old_rows = task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed)  # the pretraining rows
-    data = {"t3only": sequence_tasks.replay_mixture(t3_rows, old_rows, 0.0, seed=seed),
-            "joint": sequence_tasks.replay_mixture(t3_rows, old_rows, config.joint_replay, seed=seed)}
-    data.update({group_name(r): sequence_tasks.replay_mixture(t3_rows, old_rows, r, seed=seed)
-                 for r in config.replays})
-    _, trajectory = finetune_runs(config, params, plan, data, lambda p: accuracies(config, p, evals), seed,
-                                  progress=progress)
-    curve = np.stack([acc for _, acc in trajectory])          # [n_evals, n_runs, n_sets]
+    new, old = finetune_data(config, table, keys, seed)
+    data = {"edit": mixture(new, old, 0.0, seed), "joint": mixture(new, old, config.joint_replay, seed),
+            "kl": mixture(new, old, 0.0, seed)}
+    data.update({group_name(r): mixture(new, old, r, seed) for r in config.replays})
+    evaluate = lambda p: accuracies(config, p, evals)
+    plain = [run for run in plan if run[0] != "kl"]
+    _, trajectory = finetune_runs(config, params, plain, {g: data[g] for g in {r[0] for r in plain}}, evaluate,
+                                  seed, progress=progress)
+    with_kl = [run for run in plan if run[0] == "kl"]
+    _, kl_trajectory = finetune_runs(config, params, with_kl, {"kl": data["kl"]}, evaluate, seed,
+                                     anchor=anchor_pool(config, params, keys, seed), progress=progress)
+    plan = plain + with_kl
+    curve = np.concatenate([np.stack([acc for _, acc in trajectory]),
+                            np.stack([acc for _, acc in kl_trajectory])], axis=1)   # [n_evals, n_runs, n_sets]
     col = {name: i for i, name in enumerate(names)}
     total = n_params(params)
-    out: dict[str, dict[str, float]] = {"world": {f"base_{k}": float(v) for k, v in before.items()}}
+    out: dict[str, dict[str, float]] = {"world": {f"base_{k}_acc" if k in ("t1", "t2", "t3") else f"base_{k}": float(v)
+                                                  for k, v in before.items()}}
     reference = {g: i for i, (g, arm, _) in enumerate(plan) if arm == "full_ft_unfrozen"}
+    level: dict[str, float] = {}     # a T3 level every main arm of the group reaches: compare T1 there
+    for i, (group, arm, _) in enumerate(plan):
+        if not arm.startswith(("circuit_b", "random_b")):
+            level[group] = min(level.get(group, np.inf), float(curve[-1, i, col["t3"]]))
+    ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
     for i, (group, arm, mask) in enumerate(plan):
         final = curve[-1, i]
         full_t3 = curve[-1, reference[group], col["t3"]]
-        ratio = lambda a, b: float(a / b) if b > 0 else float("nan")
         t1_ret = curve[:, i, col["t1"]] / before["t1"] if before["t1"] > 0 else np.full(len(curve), np.nan)
-        matched = at_matched(curve[:, i, col["t3"]], t1_ret, T3_TARGET * full_t3)
+        matched = at_matched(curve[:, i, col["t3"]], t1_ret, level[group])
         out[f"{group}_{arm}"] = {
             "t1_acc": float(final[col["t1"]]), "t2_acc": float(final[col["t2"]]), "t3_acc": float(final[col["t3"]]),
-            "t1_retention": ratio(final[col["t1"]], before["t1"]), "t2_retention": ratio(final[col["t2"]], before["t2"]),
-            "t3_rel_full_ft": ratio(final[col["t3"]], full_t3), "t1_as_t3": float(final[col["t1_as_t3"]]),
+            "t3_old": float(final[col["t3_old"]]),
+            "t1_retention": ratio(final[col["t1"]], before["t1"]),
+            "t2_retention": ratio(final[col["t2"]], before["t2"]),
+            "t3_rel_full_ft": ratio(final[col["t3"]], full_t3),
+            "t3_rel_edit_full_ft": ratio(final[col["t3"]], curve[-1, reference["edit"], col["t3"]]),
+            "t1_as_t3": float(final[col["t1_as_t3"]]),
             "t1_retention_at_matched_t3": matched, "reached_matched_t3": float(np.isfinite(matched)),
+            "matched_t3_level": level[group],
             "frozen_fraction": frozen_count(mask, params) / total}
     if keep is not None:
         keep.setdefault("leaf_fractions", {arm: leaf_fractions(masks[arm], params)
@@ -434,12 +574,12 @@ def run_seed(config: Config, seed: int, evals: dict[str, Any], *, progress: bool
 
 
 def pairs(config: Config) -> list[tuple[str, str]]:
-    out = [("t3only_circuit", "t3only_random")]
-    for r in config.replays:
-        g = group_name(r)
-        out += [(f"{g}_circuit", f"{g}_{b}") for b in ("random", "layers", "elements", "full_ft", "full_ft_unfrozen")]
-        out.append((f"{g}_full_ft", f"{g}_full_ft_unfrozen"))
     g = group_name(config.replay)
+    out = []
+    for group in ("edit", *(group_name(r) for r in config.replays), "kl"):
+        others = ("random", "layers", "elements") if group in (g, "kl") else ("random",)
+        out += [(f"{group}_circuit", f"{group}_{b}") for b in (*others, "full_ft", "full_ft_unfrozen")]
+        out.append((f"{group}_full_ft", f"{group}_full_ft_unfrozen"))
     out += [(f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}")
             for b in config.budgets if b != config.budget]
     return out
@@ -451,7 +591,10 @@ def targets(config: Config, s: dict[str, Any]) -> dict[str, float]:
     key = f"{g}_circuit_minus_{g}_random.t1_retention"
     gain, se = s[f"{key}_mean"], s[f"{key}_se"]
     ok = lambda x: bool(x is not None and np.isfinite(x))
-    return {"targets.t1_retention_met": float(ok(s[f"{g}_circuit.t1_retention_mean"])
+    upper = "kl_full_ft_unfrozen"
+    up_t1, up_t3 = s[f"{upper}.t1_retention_mean"], s[f"{upper}.t3_rel_edit_full_ft_mean"]
+    return {"targets.upper_bound_met": float(ok(up_t1) and ok(up_t3) and up_t1 >= T1_TARGET and up_t3 >= T3_TARGET),
+            "targets.t1_retention_met": float(ok(s[f"{g}_circuit.t1_retention_mean"])
                                               and s[f"{g}_circuit.t1_retention_mean"] >= T1_TARGET),
             "targets.t3_rel_met": float(ok(s[f"{g}_circuit.t3_rel_full_ft_mean"])
                                         and s[f"{g}_circuit.t3_rel_full_ft_mean"] >= T3_TARGET),
@@ -481,11 +624,14 @@ def plot(config: Config, s: dict[str, Any], out_dir: Path) -> None:
         k = f"{g}_{arm}"
         ax.errorbar(s[f"{k}.t3_acc_mean"], s[f"{k}.t1_retention_mean"], xerr=s[f"{k}.t3_acc_std"],
                     yerr=s[f"{k}.t1_retention_std"], fmt=m, c=c, ms=8, capsize=3, label=arm)
-    for k, label in (("t3only_full_ft_unfrozen", "T3 only"), ("joint_full_ft_unfrozen", "50% replay (upper bound)")):
+    for k, label in (("edit_full_ft_unfrozen", "edit only, full FT"),
+                     ("kl_full_ft_unfrozen", "KL, full FT (upper bound)"),
+                     ("joint_full_ft_unfrozen", "50% replay, full FT")):
         ax.errorbar(s[f"{k}.t3_acc_mean"], s[f"{k}.t1_retention_mean"], fmt="P", ms=9, label=label)
     ax.axhline(T1_TARGET, ls="--", c="tab:green", lw=1)
     ax.axvline(T3_TARGET * s[f"{g}_full_ft_unfrozen.t3_acc_mean"], ls=":", c="tab:green", lw=1)
-    ax.set(xlabel=f"T3 ({config.t3}) accuracy", ylabel="T1 retention", xlim=(-0.03, 1.03), ylim=(-0.03, 1.05),
+    ax.set(xlabel=f"T3 (the {config.n_edit} edited {config.t2} facts) accuracy", ylabel="T1 retention",
+           xlim=(-0.03, 1.03), ylim=(-0.03, 1.05),
            title=f"{100 * config.replay:g}% replay, {100 * config.budget:g}% budget ({int(s['n_seeds'])} seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -498,12 +644,13 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
     pm = lambda k, m: _runner.pm(s, k, m)
     yes = lambda flag: "met" if s[flag] else "NOT met"
     metrics = ["frozen_fraction", "t1_retention", "t1_retention_at_matched_t3", "t2_retention", "t3_acc",
-               "t3_rel_full_ft", "t1_as_t3"]
-    groups = ["t3only", *(group_name(r) for r in config.replays), "joint"]
+               "t3_rel_full_ft", "t3_old", "t1_as_t3"]
+    groups = ["edit", *(group_name(r) for r in config.replays), "joint", "kl"]
     headline = [f"{g}_{a}" for a in ("full_ft_unfrozen", "full_ft", *MASKED)]
-    others = [f"t3only_{a}" for a in ("full_ft_unfrozen", "full_ft", "circuit", "random")]
-    others += [f"{group_name(r)}_{a}" for r in config.replays if r != config.replay
-               for a in ("full_ft_unfrozen", "full_ft", *MASKED)] + ["joint_full_ft_unfrozen"]
+    kl = [f"kl_{a}" for a in ("full_ft_unfrozen", "full_ft", *MASKED)]
+    others = [f"edit_{a}" for a in FOUR]
+    others += [f"{group_name(r)}_{a}" for r in config.replays if r != config.replay for a in FOUR]
+    others += ["joint_full_ft_unfrozen"]
     curve_rows = []
     for b in config.budgets:
         c_, r_ = f"{g}_{budget_name('circuit', b, config)}", f"{g}_{budget_name('random', b, config)}"
@@ -518,18 +665,26 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
     lines = [
         f"## Surgical update ({int(s['n_seeds'])} seeds, {s['minutes']:.1f} min)",
         "",
-        f"T1 = {config.t1}, T2 = {config.t2}, T3 = {config.t3} (T1's format, another task token). Base model "
-        f"(pretrained once per seed, cached): T1 {pm('world', 'base_t1_acc')}, T2 {pm('world', 'base_t2_acc')}, "
-        f"T3 {pm('world', 'base_t3_acc')}; T1 prompts already answered as T3: {pm('world', 'base_t1_as_t3')}.",
+        f"T1 = {config.t1}, T2 = {config.t2}; T3 = an edit of T2: new values for {config.n_edit} of its "
+        f"{config.n_symbols} keys (a new edit per seed), the other T2 facts kept. Base model (pretrained once per "
+        f"seed, cached): T1 {pm('world', 'base_t1_acc')}, T2 (unedited facts) {pm('world', 'base_t2_acc')}, "
+        f"T3 {pm('world', 'base_t3_acc')} (old answers to edited prompts: {pm('world', 'base_t3_old')}); T1 prompts "
+        f"already answered as the edited lookup: {pm('world', 'base_t1_as_t3')}.",
         "",
         "**Is the world fair?**",
-        f"- Shortcut, measured: fine-tuned on T3 alone (`t3only`), T1 prompts answered as T3: "
-        f"{pm('t3only_full_ft_unfrozen', 't1_as_t3')} (full FT), {pm('t3only_circuit', 't1_as_t3')} (circuit frozen); "
-        f"T1 retention {pm('t3only_full_ft_unfrozen', 't1_retention')} / {pm('t3only_circuit', 't1_retention')}. "
-        f"With {100 * config.replay:g}% replay: {pm(f'{g}_full_ft_unfrozen', 't1_as_t3')} answered as T3.",
-        f"- Upper bound: 50% replay, nothing frozen: T1 retention {pm('joint_full_ft_unfrozen', 't1_retention')}, "
-        f"T3 {pm('joint_full_ft_unfrozen', 't3_acc')} (T3 / the {100 * config.replay:g}%-replay full FT: "
-        f"{s['joint_full_ft_unfrozen.t3_acc_mean'] / max(s[f'{g}_full_ft_unfrozen.t3_acc_mean'], 1e-9):.3f}).",
+        f"- Upper bound (`kl_full_ft_unfrozen`: nothing frozen, the edit + {config.kl_weight:g} × KL to the old "
+        f"model on unlabelled T1 and unedited T2 prompts): T1 retention {pm('kl_full_ft_unfrozen', 't1_retention')}, "
+        f"T3 {pm('kl_full_ft_unfrozen', 't3_acc')} = {pm('kl_full_ft_unfrozen', 't3_rel_edit_full_ft')} of the "
+        f"unconstrained edit's T3 ({pm('edit_full_ft_unfrozen', 't3_acc')}): "
+        f"{yes('targets.upper_bound_met')} (T1 ≥ {T1_TARGET}, T3 ≥ {T3_TARGET:.0%}). 50% labelled replay "
+        f"(`joint`): T1 retention {pm('joint_full_ft_unfrozen', 't1_retention')}, T3 "
+        f"{pm('joint_full_ft_unfrozen', 't3_acc')}.",
+        f"- What the masks have to protect: the edit alone (`edit_full_ft_unfrozen`) leaves T1 retention "
+        f"{pm('edit_full_ft_unfrozen', 't1_retention')}; with {100 * config.replay:g}% replay "
+        f"{pm(f'{g}_full_ft_unfrozen', 't1_retention')}.",
+        f"- Shortcut, measured: T1 prompts answered as the edited lookup (ignoring the task token): "
+        f"{pm('edit_full_ft_unfrozen', 't1_as_t3')} (edit only, full FT), {pm(f'{g}_circuit', 't1_as_t3')} "
+        f"({100 * config.replay:g}% replay, circuit). T1 is lost to interference, not to the shortcut.",
         "",
         f"**Headline: {100 * config.replay:g}% replay, masks of {100 * config.budget:g}% of the parameters** "
         "(frozen fraction includes the shared parameters):",
@@ -552,9 +707,19 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
         _common.markdown_table(["mask budget", "frozen fraction", "circuit T1", "random T1", "circuit − random",
                                 "circuit T3 rel", "random T3 rel"], curve_rows),
         "",
-        "Other groups:",
+        f"KL group (the edit + KL to the old model; `kl_full_ft_unfrozen` is the upper bound), masks of "
+        f"{100 * config.budget:g}%:",
+        "",
+        _runner.arm_table(s, kl, metrics),
+        "",
+        _runner.paired_table(s, [p for p in pairs(config) if p[0].startswith("kl_")], ["t1_retention", "t3_acc"]),
+        "",
+        "Other groups (the edit alone, the other replay sizes, 50% replay):",
         "",
         _runner.arm_table(s, others, metrics),
+        "",
+        _runner.paired_table(s, [p for p in pairs(config) if p[0].split("_")[0] not in (g, "kl")],
+                             ["t1_retention", "t3_acc"]),
         "",
         f"Frozen fraction per leaf kind (pooled over blocks; headline masks, seed {config.seeds[0]}):",
         "",
@@ -562,7 +727,8 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
         "",
         f"Config: {config.d_model}-wide, {config.n_layers}-layer transformer; pretraining {config.pretrain_steps} "
         f"steps on T1 + T2; fine-tuning {config.finetune_steps} steps (Adam, peak {config.finetune_lr:g}, warmup "
-        f"{config.finetune_warmup}, cosine decay), batch {config.finetune_batch}; groups {', '.join(groups)}.",
+        f"{config.finetune_warmup}, cosine decay), batch {config.finetune_batch}; KL: {config.kl_batch} anchor prompts "
+        f"per step from a pool of {config.n_anchor}; groups {', '.join(groups)}.",
         "",
         "![retention vs T3](retention_vs_t3.png)",
     ]
@@ -571,9 +737,8 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
 
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
     check_config(config)
-    evals = eval_sets(config)
     keep: dict[str, Any] = {}
-    result = _runner.run(NAME, config.seeds, lambda seed: run_seed(config, seed, evals, progress=progress, keep=keep),
+    result = _runner.run(NAME, config.seeds, lambda seed: run_seed(config, seed, progress=progress, keep=keep),
                          pairs=pairs(config), progress=progress)
     s = dict(result.summary)
     s.update(targets(config, s))

@@ -308,6 +308,63 @@ def with_answers_of(data: Any, task: str, config: SequenceTaskConfig) -> dict[st
     return {"tokens": out, "loss_mask": mask}
 
 
+def edit_lookup(config: SequenceTaskConfig, n_edit: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A fact edit of ``lookup``: ``n_edit`` keys (symbols) get new values; the other keys keep theirs.
+
+    Returns ``(table, keys)``: the edited table ``[n_symbols]`` (every edited key maps to a value other than
+    its old one, drawn from ``seed``) and the edited keys, sorted. Score a model on the edit with
+    :func:`with_lookup_table` and :func:`rows_with_keys`.
+
+    >>> c = SequenceTaskConfig(tasks=('lookup',), n_symbols=6)
+    >>> table, keys = edit_lookup(c, 2, seed=0)
+    >>> old = task_rules(c)['lookup']
+    >>> len(keys), bool((table[keys] != old[keys]).all()), int((table != old).sum())
+    (2, True, 2)
+    """
+    if not _is_int(n_edit) or not 1 <= n_edit <= config.n_symbols:
+        raise ValueError(f"n_edit = {n_edit!r}: expected an integer in 1..n_symbols = {config.n_symbols}.")
+    old = task_rules(config)["lookup"]
+    rng = _rng(seed, "edit_lookup")
+    keys = np.sort(rng.choice(config.n_symbols, size=n_edit, replace=False))
+    table = old.copy()
+    for k in keys:
+        table[k] = rng.choice(np.delete(np.arange(config.n_symbols), old[k]))
+    return table, keys
+
+
+def with_lookup_table(data: Any, table: Any, config: SequenceTaskConfig) -> dict[str, np.ndarray]:
+    """The same prompts answered token by token with ``table`` (``y[i] = table[x[i]]``), task token kept.
+
+    On ``lookup`` rows with an edited table (:func:`edit_lookup`) these are the edited facts; on other
+    tasks' prompts they measure the share answered as the edited lookup.
+
+    >>> c = SequenceTaskConfig(tasks=('lookup',), n_examples=1, length=3, n_symbols=4)
+    >>> describe(with_lookup_table(make_sequence_tasks(c), np.array([1, 2, 3, 0]), c)['tokens'][0], 4)
+    '<bos> <lookup> s0 s1 s0 -> s1 s2 s1'
+    """
+    tokens, mask = _as_arrays(data)
+    table = np.asarray(table)
+    if table.shape != (config.n_symbols,) or table.min() < 0 or table.max() >= config.n_symbols:
+        raise ValueError(f"table must have shape [n_symbols={config.n_symbols}] with values in "
+                         f"0..{config.n_symbols - 1}; got shape {table.shape}.")
+    if tokens.shape[1] != config.seq_len:
+        raise ValueError(f"rows have length {tokens.shape[1]}, but config.seq_len = {config.seq_len}.")
+    out = tokens.copy()
+    out[:, config.answer_slice] = table[tokens[:, 2:2 + config.length] - FIRST_SYMBOL_ID] + FIRST_SYMBOL_ID
+    return {"tokens": out, "loss_mask": mask}
+
+
+def rows_with_keys(data: Any, keys: Any, config: SequenceTaskConfig) -> np.ndarray:
+    """``[N]`` bool: does the row's input hold any of the symbols ``keys``?
+
+    >>> c = SequenceTaskConfig(tasks=('lookup',), n_examples=2, length=3, n_symbols=4)
+    >>> [describe(t, 4) for t in make_sequence_tasks(c)['tokens']], rows_with_keys(make_sequence_tasks(c), [2], c)
+    (['<bos> <lookup> s1 s0 s2 -> s3 s1 s0', '<bos> <lookup> s0 s1 s0 -> s1 s3 s1'], array([ True, False]))
+    """
+    tokens, _ = _as_arrays(data)
+    return np.isin(tokens[:, 2:2 + config.length] - FIRST_SYMBOL_ID, np.asarray(keys)).any(axis=1)
+
+
 def describe(tokens: Any, n_symbols: int) -> str:
     """A row as readable text (see :func:`token_names`).
 

@@ -186,3 +186,27 @@ def test_with_answers_of_scores_prompts_answered_as_another_task():
     np.testing.assert_array_equal(as_copy["tokens"][:, 6:], tokens[:, 2:5])             # copied answers
     with pytest.raises(ValueError, match="seq_len"):
         st.with_answers_of(rows, "copy", st.SequenceTaskConfig(length=4))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_symbols=st_.integers(2, 12), n_edit=st_.integers(1, 12), seed=st_.integers(0, 50))
+def test_edit_lookup_changes_exactly_the_edited_keys(n_symbols, n_edit, seed):
+    c = st.SequenceTaskConfig(tasks=("lookup",), n_examples=40, length=3, n_symbols=n_symbols)
+    if n_edit > n_symbols:
+        with pytest.raises(ValueError, match="n_edit"):
+            st.edit_lookup(c, n_edit, seed=seed)
+        return
+    table, keys = st.edit_lookup(c, n_edit, seed=seed)
+    old = st.task_rules(c)["lookup"]
+    assert sorted(np.flatnonzero(table != old).tolist()) == keys.tolist() and len(keys) == n_edit
+    assert table.min() >= 0 and table.max() < n_symbols
+    assert np.array_equal(st.edit_lookup(c, n_edit, seed=seed)[0], table)          # deterministic
+    rows = st.make_sequence_tasks(c)
+    edited = st.rows_with_keys(rows, keys, c)
+    relabelled = st.with_lookup_table(rows, table, c)
+    # Rows without an edited key keep their answer; rows with one change it; the prompt is untouched.
+    same = (relabelled["tokens"] == np.asarray(rows["tokens"])).all(axis=1)
+    assert np.array_equal(same, ~edited)
+    assert np.array_equal(relabelled["tokens"][:, :c.length + 3], np.asarray(rows["tokens"])[:, :c.length + 3])
+    with pytest.raises(ValueError, match="table must have shape"):
+        st.with_lookup_table(rows, table[:-1], c)

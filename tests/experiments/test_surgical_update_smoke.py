@@ -13,7 +13,7 @@ from experiments import surgical_update as su
 TINY = dataclasses.replace(su.QUICK, length=3, n_symbols=4, n_train=64, n_eval=32, n_attribution=32, d_model=16,
                            n_layers=1, n_heads=2, batch_size=16, pretrain_steps=20, warmup=5, finetune_steps=4, finetune_warmup=1,
                            eval_every=2, replays=(0.05,), replay=0.05, budgets=(0.1, 0.5), budget=0.1,
-                           seeds=(0, 1))
+                           n_edit=1, kl_batch=8, n_anchor=16, seeds=(0, 1))
 
 
 def test_main_writes_every_group_arm_and_target(results):
@@ -22,11 +22,14 @@ def test_main_writes_every_group_arm_and_target(results):
     runs = [f"{g}_{a}" for g, a, _ in su.run_plan(TINY, {a: None for a in
                                                             ("full_ft_unfrozen", "full_ft", "circuit", "random",
                                                              "circuit_b50", "random_b50", "layers", "elements")})]
-    assert len(runs) == 4 + 8 + 1          # t3only, r5 (headline arms and the budget curve), joint
+    assert len(runs) == 4 + 8 + 1 + 6      # edit, r5 (headline arms and the budget curve), joint, kl
     for run in runs:
-        for key in ("t1_acc", "t2_acc", "t3_acc", "t1_as_t3", "frozen_fraction", "reached_matched_t3"):
+        for key in ("t1_acc", "t2_acc", "t3_acc", "t3_old", "t1_as_t3", "frozen_fraction", "reached_matched_t3"):
             assert 0.0 <= saved[f"{run}.{key}_mean"] <= 1.0 and f"{run}.{key}_std" in saved
     assert saved["n_seeds"] == 2 and {saved[k] for k in saved if k.startswith("targets.")} <= {0.0, 1.0}
+    assert all(0.0 <= saved[f"world.base_{k}_mean"] <= 1.0
+               for k in ("t1_acc", "t2_acc", "t3_acc", "t3_old", "t1_as_t3"))
+    assert saved["kl_circuit_minus_kl_random.t1_retention_n"] == 2 and "targets.upper_bound_met" in saved
     assert saved["r5_circuit_minus_r5_random.t3_acc_n"] == 2 and "r5_circuit_minus_r5_random.t3_acc_se" in saved
     # Frozen sizes: nothing for full_ft_unfrozen, the shared parameters for full_ft, more for the masked arms.
     shared = saved["r5_full_ft.frozen_fraction_mean"]
@@ -36,7 +39,8 @@ def test_main_writes_every_group_arm_and_target(results):
     assert saved["r5_elements.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
     assert saved["r5_circuit_b50.frozen_fraction_mean"] > saved["r5_circuit.frozen_fraction_mean"]
     readme = (results / "surgical_update" / "README.md").read_text()
-    assert "| r5_circuit |" in readme and "Is the world fair?" in readme and "| embed.embedding |" in readme
+    assert "| r5_circuit |" in readme and "| kl_circuit |" in readme
+    assert "Is the world fair?" in readme and "| embed.embedding |" in readme
     assert (results / "surgical_update" / "retention_vs_t3.png").stat().st_size > 0
     # the base models were cached once per seed, under the test's cache folder
     assert len(list((results / "cache" / "pretrained").iterdir())) == 2
@@ -63,11 +67,12 @@ def test_masks_keep_their_promises_and_freezing_is_bit_exact():
     # Fine-tune a few runs with two data groups; frozen elements keep their bits, others move.
     plan = [("a", "full_ft_unfrozen", su.dense(masks["full_ft_unfrozen"], params)),
             ("b", "circuit", su.dense(masks["circuit"], params)), ("a", "random", su.dense(masks["random"], params))]
-    rows = su.task_data(TINY, (TINY.t3,), 64, seed=0)
-    evals = su.eval_sets(TINY)
-    tuned, trajectory = su.finetune_runs(TINY, params, plan, {"a": rows, "b": rows.shuffle(seed=1)},
+    rows = su.arrays(su.task_data(TINY, (TINY.t2,), 64, seed=0))
+    table, keys = su.edit(TINY, 0)
+    evals = su.eval_sets(TINY, table, keys)
+    tuned, trajectory = su.finetune_runs(TINY, params, plan, {"a": rows, "b": {k: v[::-1] for k, v in rows.items()}},
                                          lambda p: su.accuracies(TINY, p, evals), seed=0, progress=False)
-    assert [s for s, _ in trajectory] == [0, 2, 4] and trajectory[0][1].shape == (3, 4)
+    assert [s for s, _ in trajectory] == [0, 2, 4] and trajectory[0][1].shape == (3, 5)
     for i, (_, _, mask) in enumerate(plan):
         new = jax.tree.map(lambda x: np.asarray(x[i]), tuned)
         for d, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(new), jax.tree.leaves(params)):
@@ -85,3 +90,28 @@ def test_matched_t3_interpolates_and_config_is_checked():
         su.main(dataclasses.replace(TINY, budget=0.3), progress=False)
     with pytest.raises(ValueError, match="must be one of Config.replays"):
         su.main(dataclasses.replace(TINY, replay=0.03), progress=False)
+    with pytest.raises(ValueError, match="some T2 facts must stay unedited"):
+        su.main(dataclasses.replace(TINY, n_edit=TINY.n_symbols), progress=False)
+
+
+def test_edit_data_and_the_kl_anchor_are_consistent_with_the_old_model():
+    _, params = ids.init_transformer(su.model_config(TINY), seed=0)
+    table, keys = su.edit(TINY, 0)
+    new, old = su.finetune_data(TINY, table, keys, seed=0)
+    t2c = su.t2_config(TINY)
+    # Replay never holds an old answer to an edited key (it would contradict the edit); the edit rows use the new table.
+    lookup = old["tokens"][:, 1] == su.sequence_tasks.task_token_id(TINY.t2)
+    assert lookup.any() and not su.sequence_tasks.rows_with_keys(su.take(old, lookup), keys, t2c).any()
+    inputs = new["tokens"][:, 2:2 + TINY.length] - su.sequence_tasks.FIRST_SYMBOL_ID
+    assert np.array_equal(new["tokens"][:, TINY.length + 3:] - su.sequence_tasks.FIRST_SYMBOL_ID, table[inputs])
+    # The anchor prompts are answered by the old model itself, so the KL term is zero before any update.
+    anchor = su.anchor_pool(TINY, params, keys, seed=0)
+    c = su._compiled(TINY)
+    logits, _ = c["apply"](params, jax.numpy.asarray(anchor["tokens"][:, :-1]))
+    answer = slice(TINY.length + 2, None)
+    assert np.array_equal(np.asarray(logits).argmax(-1)[:, answer], anchor["tokens"][:, TINY.length + 3:])
+    state = jax.vmap(lambda p: ids.init_train_state(p, c["ft_opt"]))(su.stack([params]))
+    batch = {"tokens": new["tokens"][None, :8], "loss_mask": new["loss_mask"][None, :8],
+             "anchor": {k: v[:8] for k, v in anchor.items()}}
+    _, metrics = c["kl_step"](state, batch, su.stack([su.dense(ids.masks.full(params, False), params)]))
+    assert abs(float(metrics["kl"][0])) < 1e-5
