@@ -36,10 +36,8 @@ import optax
 
 from idesign import activations, probes, sae
 from idesign import preference as pref
+from idesign._types import Array, PyTree
 from idesign.generate import SamplingConfig, generate
-
-Array = jax.Array
-PyTree = Any
 
 __all__ = ["response_activations", "probe_pair_scores", "gradient_pair_scores", "behaviour_nll", "source_scores",
            "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k", "behaviour_rate",

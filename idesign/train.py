@@ -21,10 +21,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from idesign._types import Array
+from idesign._types import Array, Batch
 from idesign.hooks import TrainingOnly
 
-Batch = Mapping[str, Array]
 LossFn = Callable[[Any, Batch], tuple[Array, dict[str, Array]]]
 
 
