@@ -12,6 +12,9 @@ Positions = Literal["learned", "rotary"]
 Mlp = Literal["standard", "gated"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 RopeKind = Literal["linear", "llama3"]
+BlockNorms = Literal["pre", "pre_post", "post"]
+QkNorm = Literal["head", "proj"]
+LayerType = Literal["global", "sliding"]
 
 _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
@@ -20,6 +23,8 @@ _CHOICES = {
     "activation": ("gelu", "gelu_tanh", "silu", "relu"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16", "float16"),
+    "block_norms": ("pre", "pre_post", "post"),
+    "qk_norm": (None, "head", "proj"),
 }
 
 
@@ -81,6 +86,24 @@ class TransformerConfig:
       tie_embeddings: unembedding shares the token embedding matrix.
       dtype: computation dtype (softmax and norms always run in float32).
       param_dtype: storage dtype of the parameters (``'bfloat16'`` halves the memory of an imported model).
+      norm_unit_offset: norms multiply by ``1 + scale`` instead of ``scale`` (Gemma), so a zero scale is the identity.
+      block_norms: where each block's norms sit: ``'pre'`` (before attention and MLP: GPT-2, Llama), ``'pre_post'``
+        (also after each sublayer, before the residual add: Gemma 2/3), ``'post'`` (after each sublayer only: OLMo-2).
+      scale_embeddings: token embeddings are multiplied by ``sqrt(d_model)``, rounded to ``dtype`` first (Gemma).
+      attn_logit_softcap: attention scores become ``c * tanh(scores / c)`` before masking (Gemma 2); ``None``: off.
+      final_logit_softcap: logits become ``c * tanh(logits / c)`` (Gemma 2); ``None``: off.
+      query_pre_attn_scalar: scores are scaled by ``query_pre_attn_scalar ** -0.5`` instead of ``d_head ** -0.5``
+        (Gemma); ``None``: ``d_head``.
+      qk_norm: a norm on queries and keys before rotary: ``'head'`` over each head's ``d_head`` features, one scale
+        shared by the heads (Qwen3, Gemma 3), ``'proj'`` over the whole q / k projection (OLMo-2); ``None``: off.
+      layer_types: per layer, ``'global'`` (full causal attention) or ``'sliding'`` (the last ``sliding_window``
+        positions only); ``None``: every layer global. A tuple indexed by layer, so it can become data.
+      sliding_window: how many positions a sliding layer's query sees, itself included.
+      local_rope_theta: rotary base of the sliding layers, which then take no ``rope_scaling`` (Gemma 3: local
+        10k, global 1M with linear scaling); ``None``: every layer uses ``rope_theta`` and ``rope_scaling``.
+      rotary_pct: the fraction of each head's features that rotary rotates (the first ones; Pythia: 0.25).
+      parallel_residual: attention and MLP both read the block input and are added together,
+        ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX / Pythia); no ``resid_mid`` site then.
 
     >>> import idesign as ids
     >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).head_dim
@@ -108,8 +131,22 @@ class TransformerConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    norm_unit_offset: bool = False
+    block_norms: BlockNorms = "pre"
+    scale_embeddings: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    qk_norm: QkNorm | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
+    rotary_pct: float = 1.0
+    parallel_residual: bool = False
 
     def __post_init__(self):
+        if isinstance(self.layer_types, list):  # a list from JSON: stored as a tuple so the config stays hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
             _require_positive(name, getattr(self, name))
         for name in ("n_kv_heads", "d_head", "d_ff"):
@@ -129,8 +166,29 @@ class TransformerConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(f"TransformerConfig.rope_scaling must be a RopeScaling or None; got "
                             f"{type(self.rope_scaling).__name__}.")
-        if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError(f"TransformerConfig: rotary positions need an even d_head, got {self.head_dim}.")
+        if self.positions == "rotary" and self.rotary_dim % 2:
+            raise ValueError(f"TransformerConfig: rotary positions need an even number of rotated features; d_head="
+                             f"{self.head_dim} with rotary_pct={self.rotary_pct} rotates {self.rotary_dim}.")
+        if not 0 < self.rotary_pct <= 1:
+            raise ValueError(f"TransformerConfig.rotary_pct={self.rotary_pct!r}; expected a fraction in (0, 1].")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "local_rope_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"TransformerConfig.{name}={value!r}; expected a positive number or None.")
+        if self.sliding_window is not None:
+            _require_positive("sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.n_layers:
+                raise ValueError(f"TransformerConfig.layer_types={self.layer_types!r}; expected a tuple of n_layers="
+                                 f"{self.n_layers} entries, each 'global' or 'sliding'.")
+            bad = [(i, t) for i, t in enumerate(self.layer_types) if t not in ("global", "sliding")]
+            if bad:
+                raise ValueError(f"TransformerConfig.layer_types[{bad[0][0]}]={bad[0][1]!r}; expected 'global' or "
+                                 "'sliding'.")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise ValueError("TransformerConfig: layer_types has sliding layers but sliding_window is None.")
+        if self.parallel_residual and self.block_norms != "pre":
+            raise ValueError(f"TransformerConfig: parallel_residual needs block_norms='pre'; got {self.block_norms!r}.")
 
     @property
     def kv_heads(self) -> int:
@@ -139,6 +197,23 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading features of each head rotary rotates (``int(d_head * rotary_pct)``, as GPT-NeoX)."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer, the sliding window (``None``: global attention)."""
+        types = self.layer_types or ("global",) * self.n_layers
+        return tuple(self.sliding_window if t == "sliding" else None for t in types)
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """``(rope_theta, rope_scaling)`` of one layer: sliding layers use ``local_rope_theta`` when it is set."""
+        if self.local_rope_theta is not None and self.layer_windows[layer] is not None:
+            return self.local_rope_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @property
     def ff_dim(self) -> int:

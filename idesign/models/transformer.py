@@ -7,25 +7,28 @@ Site names follow one scheme (see :func:`site_names` and the README):
 =================================  ==============================================================
 ``embed``, ``pos_embed``           token embeddings; learned position embeddings (learned only)
 ``blocks.{i}.resid_pre``           residual stream entering block i
-``blocks.{i}.ln1.out``             attention-norm output
-``blocks.{i}.attn.q`` / ``k`` / ``v``  per-head queries, keys, values ``[B, T, H, Dh]`` (pre-rotary)
+``blocks.{i}.ln1.out``             attention-norm output (not with ``block_norms='post'``)
+``blocks.{i}.attn.q`` / ``k`` / ``v``  per-head queries, keys, values ``[B, T, H, Dh]`` (after QK-norm, pre-rotary)
 ``blocks.{i}.attn.pattern``        attention probabilities ``[B, H, T, S]``
 ``blocks.{i}.attn.z``              per-head mixed values ``[B, T, H, Dh]``
 ``blocks.{i}.attn.head_out``       per-head contribution to the residual ``[B, T, H, D]`` (only if hooked)
+``blocks.{i}.attn_post_norm.out``  post-attention norm output (``block_norms`` ``'pre_post'`` / ``'post'``)
 ``blocks.{i}.attn_out``            attention output added to the residual
-``blocks.{i}.resid_mid``           residual after attention
-``blocks.{i}.ln2.out``             MLP-norm output
+``blocks.{i}.resid_mid``           residual after attention (not with ``parallel_residual``)
+``blocks.{i}.ln2.out``             MLP-norm output (not with ``block_norms='post'``)
 ``blocks.{i}.mlp.hidden``          MLP hidden activation ``[B, T, F]`` (after the nonlinearity/gating)
+``blocks.{i}.mlp_post_norm.out``   post-MLP norm output (``block_norms`` ``'pre_post'`` / ``'post'``)
 ``blocks.{i}.mlp_out``             MLP output added to the residual
 ``blocks.{i}.resid_post``          residual stream leaving block i
 ``<dense>.in`` / ``<dense>.out``   input / output of every dense layer, named by its parameter path:
                                    ``blocks.{i}.attn.{q,k,v,o}_proj``, ``blocks.{i}.mlp.{up,gate,down}``, ``unembed``
-``final_norm``, ``logits``         final norm output; output logits
+``final_norm``, ``logits``         final norm output; output logits (after ``final_logit_softcap``)
 =================================  ==============================================================
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -146,16 +149,18 @@ def site_names(config: TransformerConfig) -> tuple[str, ...]:
     names = ["embed"] + (["pos_embed"] if config.positions == "learned" else [])
     for i in range(config.n_layers):
         b = f"blocks.{i}"
-        names += [f"{b}.resid_pre", f"{b}.ln1.out"]
+        pre, post = config.block_norms != "post", config.block_norms != "pre"
+        names += [f"{b}.resid_pre"] + ([f"{b}.ln1.out"] if pre else [])
         for p in ("q", "k", "v"):
             names += [f"{b}.attn.{p}_proj.in", f"{b}.attn.{p}_proj.out"]
         names += [f"{b}.attn.q", f"{b}.attn.k", f"{b}.attn.v", f"{b}.attn.pattern", f"{b}.attn.z",
-                  f"{b}.attn.o_proj.in", f"{b}.attn.head_out", f"{b}.attn.o_proj.out",
-                  f"{b}.attn_out", f"{b}.resid_mid", f"{b}.ln2.out"]
+                  f"{b}.attn.o_proj.in", f"{b}.attn.head_out", f"{b}.attn.o_proj.out"]
+        names += ([f"{b}.attn_post_norm.out"] if post else []) + [f"{b}.attn_out"]
+        names += ([] if config.parallel_residual else [f"{b}.resid_mid"]) + ([f"{b}.ln2.out"] if pre else [])
         for p in ("up", "gate") if config.mlp == "gated" else ("up",):
             names += [f"{b}.mlp.{p}.in", f"{b}.mlp.{p}.out"]
-        names += [f"{b}.mlp.hidden", f"{b}.mlp.down.in", f"{b}.mlp.down.out",
-                  f"{b}.mlp_out", f"{b}.resid_post"]
+        names += [f"{b}.mlp.hidden", f"{b}.mlp.down.in", f"{b}.mlp.down.out"]
+        names += ([f"{b}.mlp_post_norm.out"] if post else []) + [f"{b}.mlp_out", f"{b}.resid_post"]
     return tuple(names + ["final_norm", "unembed.in", "unembed.out", "logits"])
 
 
@@ -173,19 +178,29 @@ def _activation(name: str):
 
 
 class Norm(nnx.Module):
-    """LayerNorm or RMSNorm (params ``scale`` and, for LayerNorm, ``bias``), computed in float32."""
+    """LayerNorm or RMSNorm (params ``scale`` and, for LayerNorm, ``bias``) over the last axis, computed in float32.
 
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    With ``config.norm_unit_offset`` the multiplier is ``1 + scale`` (Gemma) and ``scale`` starts at zero.
+    ``dim`` is the normalised width (default ``d_model``; QK-norms use ``d_head`` or the projection's width).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs, dim: int | None = None):
+        dim = dim or config.d_model
         self.kind, self.eps, self.out_dtype = config.norm, config.norm_eps, config.compute_dtype
-        self.scale = nnx.Param(jnp.ones((config.d_model,), config.storage_dtype))
+        self.unit_offset = config.norm_unit_offset
+        init = jnp.zeros if self.unit_offset else jnp.ones
+        self.scale = nnx.Param(init((dim,), config.storage_dtype))
         if config.norm == "layernorm":
-            self.bias = nnx.Param(jnp.zeros((config.d_model,), config.storage_dtype))
+            self.bias = nnx.Param(jnp.zeros((dim,), config.storage_dtype))
 
     def __call__(self, x: Array) -> Array:
         x = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.unit_offset:
+            scale = 1.0 + scale
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * scale
         if self.kind == "layernorm":
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(self.out_dtype)
@@ -249,14 +264,55 @@ def rotary(x: Array, positions: Array, theta: float, scaling: RopeScaling | None
     >>> bool(jnp.allclose(y[:, 0], x[:, 0])), bool(jnp.allclose(jnp.linalg.norm(y[:, 1]), 2.0))
     (True, True)
     """
-    half = x.shape[-1] // 2
-    freqs = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling))
+    return _rotate(x, positions, jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling)))
+
+
+def _rotate(x: Array, positions: Array, freqs: Array) -> Array:
+    """Rotate-half rotary on the first ``2 * len(freqs)`` features of each head; the rest pass through (GPT-NeoX)."""
+    rot = 2 * freqs.shape[-1]
+    half = rot // 2
     angles = positions.astype(jnp.float32)[..., None] * freqs            # [B, T, half]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
     xf = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    xr = xf[..., :rot] if rot < x.shape[-1] else xf
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], -1)
+    out = xr * cos + rotated * sin
+    if rot < x.shape[-1]:
+        out = jnp.concatenate([out, xf[..., rot:]], -1)
+    return out.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def layer_rope_table(config: TransformerConfig) -> np.ndarray:
+    """Every layer's rotary frequencies, ``[n_layers, rotary_dim // 2]`` (per-layer bases as data, indexable by layer).
+
+    >>> import idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=10, d_model=8, n_heads=1, n_layers=2, positions="rotary",
+    ...     layer_types=("sliding", "global"), sliding_window=4, rope_theta=100.0, local_rope_theta=10.0)
+    >>> ids.models.transformer.layer_rope_table(cfg)[:, 1].round(3).tolist()
+    [0.562, 0.316]
+    """
+    return np.stack([rope_frequencies(config.rotary_dim, *config.layer_rope(i)) for i in range(config.n_layers)])
+
+
+def _per_layer(values: Any, layer: int | Array) -> Any:
+    """``values[layer]``: static for a Python int layer; a gather from the stacked values for a traced one (scan)."""
+    return values[layer] if isinstance(layer, int) else jnp.asarray(values)[layer]
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _sliding_window_mask(mask: Array, positions: Array, key_valid: Array, window: int | Array) -> Array:
+    """``mask`` restricted to keys fewer than ``window`` positions back (by position, so left padding is skipped)."""
+    key_positions = jnp.cumsum(key_valid, axis=1) - 1                          # [B, S], valid slots in order
+    near = positions[:, :, None] - key_positions[:, None, :] < window            # [B, T, S]
+    windowed = mask & near
+    # A padding query (whose only allowed slot is itself) keeps its fallback so softmax stays finite.
+    return jnp.where(windowed.any(-1, keepdims=True), windowed, mask)
 
 
 class Attention(nnx.Module):
@@ -270,18 +326,28 @@ class Attention(nnx.Module):
         self.v_proj = _dense(c, d, c.kv_heads * hd, c.qkv_bias, rngs)
         # GPT-2-style scaled init of the projections that write into the residual stream.
         self.o_proj = _dense(c, c.n_heads * hd, d, c.out_bias, rngs, std=0.02 / (2 * c.n_layers) ** 0.5)
+        if c.qk_norm is not None:  # 'head': one scale over d_head shared by the heads; 'proj': the whole projection
+            self.q_norm = Norm(c, rngs=rngs, dim=hd if c.qk_norm == "head" else c.n_heads * hd)
+            self.k_norm = Norm(c, rngs=rngs, dim=hd if c.qk_norm == "head" else c.kv_heads * hd)
 
     def __call__(self, x: Array, sites: SiteRunner, prefix: str, positions: Array, mask: Array,
-                 cache: LayerCache | None, start: Array, key_valid: Array) -> tuple[Array, LayerCache | None]:
+                 cache: LayerCache | None, start: Array, key_valid: Array,
+                 layer: int | Array = 0) -> tuple[Array, LayerCache | None]:
         c = self.config
         B, T, _ = x.shape
         H, K, Dh = c.n_heads, c.kv_heads, c.head_dim
-        q = _call_dense(self.q_proj, sites, f"{prefix}.q_proj", x).reshape(B, T, H, Dh)
-        k = _call_dense(self.k_proj, sites, f"{prefix}.k_proj", x).reshape(B, T, K, Dh)
+        q = _call_dense(self.q_proj, sites, f"{prefix}.q_proj", x)
+        k = _call_dense(self.k_proj, sites, f"{prefix}.k_proj", x)
         v = _call_dense(self.v_proj, sites, f"{prefix}.v_proj", x).reshape(B, T, K, Dh)
+        if c.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = sites(f"{prefix}.q", q), sites(f"{prefix}.k", k), sites(f"{prefix}.v", v)
         if c.positions == "rotary":
-            q, k = rotary(q, positions, c.rope_theta, c.rope_scaling), rotary(k, positions, c.rope_theta, c.rope_scaling)
+            freqs = jnp.asarray(_per_layer(layer_rope_table(c), layer))
+            q, k = _rotate(q, positions, freqs), _rotate(k, positions, freqs)
         if cache is not None:
             keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (0, start, 0, 0))
             values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), (0, start, 0, 0))
@@ -294,8 +360,21 @@ class Attention(nnx.Module):
         # Grouped-query attention: query heads come in K groups of G sharing one key/value head.
         G = H // K
         qg = q.reshape(B, T, K, G, Dh).astype(jnp.float32)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)) / jnp.sqrt(Dh)
-        scores = scores.reshape(B, H, T, keys.shape[1])
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32))
+        if c.query_pre_attn_scalar is None:
+            scores = scores / jnp.sqrt(Dh)
+        else:  # Gemma: a fixed scale, independent of d_head
+            scores = scores * c.query_pre_attn_scalar ** -0.5
+        scores = _softcap(scores.reshape(B, H, T, keys.shape[1]), c.attn_logit_softcap)
+        windows = c.layer_windows
+        if any(w is not None for w in windows):
+            if isinstance(layer, int):
+                if windows[layer] is not None:
+                    mask = _sliding_window_mask(mask, positions, key_valid, windows[layer])
+            else:  # a traced layer index: global layers get a window no sequence reaches
+                big = np.iinfo(np.int32).max
+                mask = _sliding_window_mask(mask, positions, key_valid,
+                                            _per_layer(tuple(big if w is None else w for w in windows), layer))
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         pattern = sites(f"{prefix}.pattern", jax.nn.softmax(scores, axis=-1))
         z = jnp.einsum("bkgts,bskd->btkgd", pattern.reshape(B, K, G, T, -1), values.astype(jnp.float32))
@@ -337,21 +416,41 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: attention then MLP, each added to the residual (internal to :class:`Transformer`)."""
+    """Attention then MLP, each added to the residual (internal to :class:`Transformer`).
+
+    Norms sit before each sublayer (``block_norms='pre'``), also after it (``'pre_post'``, Gemma) or only after it
+    (``'post'``, OLMo-2); with ``parallel_residual`` both sublayers read the block input (GPT-NeoX).
+    """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        self.ln1 = Norm(config, rngs=rngs)
+        self.pre_norms, self.post_norms = config.block_norms != "post", config.block_norms != "pre"
+        self.parallel = config.parallel_residual
+        if self.pre_norms:
+            self.ln1 = Norm(config, rngs=rngs)
         self.attn = Attention(config, rngs=rngs)
-        self.ln2 = Norm(config, rngs=rngs)
+        if self.pre_norms:
+            self.ln2 = Norm(config, rngs=rngs)
         self.mlp = Mlp(config, rngs=rngs)
+        if self.post_norms:
+            self.attn_post_norm = Norm(config, rngs=rngs)
+            self.mlp_post_norm = Norm(config, rngs=rngs)
 
-    def __call__(self, x, sites, prefix, positions, mask, cache, start, key_valid):
+    def __call__(self, x, sites, prefix, positions, mask, cache, start, key_valid, layer: int | Array = 0):
         x = sites(f"{prefix}.resid_pre", x)
-        attn_out, cache = self.attn(sites(f"{prefix}.ln1.out", self.ln1(x)), sites, f"{prefix}.attn",
-                                    positions, mask, cache, start, key_valid)
-        x = sites(f"{prefix}.resid_mid", x + sites(f"{prefix}.attn_out", attn_out))
-        mlp_out = sites(f"{prefix}.mlp_out", self.mlp(sites(f"{prefix}.ln2.out", self.ln2(x)), sites, f"{prefix}.mlp"))
-        return sites(f"{prefix}.resid_post", x + mlp_out), cache
+        h = sites(f"{prefix}.ln1.out", self.ln1(x)) if self.pre_norms else x
+        attn_out, cache = self.attn(h, sites, f"{prefix}.attn", positions, mask, cache, start, key_valid, layer)
+        if self.post_norms:
+            attn_out = sites(f"{prefix}.attn_post_norm.out", self.attn_post_norm(attn_out))
+        attn_out = sites(f"{prefix}.attn_out", attn_out)
+        mid = x if self.parallel else sites(f"{prefix}.resid_mid", x + attn_out)
+        h = sites(f"{prefix}.ln2.out", self.ln2(mid)) if self.pre_norms else mid
+        mlp_out = self.mlp(h, sites, f"{prefix}.mlp")
+        if self.post_norms:
+            mlp_out = sites(f"{prefix}.mlp_post_norm.out", self.mlp_post_norm(mlp_out))
+        mlp_out = sites(f"{prefix}.mlp_out", mlp_out)
+        if self.parallel:  # GPT-NeoX's order of the sum
+            return sites(f"{prefix}.resid_post", mlp_out + attn_out + x), cache
+        return sites(f"{prefix}.resid_post", mid + mlp_out), cache
 
 
 class Transformer(nnx.Module):
@@ -387,6 +486,12 @@ class Transformer(nnx.Module):
         logits, _ = self.forward(tokens, sites, valid=valid)
         return logits, sites.captured
 
+    def _embed(self, tokens: Array) -> Array:
+        x = self.embed(tokens)
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(d_model) to the model's dtype before multiplying
+            x = x * jnp.asarray(self.config.d_model ** 0.5, self.config.compute_dtype)
+        return x
+
     def forward(self, tokens: Array, sites: SiteRunner, *, valid: Array | None = None,
                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
         """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given."""
@@ -411,18 +516,18 @@ class Transformer(nnx.Module):
 
         # `where`, not multiplication: a pad slot's embedding may be NaN (an out-of-range pad id) and must
         # not reach real positions through attention values (0 * NaN is NaN).
-        x = jnp.where(valid[..., None], sites("embed", self.embed(tokens)), 0)
+        x = jnp.where(valid[..., None], sites("embed", self._embed(tokens)), 0)
         if c.positions == "learned":
             x = x + sites("pos_embed", self.pos_embed(positions))
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start, key_valid)
+            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start, key_valid, i)
             new_layers.append(layer_cache)
         x = sites("final_norm", self.final_norm(x))
         x = sites("unembed.in", x)
         logits = self.embed.attend(x) if c.tie_embeddings else self.unembed(x)
-        logits = sites("logits", sites("unembed.out", logits.astype(jnp.float32)))
+        logits = sites("logits", _softcap(sites("unembed.out", logits.astype(jnp.float32)), c.final_logit_softcap))
         if cache is not None:
             cache = KVCache(tuple(new_layers), key_valid, start + T)
         return logits, cache
