@@ -293,7 +293,9 @@ def layer_rope_table(config: TransformerConfig) -> np.ndarray:
     >>> [round(float(f), 3) for f in ids.models.transformer.layer_rope_table(cfg)[:, 1]]  # local base 10, global 100
     [0.562, 0.316]
     """
-    return np.stack([rope_frequencies(config.rotary_dim, *config.layer_rope(i)) for i in range(config.n_layers)])
+    table = np.stack([rope_frequencies(config.rotary_dim, *config.layer_rope(i)) for i in range(config.n_layers)])
+    table.flags.writeable = False  # cached and shared between calls
+    return table
 
 
 def _per_layer(values: Any, layer: int | Array) -> Any:
