@@ -48,6 +48,7 @@ def _check_broadcast(kind: str, site: str, field: str, x: Array, site_shape: tup
         raise _broadcast_error(kind, site, field, shape, site_shape)
 
 
+@_treescope.rendered
 class Intervention:
     """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``.
 
@@ -66,9 +67,6 @@ class Intervention:
 
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
 
 @pytree_class(eq=True)

@@ -43,6 +43,7 @@ DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10)) 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the stopping rule needs float32 gradients
 
 
+@_treescope.rendered
 class LogisticProbe(NamedTuple):
     """A binary linear probe: ``logit(x) = ((x - mean) / scale) . w + b``.
 
@@ -68,10 +69,8 @@ class LogisticProbe(NamedTuple):
     mean: Array
     scale: Array
 
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
-
+@_treescope.rendered
 class SoftmaxProbe(NamedTuple):
     """A multinomial linear probe: ``logits(x) = ((x - mean) / scale) @ w + b``, one per class.
 
@@ -93,9 +92,6 @@ class SoftmaxProbe(NamedTuple):
     b: Array
     mean: Array
     scale: Array
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
 
 class FitInfo(NamedTuple):
