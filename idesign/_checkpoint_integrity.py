@@ -5,13 +5,14 @@ A leaf is described by a *spec*, compared by :func:`idesign.tree.leaf_diff`: a `
 specs before any read (:func:`check_target`). What was saved is also *fingerprinted* (dtype, shape and xxh3-64 of
 the host bytes) in the ``checksums`` item: per leaf, not per file, because orbax's OCDBT packs many arrays into
 shared data files, so a file checksum could not name the leaf. Whatever differs from what was saved raises
-:class:`CheckpointCorruptError` naming the leaf (:func:`check_record`, :func:`verify`, :func:`leaf_in_error`).
+:class:`CheckpointCorruptError` naming the leaf (:func:`check_record`, :func:`verify`, :func:`reading`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,17 +173,27 @@ def verify(record: Mapping[str, Any], by_name: Mapping[str, Any], corrupt: Any) 
                 raise corrupt(name, f"{key} differs from the one saved (saved {saved.get(key)}, read {read[key]})")
 
 
-def leaf_in_error(error: BaseException, location: Path) -> str | None:
-    """The leaf an orbax read error is about: its TensorStore spec's innermost kvstore ``path`` is the leaf's
-    name inside the checkpoint (keys joined by '.'); the other ``path``s are directories."""
+@contextlib.contextmanager
+def reading(corrupt: Callable[[str, str], Exception], where: str, reason: str = "unreadable", *,
+            leaf_from: Path | None = None) -> Iterator[None]:
+    """Any exception raised inside becomes ``corrupt(where, reason (error))``: what was saved fails to read, so its
+    files are damaged. With ``leaf_from`` (the checkpoint's path), ``where`` is the leaf the error names, if any."""
+    try:
+        yield
+    except CheckpointCorruptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the files are damaged
+        leaf = None if leaf_from is None else _leaf_in_error(e, leaf_from)
+        raise corrupt(leaf or where, f"{reason} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})") from e
+
+
+def _leaf_in_error(error: BaseException, location: Path) -> str | None:
+    # Orbax's read errors quote the TensorStore spec, whose innermost kvstore 'path' is the leaf's name inside
+    # the checkpoint (keys joined by '.'); the other 'path's are directories.
     text = "\n".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
     names = [p.rstrip("/") for p in re.findall(r"""\\?['"]path\\?['"]:\s*\\?['"]([^'"\\]+)""", text)]
     names = [n for n in names if n and not n.startswith("/") and "://" not in n and str(location) not in n]
     return names[-1] if names else None
-
-
-def first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
 
 
 _MAX_LISTED = 20

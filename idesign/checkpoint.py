@@ -111,31 +111,24 @@ def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: 
     def read_json(item: str) -> Any:
         if not (path / item).is_dir():
             return None
-        try:
+        with integrity.reading(corrupt, item):
             return checkpointer.restore(path, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
-        except Exception as e:  # noqa: BLE001 - any failure to read it means the file is damaged
-            raise corrupt(item, f"unreadable ({integrity.first_line(e)})") from e
 
     metadata, checksums = read_json(_METADATA), read_json(_CHECKSUMS)
-    try:
+    with integrity.reading(corrupt, f"{_STATE}/ tree metadata"):
         saved = checkpointer.metadata(path).item_metadata[_STATE]
         if saved is None:
             raise ValueError("no tree metadata")
-        saved = getattr(saved, "tree", saved)
-        saved_specs = jax.tree.map(integrity.saved_spec, saved)
-    except Exception as e:  # noqa: BLE001
-        raise corrupt(f"{_STATE}/ tree metadata", f"unreadable ({integrity.first_line(e)})") from e
+        saved_specs = jax.tree.map(integrity.saved_spec, getattr(saved, "tree", saved))
     if checksums is not None:
         integrity.check_record(checksums, saved_specs, corrupt)
     if target is not None:
         integrity.check_target(target, saved_specs, path / _STATE)
-    try:  # orbax accepts numpy scalars when saving but not as restore targets
+    # the target was checked above: what fails now is the files. Orbax takes numpy scalars to save, not as targets.
+    with integrity.reading(corrupt, f"{_STATE}/", "reading failed", leaf_from=path):
         args = ocp.args.StandardRestore(None if target is None else jax.tree.map(
             lambda x: np.asarray(x) if isinstance(x, np.generic) else x, target))
         restored = checkpointer.restore(path, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
-    except Exception as e:  # noqa: BLE001 - the target was checked above: what fails now is the files
-        raise corrupt(integrity.leaf_in_error(e, path) or f"{_STATE}/",
-                      f"reading failed ({integrity.first_line(e)})") from e
     by_name = tree_lib.named_leaves(restored)
     if verify and checksums is not None:
         integrity.verify(checksums, by_name, corrupt)
