@@ -129,7 +129,9 @@ def saved_spec(meta: Any) -> jax.ShapeDtypeStruct | str:
     if isinstance(meta, ocp.metadata.ScalarMetadata):
         return SCALAR
     shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-    return type(meta).__name__ if shape is None or dtype is None else jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    if shape is None or dtype is None:
+        return type(meta).__name__
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
 
 def fingerprint(leaf: Any) -> dict[str, Any] | None:

@@ -149,8 +149,8 @@ def _steps(directory: Path) -> list[int]:
 
 def _restore(checkpointer: ocp.Checkpointer, root: Path, target: PyTree | None, step: int | None, fallback: bool,
              verify: bool) -> tuple[PyTree, dict[str, Any]]:
-    """The restore of both :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`: ``step``, the
-    checkpoint ``root`` itself, or the newest step (with ``fallback``, the newest intact one, warning which it skipped)."""
+    """The restore of :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`: ``step``, the checkpoint
+    ``root`` itself, or the newest step (with ``fallback`` the newest intact one, warning which it skipped)."""
     steps = _steps(root)
     if step is not None:
         if int(step) not in steps:

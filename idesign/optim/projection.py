@@ -200,7 +200,7 @@ def _project_masked(x: Array, basis: Array, side: str, fixed: Array, onto: bool)
     return y.reshape(shape)
 
 
-#: Conjugate gradients of :func:`_project_masked_sides` stop at this relative residual ``‖F y‖ / ‖g‖`` (per pass).
+#: :func:`_project_masked_sides`' conjugate gradients stop at this residual ``‖F y‖ / ‖g‖`` (per pass).
 SIDES_CG_TOL = 1e-7
 #: Iteration cap of each conjugate-gradient pass.
 SIDES_CG_MAXITER = 1000
@@ -301,7 +301,7 @@ def _project_leaf(path: str, update: Any, spec: Any, onto: bool, others: Others,
         return x.astype(update.dtype)
     if len(specs) == 1:
         x = _project_masked(x, specs[0].basis.astype(compute), specs[0].side, fixed, onto)
-    elif "flat" in [s.side for s in specs] or x.ndim < 2:  # a flat projector does not commute with a side's: no joint projector
+    elif "flat" in [s.side for s in specs] or x.ndim < 2:  # the projectors do not commute: no joint projector
         raise NotImplementedError(
             f"subspace for {path}: the leaf (shape {update.shape}) has subspaces {[s.side for s in specs]} that act on "
             "one axis, and some, not all, of its elements are frozen; the joint projection needs commuting "
