@@ -1,11 +1,11 @@
 """treescope renderings of idesign's pytrees: interventions, subspaces, probes and masks.
 
 treescope is the ``notebook`` extra (flax 0.12 installs it too, since ``flax.nnx`` imports it); idesign
-imports it only inside these functions. The classes are decorated with :func:`rendered`, which gives them a
-``__treescope_repr__`` that is :func:`render`, called by treescope when it renders. Each object renders as its constructor (arrays shown
-by treescope as usual) followed by a one-line summary comment: what the intervention does, a
-subspace's rank, a probe's family and width. A mask is a plain dict of bool leaves, so it has no class
-to hook: :func:`mask_view` wraps one for display, with the frozen (selected) fraction of every leaf and
+imports it only inside these functions. The classes are decorated with :func:`rendered`, whose
+``__treescope_repr__`` is :func:`render`: each object renders as its constructor (arrays shown by
+treescope as usual) followed by a one-line summary comment: what the intervention does, a subspace's
+rank, a probe's family and width. A mask is a plain dict of bool leaves, so it has no class to hook:
+:func:`mask_view` wraps one for display, with the frozen (selected) fraction of every leaf and
 of the whole mask.
 
 >>> import numpy as np, idesign as ids

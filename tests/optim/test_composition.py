@@ -138,8 +138,8 @@ def test_joint_projection_is_the_closest_update_satisfying_both():
 
 @pytest.mark.parametrize("onto", [False, True], ids=["out", "onto"])
 def test_two_sided_joint_projection_is_the_explicit_projector_onto_the_intersection(onto):
-    # exact reference, float64: vec(Y) projected onto {y : y_frozen = 0} ∩ range(P), P = P_in ⊗ P_out (row-major vec),
-    # through an orthonormal basis of the null space of the stacked constraints [E_frozen; I - P]
+    # exact reference, float64: vec(Y) projected onto {y : y_frozen = 0} ∩ range(P), P = P_in ⊗ P_out (row-major
+    # vec), through an orthonormal basis of the null space of the stacked constraints [E_frozen; I - P]
     rng = np.random.default_rng(7)
     d, n = 5, 4
     ranks = (3, 2) if onto else (2, 1)
