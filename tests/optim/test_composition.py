@@ -168,6 +168,26 @@ def test_two_sided_joint_projection_is_the_explicit_projector_onto_the_intersect
     assert int(iterations) <= 2 * (4 * 3 + 8) and float(residual) < 1e-5   # the bounded count, the measured residual
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 7), n=st.integers(2, 7), frac=st.sampled_from([0.1, 0.3, 0.6]),
+       onto=st.booleans())
+def test_two_sided_joint_projection_keeps_both_guarantees_and_is_orthogonal(seed, d, n, frac, onto):
+    # a projection onto a linear subspace: frozen elements -0.0, no share outside P's range, and g - y ⟂ y
+    rng = np.random.default_rng(seed)
+    u, v = (sub.from_directions(rng.normal(size=(int(rng.integers(1, m)), m)), side=side)
+            for m, side in ((d, "input"), (n, "output")))
+    mask = rng.random((d, n)) < frac
+    g = rng.normal(size=(d, n))
+    from idesign.optim import apply_projection
+    y = np.asarray(apply_projection({"w": jnp.asarray(g, jnp.float32)}, {"w": (u, v)}, onto=onto,
+                                    freeze_mask={"w": mask})["w"], np.float64)
+    assert np.all(y[mask] == 0) and np.all(np.signbit(y[mask]))
+    pu, pv = (np.asarray(s.basis, np.float64).T @ np.asarray(s.basis, np.float64) for s in (u, v))
+    kept = pu @ y @ pv if onto else (np.eye(d) - pu) @ y @ (np.eye(n) - pv)
+    assert np.linalg.norm(y - kept) <= 1e-5 * max(np.linalg.norm(y), 1e-30)
+    assert abs(np.vdot(g - y, y)) <= 1e-4 * np.vdot(g, g)
+
+
 def test_a_one_axis_pair_of_subspaces_on_a_partly_frozen_leaf_is_refused_with_the_path():
     params = {"w": jnp.ones((3, 3))}
     both = (sub.Subspace(jnp.eye(9)[:1], "flat"), sub.Subspace(jnp.eye(3)[:1], "output"))
