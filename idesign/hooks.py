@@ -48,6 +48,7 @@ def _check_broadcast(kind: str, site: str, field: str, x: Array, site_shape: tup
         raise _broadcast_error(kind, site, field, shape, site_shape)
 
 
+@_treescope.rendered
 class Intervention:
     """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``.
 
@@ -66,9 +67,6 @@ class Intervention:
 
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
 
 @pytree_class(eq=True)
@@ -295,6 +293,9 @@ class SiteRunner:
                 self._chains[site] = self._chains.get(site, ()) + chain
         self.captured: dict[str, Array] = {}
         self.visited: set[str] = set()
+        #: ``[B, T]`` bool, real positions (set by a model that pads): at the others a hooked site keeps its
+        #: value from before the hooks, so a NaN a hook writes into padding cannot reach any gradient.
+        self.valid: Array | None = None
 
     def wants(self, site: str) -> bool:
         """Whether anything is hooked at ``site`` (so optional activations must be materialised)."""
@@ -302,11 +303,27 @@ class SiteRunner:
 
     def __call__(self, site: str, h: Array) -> Array:
         self.visited.add(site)
+        before = h
         for intervention in self._chains.get(site, ()):
             h = intervention.apply(site, h)
             if isinstance(intervention, Capture):
                 self.captured[site] = h
-        return h
+        real = self._real(site, before, h)
+        # The second `where` of the double-where trick: padding is masked in the forward pass by `where` (attention
+        # values, the loss), whose backward sends 0 there; but a dense layer's dW = Σ x ⊗ g still multiplies that
+        # 0 by the NaN input (0 * NaN = NaN). Keeping the pre-hook value at pad positions keeps every x finite.
+        return h if real is None else jnp.where(real, h, before)
+
+    def _real(self, site: str, before: Array, after: Array) -> Array | None:
+        """``valid`` broadcast to the site's layout (``[B, H, T, S]`` for attention patterns, else ``[B, T, ...]``)."""
+        if self.valid is None or after is before or getattr(after, "shape", None) != getattr(before, "shape", None):
+            return None
+        B, T = self.valid.shape
+        if site.endswith("pattern") and before.ndim == 4 and (before.shape[0], before.shape[2]) == (B, T):
+            return self.valid[:, None, :, None]
+        if before.ndim >= 2 and before.shape[:2] == (B, T):
+            return self.valid.reshape(B, T, *([1] * (before.ndim - 2)))
+        return None
 
     def check_all_visited(self) -> None:
         """Raises if a hooked site was never reached (e.g. a cache-only path skipped it)."""
