@@ -510,5 +510,5 @@ def _resample_state(state: Any, optimizer: optax.GradientTransformation, dead: A
 
 
 # Pretrained SAEs and the splice live in their own module; they are part of this one's API.
-from idesign._sae_pretrained import (ARCHITECTURES, NORMALIZATIONS, SAE, Splice,  # noqa: E402
+from idesign._sae_pretrained import (ARCHITECTURES, NORMALIZATIONS, SAE, Splice,  # noqa: E402,F401
                                      load_gemma_scope, load_saelens)
