@@ -52,6 +52,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import shutil
 import struct
 import threading
@@ -194,7 +195,10 @@ def _hooks_desc(hooks: Any) -> Any:
         return None
     chains = merge_hooks(hooks)
     leaves = b"".join(np.asarray(v).tobytes() for v in jax.tree_util.tree_leaves(jax.device_get(chains)))
-    return {"sites": {k: [type(i).__name__ for i in c] for k, c in chains.items()}, "values": _digest(leaves)}
+    # the structure holds static fields (a splice's `error`); addresses of functions are not identity across runs
+    structure = re.sub(r" at 0x[0-9a-f]+", "", str(jax.tree_util.tree_structure(chains)))
+    return {"sites": {k: [type(i).__name__ for i in c] for k, c in chains.items()}, "values": _digest(leaves),
+            "structure": _digest(structure.encode())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
