@@ -71,6 +71,7 @@ from idesign.hooks import merge_hooks, with_sub_sites
 FORMAT = "idesign.activation_store"
 VERSION = 1
 _TOKENS = "_tokens"
+_WRITE_THREAD = True
 _HEADER = 256  # bytes reserved for a .npy header; a multiple of 64, as the format asks
 
 
@@ -383,18 +384,23 @@ def _write_shard(root: pathlib.Path, i: int, apply: Any, params: Any, dataset: A
                     failure.append(e)
 
     worker = threading.Thread(target=drain, daemon=True)
-    worker.start()
+    if _WRITE_THREAD:
+        worker.start()
     try:
         for batch in stream_activations(apply, params, rows, sites, batch_size=batch_size,
                                         tokens_column=tokens_column, progress=False, **kwargs):
             if added_rows and "row" in batch and "position" in batch:
                 batch["row"] = batch["row"] + start  # rows of the whole dataset, not of this shard
-            pending.put(batch)
+            if _WRITE_THREAD:
+                pending.put(batch)
+            else:
+                write(batch)
             if failure:
                 break
     finally:
-        pending.put(None)
-        worker.join()
+        if _WRITE_THREAD:
+            pending.put(None)
+            worker.join()
     if failure:
         raise failure[0]
     info = {"dataset_rows": [start, stop], "rows": None, "arrays": {}}
