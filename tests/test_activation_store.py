@@ -177,3 +177,15 @@ def test_bad_arguments(tmp_path, model, data):
         st.open_store(tmp_path / "nothing")
     with pytest.raises(KeyError, match="unknown site"):
         st.write_store(tmp_path, apply, params, data, "blocks.9.resid_post", batch_size=4, progress=False)
+
+
+def test_a_datasets_dataset_is_read_shard_by_shard(tmp_path, model, data):
+    datasets = pytest.importorskip("datasets")
+    apply, params = model
+    ds = datasets.Dataset.from_dict({k: v.tolist() for k, v in data.items()})
+    store = st.write_store(tmp_path, apply, params, ds, SITES[0], batch_size=4, shard_rows=8, positions="last",
+                           progress=False)
+    expected = ids.collect_activations(apply, params, data, SITES[0], batch_size=4, positions="last", progress=False)
+    np.testing.assert_array_equal(store.read(SITES[0], np.arange(len(store))), expected[SITES[0]])
+    assert st.write_store(tmp_path, apply, params, ds, SITES[0], batch_size=4, shard_rows=8, positions="last",
+                          progress=False).complete   # resuming a complete store checks its token ids and skips it
