@@ -41,7 +41,7 @@ atomic per shard with a directory rename. zarr/tensorstore would add chunk-level
 >>> len(store), store.shape('blocks.0.resid_post'), store.n_shards
 (10, (10, 8), 3)
 >>> [b['label'].tolist() for b in store.batches(4, keys=['label'], shuffle=True, seed=0)]
-[[1, 0, 1, 0], [0, 1, 1, 1], [0, 0]]
+[[0, 0, 0, 1], [1, 1, 1, 0], [0, 1]]
 """
 
 from __future__ import annotations
