@@ -17,6 +17,7 @@ never again when only a direction, basis or mask changes.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,21 @@ class Intervention:
 
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def sub_sites(self, site: str) -> tuple[str, ...]:
+        """Sites this intervention exposes *inside* ``site`` (none by default).
+
+        An intervention that computes intermediate activations of its own (an SAE splice's features) names them
+        here and runs them through the model's :class:`SiteRunner` in :meth:`apply_in`, so hooks can capture,
+        steer or ablate them like any model site.
+        """
+        del site
+        return ()
+
+    def apply_in(self, site: str, h: Array, sites: "SiteRunner") -> Array:
+        """``apply`` with access to the runner, for interventions that expose :meth:`sub_sites`."""
+        del sites
+        return self.apply(site, h)
 
 
 @pytree_class(eq=True)
@@ -270,6 +286,25 @@ def merge_hooks(*hooks: Hooks | None) -> dict[str, tuple[Intervention, ...]]:
     return out
 
 
+def with_sub_sites(hooks: Hooks | None, site_names: Sequence[str]) -> list[str]:
+    """``site_names`` plus the sub-sites that interventions in ``hooks`` open (e.g. an SAE splice's features).
+
+    What hooks and ``sites=`` arguments may name when these hooks are in place.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> s = ids.sae.SAE.topk(jnp.eye(2), jnp.zeros(2), jnp.eye(2), jnp.zeros(2), k=1)
+    >>> ids.hooks.with_sub_sites({'b.*': ids.sae.Splice(s)}, ['a', 'b.0'])
+    ['a', 'b.0', 'b.0.sae.features', 'b.0.sae.error']
+    """
+    names = list(site_names)
+    for key, chain in merge_hooks(hooks).items():
+        bases = [n for n in site_names if fnmatch.fnmatchcase(n, key)]
+        for intervention in chain:
+            for base in bases:
+                names += [n for n in intervention.sub_sites(base) if n not in names]
+    return names
+
+
 class SiteRunner:
     """What a model calls at each activation site while it is traced.
 
@@ -288,8 +323,12 @@ class SiteRunner:
     def __init__(self, hooks: Hooks | None, site_names: Sequence[str]):
         chains = merge_hooks(hooks)
         self._chains: dict[str, tuple[Intervention, ...]] = {}
+        names = with_sub_sites(chains, site_names)
         for key, chain in chains.items():
-            for site in tree_lib.expand_patterns([key], site_names, what="site"):
+            # A chain that opens sub-sites (an SAE splice) resolves against the model's own sites only, so a
+            # pattern such as `blocks.0.*` never applies the splice to its own features.
+            nests = any(type(i).sub_sites is not Intervention.sub_sites for i in chain)
+            for site in tree_lib.expand_patterns([key], site_names if nests else names, what="site"):
                 self._chains[site] = self._chains.get(site, ()) + chain
         self.captured: dict[str, Array] = {}
         self.visited: set[str] = set()
@@ -305,7 +344,7 @@ class SiteRunner:
         self.visited.add(site)
         before = h
         for intervention in self._chains.get(site, ()):
-            h = intervention.apply(site, h)
+            h = intervention.apply_in(site, h, self)
             if isinstance(intervention, Capture):
                 self.captured[site] = h
         real = self._real(site, before, h)
