@@ -151,8 +151,8 @@ FULL = Config(n_known=600, n_unknown=240, n_families=30, d_model=256, n_layers=6
               attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16, rl_learning_rate=1e-4,
               gen_batch=1024, bon_prompts=1024)
 
-_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "n_obscure", "seq_len", "d_model", "n_layers",
-                "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
+_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "n_obscure", "seq_len",
+                "d_model", "n_layers", "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
 def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
