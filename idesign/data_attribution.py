@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idesign import activations, probes, sae
+from idesign import activations, hooks, probes, sae
 from idesign import preference as pref
 from idesign._types import Array, PyTree
 from idesign.generate import SamplingConfig, generate
 
-__all__ = ["response_activations", "probe_pair_scores", "gradient_pair_scores", "behaviour_nll", "source_scores",
+__all__ = ["response_activations", "probe_pair_scores", "probe_pair_scorer", "gradient_pair_scores", "behaviour_nll", "source_scores",
            "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k", "behaviour_rate",
            "response_feature_means", "feature_shift", "r2"]
 
@@ -54,6 +54,15 @@ def _check_pairs(rows: Mapping[str, Sequence[Any]], fn: str) -> None:
         if empty:
             raise ValueError(f"{fn}: the {side} responses of rows {empty[:8]} are empty; every pair needs a "
                              "non-empty chosen and rejected response.")
+
+
+def _encoded(rows: Mapping[str, Any], pad_id: int, fn: str) -> Mapping[str, Any]:
+    """``rows`` as :func:`idesign.preference.encode_pairs` arrays; already encoded rows pass through (so a
+    timing can leave the shared tokenisation out)."""
+    if "chosen_tokens" in rows:
+        return rows
+    _check_pairs(rows, fn)
+    return pref.encode_pairs(rows, pad_id=pad_id)
 
 
 def response_activations(apply: Callable, params: PyTree, rows: Mapping[str, Sequence[Any]], site: str, *,
@@ -92,6 +101,52 @@ def probe_pair_scores(probe: Any, acts: Mapping[str, Any]) -> np.ndarray:
         raise ValueError(f"probe_pair_scores: chosen activations {np.shape(acts['chosen'])} and rejected "
                          f"{np.shape(acts['rejected'])} differ; expected one row per pair on each side.")
     return np.asarray(probes.score(probe, acts["chosen"]) - probes.score(probe, acts["rejected"]))
+
+
+_PROBE_FNS: dict = {}
+
+
+def probe_pair_scorer(apply: Callable, site: str, *, pad_id: int) -> Callable[[PyTree, Any, Mapping[str, Any]], np.ndarray]:
+    """``scorer(params, probe, rows) -> [N]``: :func:`probe_pair_scores` of the pairs' mean response activations
+    as one jitted forward pass, the lean path for scoring a whole dataset. ``rows`` are pair columns or their
+    :func:`idesign.preference.encode_pairs` arrays.
+
+    Chosen and rejected sequences are padded to one length and run as a single batch with a capture at
+    ``site`` only; the mean over response tokens and the probe's dot product happen inside the same jitted
+    function, so nothing but the ``[N]`` scores returns to the host. The logits are not returned, so XLA
+    drops the layers after ``site`` and the unembedding (dead code). One compilation per ``(apply, site)``
+    and shape. Equal to ``probe_pair_scores(probe, response_activations(...))`` up to float rounding.
+
+    >>> import numpy as np, idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=9, d_model=8, n_heads=2, n_layers=1))
+    >>> probe = ids.probes.MassMeanProbe(w=np.ones(8, np.float32), b=np.array(0.0, np.float32))
+    >>> rows = {'prompt': [[1, 2]], 'chosen': [[3]], 'rejected': [[4, 5]]}
+    >>> scorer = da.probe_pair_scorer(apply, 'blocks.0.resid_post', pad_id=0)
+    >>> acts = da.response_activations(apply, params, rows, 'blocks.0.resid_post', pad_id=0)
+    >>> bool(np.allclose(scorer(params, probe, rows), da.probe_pair_scores(probe, acts), atol=1e-5))
+    True
+    """
+    key = (apply, site)
+    if key not in _PROBE_FNS:
+        @jax.jit
+        def scores(params, probe, tokens, valid, response):
+            _, captured = apply(params, tokens, hooks={site: hooks.Capture()}, valid=valid)
+            acts = captured[site].astype(jnp.float32)
+            w = response.astype(jnp.float32)
+            mean = (acts * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+            logits = probes.score(probe, mean)
+            n = tokens.shape[0] // 2
+            return logits[:n] - logits[n:]
+
+        _PROBE_FNS[key] = scores
+
+    def scorer(params: PyTree, probe: Any, rows: Mapping[str, Sequence[Any]]) -> np.ndarray:
+        b = _encoded(rows, pad_id, "probe_pair_scorer")
+        cat = lambda k: np.concatenate([b[f"chosen_{k}"], b[f"rejected_{k}"]])
+        return np.asarray(_PROBE_FNS[key](params, probe, cat("tokens"), cat("valid"), cat("mask") > 0))
+
+    return scorer
 
 
 def behaviour_nll(apply: Callable, prompts: Sequence[Sequence[int]], behaviour: Sequence[Sequence[int]], *,
@@ -136,6 +191,7 @@ def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, ro
                          batch_size: int = 64, normalize: bool = False) -> np.ndarray:
     """TracIn-style scores ``⟨∇_θ L_DPO(pair_i), ∇_θ L_behaviour⟩`` at ``params``, one per pair.
 
+    ``rows`` are pair columns or their :func:`idesign.preference.encode_pairs` arrays.
     Positive: a gradient step on the pair lowers the behaviour's loss (amplifies the behaviour). The per-pair
     gradients are ``jax.vmap(jax.grad(pair_loss))`` over a batch of pairs; the reference is held fixed.
     ``normalize=True`` divides by both gradients' norms (the cosine): raw dot products are dominated by the
@@ -145,9 +201,8 @@ def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, ro
     Raises:
       ValueError: a reference whose structure differs from ``params``', or malformed pairs.
     """
-    _check_pairs(rows, "gradient_pair_scores")
     pref._check_reference(params, ref_params)
-    batch = pref.encode_pairs(rows, pad_id=pad_id)
+    batch = _encoded(rows, pad_id, "gradient_pair_scores")
     key = (apply, float(beta), bool(normalize), int(batch_size))
     if key not in _GRADIENT_FNS:       # one compilation per model, β and options, whatever the parameters
         _GRADIENT_FNS[key] = _gradient_scores_fn(apply, float(beta), bool(normalize))
