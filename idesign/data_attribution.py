@@ -106,7 +106,8 @@ def probe_pair_scores(probe: Any, acts: Mapping[str, Any]) -> np.ndarray:
 _PROBE_FNS: dict = {}
 
 
-def probe_pair_scorer(apply: Callable, site: str, *, pad_id: int) -> Callable[[PyTree, Any, Mapping[str, Any]], np.ndarray]:
+def probe_pair_scorer(apply: Callable, site: str, *, pad_id: int,
+                      batch_size: int = 256) -> Callable[[PyTree, Any, Mapping[str, Any]], np.ndarray]:
     """``scorer(params, probe, rows) -> [N]``: :func:`probe_pair_scores` of the pairs' mean response activations
     as one jitted forward pass, the lean path for scoring a whole dataset. ``rows`` are pair columns or their
     :func:`idesign.preference.encode_pairs` arrays.
@@ -115,7 +116,9 @@ def probe_pair_scorer(apply: Callable, site: str, *, pad_id: int) -> Callable[[P
     ``site`` only; the mean over response tokens and the probe's dot product happen inside the same jitted
     function, so nothing but the ``[N]`` scores returns to the host. The logits are not returned, so XLA
     drops the layers after ``site`` and the unembedding (dead code). One compilation per ``(apply, site)``
-    and shape. Equal to ``probe_pair_scores(probe, response_activations(...))`` up to float rounding.
+    and shape. Pairs go through in chunks of ``batch_size`` (the last padded to the compiled shape): on a CPU,
+    one batch of every pair was measured 2x slower than chunks of 256. Equal to
+    ``probe_pair_scores(probe, response_activations(...))`` up to float rounding.
 
     >>> import numpy as np, idesign as ids
     >>> from idesign import data_attribution as da
@@ -143,8 +146,15 @@ def probe_pair_scorer(apply: Callable, site: str, *, pad_id: int) -> Callable[[P
 
     def scorer(params: PyTree, probe: Any, rows: Mapping[str, Sequence[Any]]) -> np.ndarray:
         b = _encoded(rows, pad_id, "probe_pair_scorer")
-        cat = lambda k: np.concatenate([b[f"chosen_{k}"], b[f"rejected_{k}"]])
-        return np.asarray(_PROBE_FNS[key](params, probe, cat("tokens"), cat("valid"), cat("mask") > 0))
+        n, out = len(b["chosen_tokens"]), []
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start:start + batch_size] for k, v in b.items()}
+            size = len(chunk["chosen_tokens"])
+            if size < batch_size and n > batch_size:   # pad the last chunk to the compiled shape
+                chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - size, 0)]) for k, v in chunk.items()}
+            cat = lambda k: np.concatenate([chunk[f"chosen_{k}"], chunk[f"rejected_{k}"]])
+            out.append(np.asarray(_PROBE_FNS[key](params, probe, cat("tokens"), cat("valid"), cat("mask") > 0))[:size])
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     return scorer
 
