@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 import idesign as ids
@@ -66,13 +67,14 @@ def measure(config: Config, n_layers: int, width: int) -> dict[str, float]:
     rng = np.random.default_rng(config.seed + 1)
     probe = ids.probes.MassMeanProbe(w=rng.normal(size=width).astype(np.float32), b=np.array(0.0, np.float32))
     scorer = da.probe_pair_scorer(apply, f"blocks.{n_layers - 1}.resid_post", pad_id=0)
-    behaviour = da.behaviour_nll(apply, rows["prompt"][:16], [[3, 4]] * 16, pad_id=0)
+    n_behaviour = min(16, config.n_pairs)      # the behaviour loss: a fixed two-token answer to a few prompts
+    behaviour = da.behaviour_nll(apply, rows["prompt"][:n_behaviour], [[3, 4]] * n_behaviour, pad_id=0)
     fns = {"probe": lambda: scorer(params, probe, encoded),
            "gradient": lambda: da.gradient_pair_scores(apply, params, params, encoded, behaviour, pad_id=0,
                                                        batch_size=config.grad_batch, normalize=True)}
     times = _common.time_interleaved(fns, config.repeats)
     probe_s, grad_s = _common.median(times["probe"]), _common.median(times["gradient"])
-    n_params = int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(params)))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     return {"n_params": n_params, "probe_s": probe_s, "gradient_s": grad_s, "ratio": probe_s / grad_s}
 
 

@@ -20,23 +20,29 @@ sources with the highest mean probe score dropped), ``dpo_random_filtered`` (``b
 
 Attribution: the probe is a logistic probe on the base model's mean response activation (last block's
 ``resid_post``), fitted on behaviour-labelled *concept* responses (not preference pairs); a pair's score is
-probe(chosen) − probe(rejected). The gradient baseline dots each pair's DPO gradient (at the base model,
+probe(chosen) − probe(rejected), scored by ``probe_pair_scorer`` (one jitted forward per chunk). The gradient baseline dots each pair's DPO gradient (at the base model,
 ``vmap(grad)``) with the gradient of the marker's NLL on the same concept prompts (the same information),
 normalised to a cosine (``gradient_cosine``; raw dot products rank by gradient size: their precision is
 reported as ``attribution.gradient_raw_precision_at_k``).
 ``precision_at_k``: share of the top ``budget`` pairs that are planted (at most planted / k when k exceeds
 the planted count); ``probe_time_ratio``: probe scoring time / gradient attribution time (warm, compile
-excluded, the fastest of ``timing_repeats`` runs; timings on a shared CPU are noisy).
+excluded, the fastest of ``timing_repeats`` runs, the pairs tokenised once untimed; timings on a shared CPU are noisy).
 
 Prediction: a TopK SAE on the base model's response-token activations (last ``resid_post``); predicted
 shift per feature = mean over pairs of (chosen − rejected) mean code; actual shift = mean code on the DPO
 model's sampled responses to held-out prompts minus on the base model's, both read through the base model.
-``prediction.r2`` is the squared correlation across features; the top predicted features are named by the
-token they fire on most.
+``prediction.r2`` is the squared correlation across the *studied* features, a set fixed from the base model's
+codes before any DPO (fire on >= ``min_firing`` of pair response tokens; the token a feature fires on most is not
+an entity value: a value feature's predicted shift is which entities the pairs ask about). ``prediction.oracle_r2``
+is the upper bound: the same actual-shift measurement on an independent DPO run (the random-filtered arm, every
+batch different, fresh samples) against the actual shift. Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
+``*_train_prompts`` (actual shift read on the pairs' prompts). The top predicted studied features are named by the
+token they fire on most and its planted meaning, with the part of the prediction from value-only pairs (a diagnostic
+that reads the world's marker flags).
 
 Metrics (``results/data_debugging/metrics.json``; ``_runner`` keys ``<arm>.<m>_mean/_std``, plus the names
 of issue 18 as the means over seeds): ``behaviour_rate.<arm>``, ``attribution.probe_precision_at_k``,
-``attribution.gradient_precision_at_k``, ``attribution.probe_time_ratio``, ``prediction.r2``,
+``attribution.gradient_precision_at_k``, ``attribution.probe_time_ratio``, ``prediction.r2``, ``prediction.oracle_r2``,
 ``behaviour_rate.probe_filtered_relative_cut`` (1 − probe_filtered / dpo).
 
 Run: ``python -m experiments.data_debugging --quick``.
