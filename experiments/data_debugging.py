@@ -20,23 +20,29 @@ sources with the highest mean probe score dropped), ``dpo_random_filtered`` (``b
 
 Attribution: the probe is a logistic probe on the base model's mean response activation (last block's
 ``resid_post``), fitted on behaviour-labelled *concept* responses (not preference pairs); a pair's score is
-probe(chosen) − probe(rejected). The gradient baseline dots each pair's DPO gradient (at the base model,
+probe(chosen) − probe(rejected), scored by ``probe_pair_scorer`` (one jitted forward per chunk). The gradient baseline dots each pair's DPO gradient (at the base model,
 ``vmap(grad)``) with the gradient of the marker's NLL on the same concept prompts (the same information),
 normalised to a cosine (``gradient_cosine``; raw dot products rank by gradient size: their precision is
 reported as ``attribution.gradient_raw_precision_at_k``).
 ``precision_at_k``: share of the top ``budget`` pairs that are planted (at most planted / k when k exceeds
 the planted count); ``probe_time_ratio``: probe scoring time / gradient attribution time (warm, compile
-excluded, the fastest of ``timing_repeats`` runs; timings on a shared CPU are noisy).
+excluded, the fastest of ``timing_repeats`` runs, the pairs tokenised once untimed; timings on a shared CPU are noisy).
 
 Prediction: a TopK SAE on the base model's response-token activations (last ``resid_post``); predicted
 shift per feature = mean over pairs of (chosen − rejected) mean code; actual shift = mean code on the DPO
 model's sampled responses to held-out prompts minus on the base model's, both read through the base model.
-``prediction.r2`` is the squared correlation across features; the top predicted features are named by the
-token they fire on most.
+``prediction.r2`` is the squared correlation across the *studied* features, a set fixed from the base model's
+codes before any DPO (fire on >= ``min_firing`` of pair response tokens; the token a feature fires on most is not
+an entity value: a value feature's predicted shift is which entities the pairs ask about). ``prediction.oracle_r2``
+is the upper bound: the same actual-shift measurement on an independent DPO run (the random-filtered arm, every
+batch different, fresh samples) against the actual shift. Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
+``*_train_prompts`` (actual shift read on the pairs' prompts). The top predicted studied features are named by the
+token they fire on most and its planted meaning, with the part of the prediction from value-only pairs (a diagnostic
+that reads the world's marker flags).
 
 Metrics (``results/data_debugging/metrics.json``; ``_runner`` keys ``<arm>.<m>_mean/_std``, plus the names
 of issue 18 as the means over seeds): ``behaviour_rate.<arm>``, ``attribution.probe_precision_at_k``,
-``attribution.gradient_precision_at_k``, ``attribution.probe_time_ratio``, ``prediction.r2``,
+``attribution.gradient_precision_at_k``, ``attribution.probe_time_ratio``, ``prediction.r2``, ``prediction.oracle_r2``,
 ``behaviour_rate.probe_filtered_relative_cut`` (1 − probe_filtered / dpo).
 
 Run: ``python -m experiments.data_debugging --quick``.
@@ -92,6 +98,7 @@ class Config:
     sae_features: int = 64
     sae_k: int = 4
     sae_steps: int = 1000
+    min_firing: float = 0.01        # studied features fire on at least this share of pair response tokens
     timing_repeats: int = 3
     gradient_cosine: bool = True    # the gradient baseline's stronger variant (raw dots: precision reported too)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -153,6 +160,15 @@ def token_name(spec: pw.PreferenceWorldSpec, t: int) -> str:
     return f"<value_{t - spec.value(0)}>"
 
 
+def meaning(spec: pw.PreferenceWorldSpec, t: int) -> str:
+    """The planted meaning of a response token."""
+    if t in spec.marker:
+        return "sycophantic marker"
+    if t == pw.EOS:
+        return "end of answer"
+    return "entity value" if t >= spec.value(0) else "other"
+
+
 def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float]]:
     spec = config.base.world
     world = pw.make_world(spec, seed, n_concept=config.n_concept)
@@ -173,15 +189,21 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     concept_acts = da.response_activations(apply, base, concept, site, pad_id=pw.PAD)["chosen"]
     probe = ids.probes.fit_logistic(concept_acts, world.concept["behaviour"], C=config.probe_C)
 
+    # The lean path: one jitted forward over chosen and rejected together, capture at `site` only, mean and dot
+    # product inside the jit (the layers after `site` are dead code). Checked against the collect path below.
+    scorer = da.probe_pair_scorer(apply, site, pad_id=pw.PAD)
+
+    encoded = pref.encode_pairs(rows, pad_id=pw.PAD)   # tokenisation is shared by both methods: not timed
+
     def probe_scores():
-        return da.probe_pair_scores(probe, da.response_activations(apply, base, rows, site, pad_id=pw.PAD))
+        return scorer(base, probe, encoded)
 
     marked = world.concept["behaviour"] == 1
     behaviour_loss = da.behaviour_nll(apply, [p for p, m in zip(world.concept["prompt"], marked) if m],
                                       [list(spec.marker)] * int(marked.sum()), pad_id=pw.PAD)
 
     def gradient_scores():
-        return da.gradient_pair_scores(apply, base, base, rows, behaviour_loss, pad_id=pw.PAD, beta=config.beta,
+        return da.gradient_pair_scores(apply, base, base, encoded, behaviour_loss, pad_id=pw.PAD, beta=config.beta,
                                        normalize=config.gradient_cosine)
 
     timings = {}
@@ -194,6 +216,8 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
             times.append(time.perf_counter() - t0)
         timings[name] = min(times)
     p_scores, g_scores = timings["probe_scores"], timings["gradient_scores"]
+    reference = da.probe_pair_scores(probe, da.response_activations(apply, base, rows, site, pad_id=pw.PAD))
+    np.testing.assert_allclose(p_scores, reference, rtol=1e-3, atol=1e-3)
     p_top, g_top = da.top_k(p_scores, k), da.top_k(g_scores, k)
     ranked_sources = list(da.source_scores(p_scores, pairs["source"]))
     dropped = ranked_sources[:config.n_drop_sources]
@@ -224,9 +248,22 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
              for s in ("chosen", "rejected")}
     predicted = da.feature_shift(feats["chosen"], feats["rejected"])
 
-    def generated_features(params):
-        prompts = np.repeat(world.eval_prompts, config.samples, 0)
-        gen = ids.generate(apply, params, prompts, max_new_tokens=spec.max_response_len, key=jax.random.key(seed + 1),
+    # The studied feature set, fixed from the base model's codes on the pairs before any DPO: features that
+    # fire on >= `min_firing` of response tokens, minus those tied to entity values (the token a feature fires on
+    # most is a value token). A value feature's predicted shift is P(chosen has v) - P(rejected has v), a fact
+    # about which entities the pairs ask about, which cannot carry over to other prompts.
+    codes = np.asarray(ids.sae.encode(sae_params, np.concatenate([token_acts["chosen"], token_acts["rejected"]]),
+                                      config.sae_k))
+    tok = np.asarray([t for side in ("chosen", "rejected") for r in rows[side] for t in r])
+    present = np.unique(tok)
+    top_token = present[np.argmax(np.stack([codes[tok == t].mean(0) for t in present]), axis=0)]
+    alive = (codes > 0).mean(0) >= config.min_firing
+    value_tied = top_token >= spec.value(0)
+    studied = alive & ~value_tied
+
+    def generated_features(params, prompts, key):
+        prompts = np.repeat(prompts, config.samples, 0)
+        gen = ids.generate(apply, params, prompts, max_new_tokens=spec.max_response_len, key=jax.random.key(key),
                            sampling=ids.SamplingConfig(temperature=1.0), eos_id=pw.EOS)
         responses = [[int(t) for t in r[:list(r).index(pw.EOS) + 1]] if pw.EOS in r else [int(t) for t in r]
                      for r in np.asarray(gen.tokens)]
@@ -235,17 +272,31 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
         return da.response_feature_means(sae_params, config.sae_k, acts["chosen"], acts["chosen_row"],
                                          len(prompts)).mean(0)
 
-    actual = generated_features(trained["dpo"]) - generated_features(base)
-    r2 = da.r2(predicted, actual)
-    # Name each feature by the response token it fires on most (mean code per token id).
-    codes = np.asarray(ids.sae.encode(sae_params, token_acts["chosen"], config.sae_k))
-    tok = np.asarray([t for r in rows["chosen"] for t in r])[:len(codes)]
-    top = np.argsort(-predicted)[:5]
-    named = []
-    for f in top:
-        ids_present = np.unique(tok)
-        best = ids_present[np.argmax([codes[tok == t, f].mean() for t in ids_present])]
-        named.append(f"{int(f)}:{token_name(spec, int(best))} (pred {predicted[f]:+.3f}, actual {actual[f]:+.3f})")
+    held = world.eval_prompts
+    train_prompts = np.unique(np.asarray(rows["prompt"], np.int32), axis=0)
+    base_held = generated_features(base, held, seed + 1)
+    actual = generated_features(trained["dpo"], held, seed + 1) - base_held
+    # Oracle (upper bound): the shift measured by an independent DPO run (random 95% of the pairs, so every batch
+    # differs) on fresh samples; it shows how far the actual shift itself is reproducible.
+    oracle = generated_features(trained["dpo_random_filtered"], held, seed + 2) - generated_features(base, held, seed + 2)
+    actual_train = (generated_features(trained["dpo"], train_prompts, seed + 3)
+                    - generated_features(base, train_prompts, seed + 3))
+    r2 = lambda x, y, m: da.r2(x[m], y[m]) if m.sum() >= 3 else float("nan")
+    everything = np.ones_like(studied)
+    prediction = {"r2": r2(predicted, actual, studied), "oracle_r2": r2(oracle, actual, studied),
+                  "r2_train_prompts": r2(predicted, actual_train, studied),
+                  "oracle_r2_train_prompts": r2(oracle, actual_train, studied),
+                  "r2_all": r2(predicted, actual, everything), "oracle_r2_all": r2(oracle, actual, everything),
+                  "r2_alive": r2(predicted, actual, alive), "n_studied": float(studied.sum()),
+                  "n_alive": float(alive.sum())}
+    top = [int(f) for f in np.argsort(-np.abs(np.where(studied, predicted, 0.0)))[:5]]
+    # Diagnostic (reads the world's marker flags, never used by the predictor): the part of each predicted shift
+    # that comes from pairs without the marker on either side, i.e. from right-vs-wrong value alone.
+    plain = ~(np.asarray(pairs["chosen_marker"], bool) | np.asarray(pairs["rejected_marker"], bool))
+    from_plain = (feats["chosen"][plain] - feats["rejected"][plain]).sum(0) / len(pairs)
+    named = [f"{f}:{token_name(spec, int(top_token[f]))}={meaning(spec, int(top_token[f]))} "
+             f"(pred {predicted[f]:+.3f} of which value-only pairs {from_plain[f]:+.3f}, actual {actual[f]:+.3f}, "
+             f"oracle {oracle[f]:+.3f})" for f in top]
     info.setdefault("top_features", {})[seed] = named
     info.setdefault("dropped_sources", {})[seed] = dropped
     return {**out,
@@ -259,14 +310,14 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
                             "probe_time_ratio": timings["probe"] / timings["gradient"],
                             "probe_seconds": timings["probe"], "gradient_seconds": timings["gradient"],
                             "k": float(k), "planted": float(planted.sum())},
-            "prediction": {"r2": r2}}
+            "prediction": prediction}
 
 
 ISSUE_KEYS = {**{f"behaviour_rate.{a}": f"{a}.behaviour_rate_mean" for a in ARMS},
               "attribution.probe_precision_at_k": "attribution.probe_precision_at_k_mean",
               "attribution.gradient_precision_at_k": "attribution.gradient_precision_at_k_mean",
               "attribution.probe_time_ratio": "attribution.probe_time_ratio_mean",
-              "prediction.r2": "prediction.r2_mean"}
+              "prediction.r2": "prediction.r2_mean", "prediction.oracle_r2": "prediction.oracle_r2_mean"}
 
 
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
@@ -306,8 +357,14 @@ Attribution (top k = {config.budget:.0%} of pairs; precision is capped at plante
 
 {attr}
 
-Prediction R² (features' predicted vs actual shift): {_runner.pm(summary, 'prediction', 'r2')}.
-Sources dropped by probe score: {summary['dropped_sources']}. Top predicted features (token they fire on most):
+Prediction R² over the studied features (firing on ≥ {config.min_firing:.0%} of pair response tokens, not tied to
+an entity value), predicted vs actual shift on held-out prompts:
+
+{_runner.arm_table(summary, ["prediction"], ["r2", "oracle_r2", "r2_train_prompts", "oracle_r2_train_prompts",
+                                             "r2_all", "oracle_r2_all", "n_studied"])}
+
+Sources dropped by probe score: {summary['dropped_sources']}. Top predicted studied features (token they fire on
+most = planted meaning):
 
 {feats}
 

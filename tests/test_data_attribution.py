@@ -61,6 +61,10 @@ def test_response_activations_and_probe_scores_match_a_hand_computation(model):
         np.testing.assert_allclose(acts["rejected"][len(want)], means[1], rtol=1e-5, atol=1e-6)
         want.append(float(np.asarray(probe.w) @ (means[0] - means[1])))    # the bias cancels
     np.testing.assert_allclose(da.probe_pair_scores(probe, acts), want, rtol=1e-4, atol=1e-5)
+    # The lean jitted scorer: chunks of 3 (the last one padded), from rows or from encoded arrays.
+    scorer = da.probe_pair_scorer(apply, site, pad_id=0, batch_size=3)
+    np.testing.assert_allclose(scorer(params, probe, ROWS), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scorer(params, probe, pref.encode_pairs(ROWS, pad_id=0)), want, rtol=1e-4, atol=1e-5)
     tok = da.response_activations(apply, params, ROWS, site, pad_id=0, tokens=True)
     assert tok["chosen"].shape == (sum(map(len, ROWS["chosen"])), 8)
     assert tok["chosen_row"].tolist() == [0, 0, 1, 2, 2, 2, 3]
