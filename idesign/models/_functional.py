@@ -86,14 +86,18 @@ class TransformerApply:
         return logits, sites.captured, cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty cache with ``max_len`` slots per row."""
+        """An empty cache with ``max_len`` slots per row (with ``scan_layers``, stacked along a leading layer axis)."""
         c = self.config
         if max_len > c.max_len and c.positions == "learned":
             raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_len={c.max_len} "
                              "(learned positions have no embedding beyond it).")
         dtype = dtype or c.compute_dtype
         shape = (batch_size, max_len, c.kv_heads, c.head_dim)
-        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers))
+        if c.scan_layers:  # stacked along a leading layer axis, as the scan reads and writes it (no copy per step)
+            stacked = (c.n_layers,) + shape
+            layers = LayerCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+        else:
+            layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers))
         return KVCache(layers, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
 
     def check_params(self, params: Params) -> None:
