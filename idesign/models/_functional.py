@@ -18,6 +18,7 @@ from flax import nnx
 from idesign import tree as tree_lib
 from idesign._types import Array, Params
 from idesign.hooks import Hooks, SiteRunner
+from idesign.models import _scan
 from idesign.models.config import TransformerConfig
 from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_layer_names,
                                         site_names)
@@ -79,10 +80,15 @@ class TransformerApply:
         if isinstance(tokens, (list, tuple)):  # Python lists of ids: accepted, as integer arrays
             tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
         self._check_tokens(tokens, valid, cache)
+        stacked = None
+        if _scan.is_stacked(params):  # blocks stacked by stack_blocks: the scan reads them as they are
+            stacked = self._check_stacked(params["blocks"])
+            # A per-layer view only to build the module; the scan never reads these slices, so XLA drops them.
+            params = _scan.unstack_blocks(params)
         self.check_params(params)
         model = nnx.merge(self.graphdef, params)
         sites = SiteRunner(hooks, self.site_names)
-        logits, cache = model.forward(tokens, sites, valid=valid, cache=cache)
+        logits, cache = model.forward(tokens, sites, valid=valid, cache=cache, stacked_blocks=stacked)
         return logits, sites.captured, cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -99,6 +105,17 @@ class TransformerApply:
         else:
             layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers))
         return KVCache(layers, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+
+    def _check_stacked(self, blocks: Params) -> Params:
+        if not self.config.scan_layers:
+            raise ValueError("params['blocks'] is stacked (stack_blocks), which only a scan_layers=True model reads; "
+                             "unstack it with ids.models.unstack_blocks(params) or set scan_layers=True.")
+        n = self.config.n_layers
+        bad = [f"blocks.{p}: shape {tuple(np.shape(x))}" for p, x in tree_lib.named_leaves(blocks).items()
+               if not np.shape(x) or np.shape(x)[0] != n]
+        if bad:
+            raise ValueError(f"stacked params need a leading layer axis of n_layers={n}: " + "; ".join(bad[:5]))
+        return blocks
 
     def check_params(self, params: Params) -> None:
         """Raises a ValueError naming each path whose presence, shape or kind differs from the model's."""

@@ -147,13 +147,52 @@ def stack_cache(layers: Any) -> Any:
     return layers
 
 
+def is_stacked(params: Any) -> bool:
+    """Whether ``params['blocks']`` is stacked (named by the block's fields) rather than per layer (keyed 0, 1, ...)."""
+    blocks = params.get("blocks") if isinstance(params, dict) else None
+    return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, str) for k in blocks)
+
+
+def stack_blocks(tree: Any) -> Any:
+    """``tree`` with its per-layer ``blocks`` ({0: ..., 1: ...}) stacked into one subtree of ``[n_layers, ...]`` leaves.
+
+    For the parameters of a ``scan_layers`` model (and anything of their structure with array leaves):
+    a scanned ``apply`` takes them as they are, without stacking them on every call, and an optimizer
+    over them has one leaf per block parameter instead of one per layer, so a train step's compile
+    time stays flat in depth. Per-layer tools (masks, projections, K-FAC) address the per-layer
+    layout: :func:`unstack_blocks` goes back.
+
+    >>> import idesign as ids
+    >>> _, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=3))
+    >>> stacked = ids.models.stack_blocks(params)
+    >>> stacked['blocks']['mlp']['up']['kernel'].shape
+    (3, 8, 32)
+    >>> ids.models.unstack_blocks(stacked)['blocks'][2]['mlp']['up']['kernel'].shape
+    (8, 32)
+    """
+    if is_stacked(tree):
+        return tree
+    blocks = tree["blocks"]
+    return {**tree, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(len(blocks))])}
+
+
+def unstack_blocks(tree: Any) -> Any:
+    """The per-layer layout (``blocks.{i}....``) of a tree :func:`stack_blocks` stacked."""
+    if not is_stacked(tree):
+        return tree
+    blocks = tree["blocks"]
+    n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    return {**tree, "blocks": {i: jax.tree_util.tree_map(lambda x: x[i], blocks) for i in range(n)}}
+
+
 def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_names: Sequence[str],
-               call: Any, cache_layers: Any) -> tuple[Array, Any]:
+               call: Any, cache_layers: Any, stacked_params: Any = None) -> tuple[Array, Any]:
     """Runs ``call(block, x, sites, prefix, layer_cache, layer)`` over the blocks with ``lax.scan``.
 
     ``cache_layers`` is ``None``, a tuple of per-layer caches, or one stacked cache; the new caches come
     back stacked (one ``LayerCache`` with a leading layer axis). Captures land in ``sites.captured``
-    under each layer's own site name.
+    under each layer's own site name. ``stacked_params`` (the ``blocks`` subtree already stacked) is
+    used instead of stacking the blocks' parameters.
     """
     n = len(blocks)
     graphdef = nnx.graphdef(blocks[0])
@@ -177,7 +216,10 @@ def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_n
         if any(chains):
             plans[suffix] = _SitePlan(suffix, chains)
     # The stack: one copy of the block parameters per call, inside the jitted function.
-    params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+    if stacked_params is None:
+        params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[nnx.to_pure_dict(nnx.state(b)) for b in blocks])
+    else:
+        params = stacked_params
 
     def body(x, xs):
         layer, layer_params, layer_cache = xs

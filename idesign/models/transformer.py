@@ -499,8 +499,12 @@ class Transformer(nnx.Module):
         return x
 
     def forward(self, tokens: Array, sites: SiteRunner, *, valid: Array | None = None,
-                cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given."""
+                cache: KVCache | None = None, stacked_blocks: Any = None) -> tuple[Array, KVCache | None]:
+        """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given.
+
+        ``stacked_blocks`` (``scan_layers`` only): the blocks' parameters already stacked along a leading
+        layer axis (:func:`idesign.models.stack_blocks`), used instead of this module's per-layer ones.
+        """
         c = self.config
         tokens = check_tokens(tokens, c.vocab_size, valid)
         B, T = tokens.shape
@@ -529,7 +533,7 @@ class Transformer(nnx.Module):
             call = lambda block, x, sites, prefix, layer_cache, i: block(
                 x, sites, prefix, positions, mask, layer_cache, start, key_valid, i)
             x, new_layers = _scan.run_blocks(self.blocks, x, sites, site_names(c), call,
-                                             None if cache is None else cache.layers)
+                                             None if cache is None else cache.layers, stacked_blocks)
         else:
             new_layers = []
             for i, block in enumerate(self.blocks):

@@ -28,7 +28,8 @@ def test_compile_benchmark_writes_its_metrics(tmp_path):
                 "grad_runtime_ratio_deep", "stack_params_s_deep", "goals", "goals_met", "config", "device",
                 "per_depth"):
         assert key in written, key
-    assert set(written["goals_met"]) == {"scan_compile_ratio_32_vs_4", "scan_runtime_ratio"}
+    assert set(written["goals_met"]) == {"scan_compile_ratio_32_vs_4", "scan_runtime_ratio",
+                                     "scan_stacked_compile_ratio_32_vs_4", "scan_stacked_runtime_ratio"}
     assert set(written["per_depth"]) == {"1", "2"}
-    assert set(written["per_depth"]["2"]) == {"forward", "capture", "grad", "train", "stack_params_s"}
+    assert set(written["per_depth"]["2"]) == {"forward", "capture", "grad", "train", "train_stacked", "stack_params_s"}
     assert written["scan_compile_ratio_32_vs_4"] > 0 and written["scan_runtime_ratio"] > 0

@@ -182,3 +182,22 @@ def test_a_site_runner_without_chain_is_refused():
 
     with pytest.raises(TypeError, match="chain"):
         model.forward(_batch(7)[0], Runner())
+
+
+def test_stacked_params_train_to_the_same_params_and_bad_layouts_are_refused():
+    apply, scanned, params = _pair(GPT)
+    tokens, valid = _batch(8, (2, 6))
+    stacked = ids.models.stack_blocks(params)
+    assert stacked["blocks"]["mlp"]["up"]["kernel"].shape == (3, 16, 64)
+    assert jax.tree.structure(ids.models.unstack_blocks(stacked)) == jax.tree.structure(params)
+    opt = optax.adamw(1e-2)
+    step = ids.train.make_train_step(ids.train.lm_loss(scanned), opt)
+    per_layer, _ = step(ids.train.init_train_state(params, opt), {"tokens": tokens, "valid": valid})
+    from_stacked, _ = step(ids.train.init_train_state(stacked, opt), {"tokens": tokens, "valid": valid})
+    for path, leaf in ids.tree.named_leaves(per_layer.params).items():
+        _close(leaf, ids.tree.named_leaves(ids.models.unstack_blocks(from_stacked.params))[path], path)
+    with pytest.raises(ValueError, match="only a scan_layers=True model"):
+        apply(stacked, tokens)
+    short = {**stacked, "blocks": jax.tree.map(lambda x: x[:2], stacked["blocks"])}
+    with pytest.raises(ValueError, match=r"n_layers=3: blocks\.attn\.k_proj\.bias: shape \(2, 16\)"):
+        scanned(short, tokens)
