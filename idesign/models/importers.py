@@ -270,9 +270,12 @@ def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None, floa
         _rope_scaling(local, "rope_parameters.sliding_attention", allowed=("default",))
         return (float(full.get("rope_theta", 1e6)), _rope_scaling(full, "rope_parameters.full_attention"),
                 float(local.get("rope_theta", 1e4)))
-    # Hub configs: rope_theta and rope_scaling are the global layers'; rope_local_base_freq the sliding layers'.
-    scaling = _rope_scaling(hf.get("rope_scaling") or {}, "rope_scaling")
-    return float(hf.get("rope_theta", 1e6)), scaling, float(hf.get("rope_local_base_freq", 1e4))
+    # Hub configs: rope_theta and rope_scaling (or one flat rope_parameters dict) are the global layers';
+    # rope_local_base_freq the sliding layers'.
+    field = "rope_parameters" if params else "rope_scaling"
+    flat = {**(hf.get("rope_scaling") or {}), **params}
+    return (float(flat.get("rope_theta", hf.get("rope_theta", 1e6))), _rope_scaling(flat, field),
+            float(hf.get("rope_local_base_freq", 1e4)))
 
 
 def _gemma_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:

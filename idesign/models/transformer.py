@@ -296,10 +296,12 @@ def layer_rope_table(config: TransformerConfig) -> np.ndarray:
     >>> import idesign as ids
     >>> cfg = ids.TransformerConfig(vocab_size=10, d_model=8, n_heads=1, n_layers=2, positions="rotary",
     ...     layer_types=("sliding", "global"), sliding_window=4, rope_theta=100.0, local_rope_theta=10.0)
-    >>> ids.models.transformer.layer_rope_table(cfg)[:, 1].round(3).tolist()
+    >>> [round(float(f), 3) for f in ids.models.transformer.layer_rope_table(cfg)[:, 1]]  # local base 10, global 100
     [0.562, 0.316]
     """
-    return np.stack([rope_frequencies(config.rotary_dim, *config.layer_rope(i)) for i in range(config.n_layers)])
+    table = np.stack([rope_frequencies(config.rotary_dim, *config.layer_rope(i)) for i in range(config.n_layers)])
+    table.flags.writeable = False  # cached and shared between calls
+    return table
 
 
 def _per_layer(values: Any, layer: int | Array) -> Any:

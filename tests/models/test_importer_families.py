@@ -9,8 +9,6 @@ between sliding and global layers, so each feature changes the logits it is chec
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,4 +237,6 @@ def test_hub_format_gemma3_config_reads_local_base_and_pattern():
                                                  sliding_window_pattern=3))
     assert cfg.layer_types == ("sliding", "sliding", "global") * 2
     assert cfg.layer_rope(0) == (1e4, None) and cfg.layer_rope(2) == (1e6, ids.models.RopeScaling("linear", 8.0))
-    assert json.loads(json.dumps(list(cfg.layer_types))) == list(cfg.layer_types)
+    flat = ids.models.config_from_hf(_gemma3_text(num_hidden_layers=6, rope_local_base_freq=20.0, rope_parameters={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}))
+    assert flat.layer_rope(0) == (20.0, None) and flat.layer_rope(5) == (3e5, ids.models.RopeScaling("linear", 2.0))
