@@ -91,6 +91,28 @@ class TransformerApply:
         logits, cache = model.forward(tokens, sites, valid=valid, cache=cache, stacked_blocks=stacked)
         return logits, sites.captured, cache
 
+    def with_config(self, **changes: Any) -> "TransformerApply":
+        """The same model with config fields changed that keep the parameter pytree (e.g. ``scan_layers=True``).
+
+        This is how an imported or trained model is run scanned or unrolled: its ``params`` fit both.
+        A change that alters the parameters' paths or shapes is refused, naming them.
+
+        >>> import jax.numpy as jnp, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=20, d_model=16, n_heads=2))
+        >>> scanned = apply.with_config(scan_layers=True)
+        >>> bool(jnp.allclose(scanned(params, jnp.ones((1, 3), jnp.int32))[0], apply(params, jnp.ones((1, 3), jnp.int32))[0], atol=1e-6))
+        True
+        """
+        config = self.config.replace(**changes)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+        old, new = tree_lib.named_leaves(self.param_shapes), tree_lib.named_leaves(shapes)
+        diff = sorted(set(old) ^ set(new)) + [p for p in old if p in new and old[p].shape != new[p].shape]
+        if diff:
+            raise ValueError(f"with_config({', '.join(f'{k}={v!r}' for k, v in changes.items())}) changes the "
+                             f"parameters (e.g. {diff[:3]}); only changes that keep them can reuse params.")
+        return TransformerApply(config, graphdef, self.param_shapes)
+
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty cache with ``max_len`` slots per row (with ``scan_layers``, stacked along a leading layer axis)."""
         c = self.config

@@ -201,3 +201,27 @@ def test_stacked_params_train_to_the_same_params_and_bad_layouts_are_refused():
     short = {**stacked, "blocks": jax.tree.map(lambda x: x[:2], stacked["blocks"])}
     with pytest.raises(ValueError, match=r"n_layers=3: blocks\.attn\.k_proj\.bias: shape \(2, 16\)"):
         scanned(short, tokens)
+
+
+def test_an_imported_checkpoint_runs_scanned_through_with_config(tmp_path):
+    import json
+    safetensors = pytest.importorskip("safetensors.numpy")
+    hf = {"model_type": "llama", "vocab_size": 41, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 3,
+          "num_attention_heads": 2, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (41, 8), "model.norm.weight": (8,)}
+    for i in range(3):
+        shapes.update({f"model.layers.{i}.input_layernorm.weight": (8,),
+                       f"model.layers.{i}.post_attention_layernorm.weight": (8,),
+                       **{f"model.layers.{i}.self_attn.{p}_proj.weight": (8, 8) for p in "qkvo"},
+                       f"model.layers.{i}.mlp.gate_proj.weight": (16, 8), f"model.layers.{i}.mlp.up_proj.weight": (16, 8),
+                       f"model.layers.{i}.mlp.down_proj.weight": (8, 16)})
+    safetensors.save_file({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()},
+                          str(tmp_path / "model.safetensors"))
+    apply, params = ids.models.load_pretrained(tmp_path)
+    scanned = apply.with_config(scan_layers=True)
+    tokens, valid = _batch(9)
+    _close(apply(params, tokens, valid=valid)[0], scanned(params, tokens, valid=valid)[0], "imported logits")
+    with pytest.raises(ValueError, match="changes the parameters"):
+        apply.with_config(n_layers=2)
