@@ -1,6 +1,6 @@
 """Compile time and step time of scanned blocks (``scan_layers=True``) against the unrolled model.
 
-For each depth in ``config.depths`` (4, 16, 32 layers) and each of four jitted functions, on the
+For each depth in ``config.depths`` (4, 16, 32 layers) and each jitted function in ``config.functions``, on the
 same per-layer parameters:
 
 * ``forward``: ``apply(params, tokens)`` logits;
@@ -27,8 +27,9 @@ It also reports ``stack_params_s``: the time of stacking the block parameters al
 forward adds, since the user-facing parameter pytree stays per layer), and its share of a scanned
 forward at the deepest depth.
 
-Writes ``results/benchmarks/compile.json`` and prints a table. ``--quick`` uses a narrower model and
-fewer repeats (the JSON's ``config`` records the sizes).
+Writes ``results/benchmarks/compile.json`` and prints a table. ``--quick`` uses a narrower model, fewer
+repeats, one compilation each, and only ``forward``, ``train`` and ``train_stacked`` (the JSON's ``config``
+records the sizes).
 
 Usage: ``python -m benchmarks.compile [--quick] [--out PATH]``
 """
@@ -58,6 +59,7 @@ class Config:
     d_model: int = 256
     n_heads: int = 4
     depths: tuple[int, ...] = (4, 16, 32)
+    functions: tuple[str, ...] = ("forward", "capture", "grad", "train", "train_stacked")
     batch: int = 8
     seq: int = 128
     repeats: int = 10
@@ -67,8 +69,9 @@ class Config:
 
 
 FULL = Config()
+# Quick: the goals' functions only (forward for scale), a narrow model, one compilation each.
 QUICK = dataclasses.replace(FULL, vocab_size=256, d_model=64, batch=4, seq=32, repeats=5, compile_repeats=1,
-                            preset="quick")
+                            functions=("forward", "train", "train_stacked"), preset="quick")
 
 
 def _functions(apply, params, tokens, stacked: bool = False) -> dict[str, tuple[Any, tuple]]:
@@ -115,6 +118,8 @@ def bench_depth(config: Config, n_layers: int) -> dict[str, Any]:
     baselines = _functions(apply, params, tokens)
     compiled_baselines: dict[str, tuple[Any, float]] = {}
     for name, (s_fn, s_args) in _functions(scanned, params, tokens, stacked=True).items():
+        if name not in config.functions:
+            continue
         base = name if name in baselines else "train"  # the stacked train step is compared with the unrolled one
         fn, args = baselines[base]
         if base not in compiled_baselines:
@@ -142,7 +147,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         per_depth[n] = bench_depth(config, n)
         print(f"  {n} layers: " + "  ".join(
             f"{f} compile {per_depth[n][f]['unrolled_compile_s']:.2f}s/{per_depth[n][f]['scanned_compile_s']:.2f}s "
-            f"step x{per_depth[n][f]['runtime_ratio']:.2f}" for f in FUNCTIONS), flush=True)
+            f"step x{per_depth[n][f]['runtime_ratio']:.2f}" for f in config.functions), flush=True)
     metrics: dict[str, Any] = {
         "scan_compile_ratio_32_vs_4": per_depth[deep]["train"]["scanned_compile_s"]
         / per_depth[shallow]["train"]["scanned_compile_s"],
@@ -151,7 +156,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         / per_depth[shallow]["train_stacked"]["scanned_compile_s"],
         "scan_stacked_runtime_ratio": per_depth[deep]["train_stacked"]["runtime_ratio"],
     }
-    for f in FUNCTIONS:
+    for f in config.functions:
         d, s = per_depth[deep][f], per_depth[shallow][f]
         metrics[f"{f}_scanned_compile_ratio_deep_vs_shallow"] = d["scanned_compile_s"] / s["scanned_compile_s"]
         metrics[f"{f}_unrolled_compile_ratio_deep_vs_shallow"] = d["unrolled_compile_s"] / s["unrolled_compile_s"]
@@ -166,7 +171,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
     return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv,
-                       quick_help="d_model 64, 4 x 32 tokens, 5 repeats (CPU minutes)")
+                       quick_help="d_model 64, 4 x 32 tokens, forward and train steps only (CPU minutes)")
 
 
 if __name__ == "__main__":

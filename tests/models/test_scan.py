@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import idesign as ids
 from idesign._pytree import pytree_class
@@ -225,3 +226,22 @@ def test_an_imported_checkpoint_runs_scanned_through_with_config(tmp_path):
     _close(apply(params, tokens, valid=valid)[0], scanned(params, tokens, valid=valid)[0], "imported logits")
     with pytest.raises(ValueError, match="changes the parameters"):
         apply.with_config(n_layers=2)
+
+
+TINY = ids.TransformerConfig(vocab_size=41, d_model=8, n_layers=3, n_heads=2, max_len=8)
+_TINY_APPLY, _TINY_PARAMS = ids.init_transformer(TINY, seed=1)
+_TINY_SCANNED = _TINY_APPLY.with_config(scan_layers=True)
+
+
+@settings(max_examples=6, deadline=None)
+@given(layers=st.lists(st.integers(0, 2), max_size=3, unique=True), scale=st.floats(-2, 2), seed=st.integers(0, 99))
+def test_steering_any_set_of_layers_agrees_with_the_unrolled_model(layers, scale, seed):
+    direction = jax.random.normal(jax.random.key(seed), (8,))
+    hooks = {f"blocks.{i}.resid_mid": ids.Add(direction, scale * (i + 1)) for i in layers}
+    hooks["blocks.*.mlp_out"] = ids.Capture()
+    tokens = jax.random.randint(jax.random.key(seed), (2, 5), 0, 41)
+    logits, cap = _TINY_APPLY(_TINY_PARAMS, tokens, hooks=hooks)
+    s_logits, s_cap = _TINY_SCANNED(_TINY_PARAMS, tokens, hooks=hooks)
+    _close(logits, s_logits, "logits")
+    for site in cap:
+        _close(cap[site], s_cap[site], site)
