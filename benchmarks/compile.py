@@ -59,7 +59,7 @@ class Config:
     d_model: int = 256
     n_heads: int = 4
     depths: tuple[int, ...] = (4, 16, 32)
-    functions: tuple[str, ...] = ("forward", "capture", "grad", "train", "train_stacked")
+    functions: tuple[str, ...] = FUNCTIONS
     batch: int = 8
     seq: int = 128
     repeats: int = 10
