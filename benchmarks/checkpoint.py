@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import _common
-from idesign import checkpoint
+from idesign import _checkpoint_integrity, checkpoint
 
 GOALS = {"save_time_ratio": ("<=", 1.15), "restore_time_ratio": ("<=", 1.15)}
 DEFAULT_OUT = "results/benchmarks/checkpoint.json"
@@ -98,7 +98,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
                 blocking[checksums].append(async_blocking(checksums))
         start = time.perf_counter()
         for leaf in jax.tree.leaves(state):
-            checkpoint._fingerprint(leaf)
+            _checkpoint_integrity.fingerprint(leaf)
         hash_s = time.perf_counter() - start
     finally:
         writer.close()

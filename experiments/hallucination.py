@@ -45,6 +45,8 @@ times); ``rl_oracle``, ``rl_frozen_probe``, ``rl_live_probe``; ``rl_frozen_probe
 
 Metrics (``results/hallucination/metrics.json``; every key with ``_std`` over seeds, and ``n_seeds``):
   probe.auc, probe.attention_auc, probe.layer, probe.C, probe.cv_auc     held-out claim AUCs; CV choice
+  probe.train_auc            the span-max probe on its own training claims (a representation limit if low)
+  probe.familiarity_auc      a logistic reading "unknown entity" from the same claim windows (held-out entities)
   baselines.{entropy,maxprob,logprob,logprob_min,consistency,logit_features}_auc
   base.confident_hallucination_share, base.n_eval_claims, probe.n_train_claims, probe.n_train_prompts
   <arm>.hallucination_rate   hallucinated final claims / asked slots (held-out prompts)
@@ -94,7 +96,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
-_VERSION = "1"  # bump when the study's code changes what a seed computes
+_VERSION = "2"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Config:
     n_first: int = 40
     family_share: float = 0.75
     marker_rate: float = 0.1  # random retractions in pretraining: the base model can explore retracting
+    # Named people the corpus says nothing about (every answer "unknown"): pressure to represent familiarity. Tried
+    # at 240 (with n_families 24): familiarity stayed unreadable (probe AUC 0.53) and the probe no better; off.
+    n_obscure: int = 0
     seq_len: int = 64
     d_model: int = 64
     n_layers: int = 3
@@ -141,19 +146,19 @@ class Config:
 
 
 QUICK = Config()
-FULL = Config(n_known=1600, n_unknown=640, n_families=30, d_model=256, n_layers=6, n_heads=8, seq_len=64,
+FULL = Config(n_known=600, n_unknown=240, n_families=30, d_model=256, n_layers=6, n_heads=8, seq_len=64,
               batch_size=64, pretrain_steps=20_000, learning_rate=1e-3, warmup=500, probe_samples=4, probe_steps=600,
               attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16, rl_learning_rate=1e-4,
               gen_batch=1024, bon_prompts=1024)
 
-_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "seq_len", "d_model", "n_layers",
-                "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
+_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "n_obscure", "seq_len",
+                "d_model", "n_layers", "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
 def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
     return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
                                n_first=config.n_first, family_share=config.family_share,
-                               marker_rate=config.marker_rate, seed=seed)
+                               marker_rate=config.marker_rate, n_obscure=config.n_obscure, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -337,7 +342,8 @@ def sequences(task: Task, rows, gen) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pretrain(rt: Runtime, config: Config, seed: int, progress: bool):
-    base_config = {k: getattr(config, k) for k in _BASE_FIELDS}
+    # n_obscure keys the cache only when used, so bases pretrained before it existed stay valid.
+    base_config = {k: getattr(config, k) for k in _BASE_FIELDS if k != "n_obscure" or config.n_obscure}
 
     def train(_, seed):
         world = cw.make_claim_world(world_config(config, seed))
@@ -473,7 +479,14 @@ def fit_probes(rt: Runtime, config: Config, world, base, task: Task, train_rows,
     x, mask = windows[site]
     probe = _fit_span(config, x[tr], mask[tr], labels[tr], C, seed)
     out.update({"probe.layer": float(layer), "probe.C": float(C), "probe.cv_auc": cv[layer, C],
-                "probe.auc": auc(labels[te], _span_logit(probe, x[te], mask[te]))})
+                "probe.auc": auc(labels[te], _span_logit(probe, x[te], mask[te])),
+                "probe.train_auc": auc(labels[tr], _span_logit(probe, x[tr], mask[tr]))})
+    # Why a probe can or cannot beat confidence: is the entity's familiarity (known vs never seen) linearly
+    # readable at the claim's positions? Held-out entities; chance is 0.5.
+    unknown = task.unknown[rows][claims.row].astype(np.int32)
+    flat = (x * mask[..., None]).reshape(len(x), -1)
+    familiarity = probes.fit_logistic(flat[tr], unknown[tr], C=0.1)
+    out["probe.familiarity_auc"] = auc(unknown[te], probes.score(familiarity, flat[te]))
     attention = probes.fit_attention_probe(x[tr], labels[tr], mask[tr], n_heads=2, num_steps=config.attention_steps,
                                            batch_size=128, class_weight="balanced", seed=seed, progress=False)
     out["probe.attention_auc"] = auc(labels[te], probes.score(attention, x[te], mask[te]))

@@ -7,6 +7,7 @@ from idesign import (activations, checkpoint, circuits, curvature, data, discove
                      hooks, masks, metrics, models, monitoring, optim, preference, pretrain, probes, rl, sae, shaping,
                      sharding, subspaces, train, tree)
 from idesign import data_attribution  # issue 18: which preference pairs push a behaviour
+from idesign import activation_store  # issue 16: activations streamed to sharded files on disk
 from idesign.activations import collect_activations, pad_tokens, stream_activations
 from idesign.checkpoint import (CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, abstract_like,
                                 restore_checkpoint, save_checkpoint)

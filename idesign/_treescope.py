@@ -1,11 +1,11 @@
 """treescope renderings of idesign's pytrees: interventions, subspaces, probes and masks.
 
 treescope is the ``notebook`` extra (flax 0.12 installs it too, since ``flax.nnx`` imports it); idesign
-imports it only inside these functions. The classes' ``__treescope_repr__`` methods, one line each,
-delegate to :func:`render`, which treescope calls when it renders. Each object renders as its constructor (arrays shown
-by treescope as usual) followed by a one-line summary comment: what the intervention does, a
-subspace's rank, a probe's family and width. A mask is a plain dict of bool leaves, so it has no class
-to hook: :func:`mask_view` wraps one for display, with the frozen (selected) fraction of every leaf and
+imports it only inside these functions. The classes are decorated with :func:`rendered`, whose
+``__treescope_repr__`` is :func:`render`: each object renders as its constructor (arrays shown by
+treescope as usual) followed by a one-line summary comment: what the intervention does, a subspace's
+rank, a probe's family and width. A mask is a plain dict of bool leaves, so it has no class to hook:
+:func:`mask_view` wraps one for display, with the frozen (selected) fraction of every leaf and
 of the whole mask.
 
 >>> import numpy as np, idesign as ids
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -93,6 +93,23 @@ def render(obj: Any, path: str | None, subtree_renderer: Callable[..., Any]) -> 
     body = repr_lib.render_object_constructor(type(obj), _fields(obj), path, subtree_renderer, roundtrippable=True)
     comment = rendering_parts.comment_color(rendering_parts.text("  # " + summary(obj)))
     return rendering_parts.siblings_with_annotations(body, extra_annotations=[comment])
+
+
+T = TypeVar("T", bound=type)
+
+
+def rendered(cls: T) -> T:
+    """Class decorator: treescope renders instances with :func:`render` (constructor + :func:`summary`).
+
+    >>> from typing import NamedTuple
+    >>> @rendered
+    ... class Pair(NamedTuple):
+    ...     a: int
+    >>> Pair.__treescope_repr__ is render
+    True
+    """
+    cls.__treescope_repr__ = render
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,7 @@ from idesign import distributed
 from idesign import sharding as sharding_lib
 from idesign import tree as tree_lib
 from idesign._types import Array
-from idesign.hooks import Capture, Hooks, merge_hooks
+from idesign.hooks import Capture, Hooks, merge_hooks, with_sub_sites
 
 Positions = None | str | np.ndarray | Callable[[dict[str, np.ndarray]], np.ndarray]
 Reduce = None | Literal["mean", "max", "sum"] | Callable[[Array, Array], Array]
@@ -314,8 +314,9 @@ def stream_activations(apply: FunctionalModel, params: Any, dataset: Any, sites:
     if not (hasattr(apply, "site_names") and callable(apply)):
         raise TypeError("apply must be a functional model with `site_names` and "
                         "`__call__(params, tokens, *, hooks=None, valid=None)`, e.g. from ids.init_transformer.")
+    # with_sub_sites: sites opened by hooked interventions (an SAE splice's `<site>.sae.features`) count too
     resolved = tuple(tree_lib.expand_patterns([sites] if isinstance(sites, str) else list(sites),
-                                              list(apply.site_names), what="site"))
+                                              with_sub_sites(hooks, apply.site_names), what="site"))
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size = {batch_size!r}: expected an integer >= 1.")
     if mesh is not None and batch_size % mesh.shape["data"]:

@@ -1,38 +1,38 @@
-"""Checkpoints for training-state pytrees on orbax-checkpoint, with per-leaf checksums.
+"""Checkpoints of training-state pytrees on orbax-checkpoint, with per-leaf checksums.
 
 :func:`save_checkpoint` / :func:`restore_checkpoint` save and restore one pytree with a JSON metadata dict;
 :class:`CheckpointManager` saves every ``save_every`` steps (asynchronously), keeps the newest ``keep`` and
-restores the latest (intact) one. All go through one orbax path (:func:`_checkpointer`, :func:`_write`,
-:func:`_read`; synchronous for the one-shot functions) and one layout: ``<checkpoint>/state/`` (the pytree),
-``metadata/`` (the caller's JSON) and ``checksums/`` (per leaf: dtype, shape, xxh3-64 of its bytes).
+restores the latest (intact) one. Both use one orbax path (:func:`_write`, :func:`_read`) and one layout:
+``<checkpoint>/state/`` (the pytree), ``metadata/`` (the caller's JSON), ``checksums/`` (per leaf: dtype, shape,
+xxh3-64; :mod:`idesign._checkpoint_integrity`).
 
-**Restoring** goes into a *target* (arrays or ``jax.ShapeDtypeStruct``s, see :func:`abstract_like`), compared
-with the checkpoint before any read (:func:`idesign.tree.leaf_diff`): a difference raises
-:class:`CheckpointMismatchError` naming every dotted path in the target's order (parameters before optimizer
-state). **Corruption** (a leaf's bytes, dtype or shape changed after saving; unreadable files) raises
-:class:`CheckpointCorruptError`; not detected: a checkpoint replaced whole by another consistent one, leaves
-not fully addressable from one process, tampering. **Atomicity**: orbax writes into
-``<name>.orbax-checkpoint-tmp`` and renames at the end; leftovers of a failed save are removed.
+**Restoring** goes into a *target* (arrays or ``jax.ShapeDtypeStruct``s, :func:`abstract_like`) compared with
+the checkpoint before any read: a difference raises :class:`CheckpointMismatchError` naming every dotted path,
+parameters before optimizer state. Changed bytes, dtypes or shapes and unreadable files raise
+:class:`CheckpointCorruptError` (not detected: a checkpoint replaced whole by another consistent one, leaves not
+fully addressable from one process). **Atomicity**: orbax writes into ``<name>.orbax-checkpoint-tmp`` and
+renames at the end; leftovers of a failed save are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
-import re
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import xxhash
 
+from idesign import _checkpoint_integrity as integrity
 from idesign import tree as tree_lib
+from idesign._checkpoint_integrity import CheckpointCorruptError, CheckpointMismatchError
 from idesign._types import PyTree
 
 __all__ = ["CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "abstract_like",
@@ -42,130 +42,7 @@ PathLike = str | Path
 
 _STATE, _METADATA, _CHECKSUMS = "state", "metadata", "checksums"
 _TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX  # '.orbax-checkpoint-tmp'
-_MAX_LISTED = 20
 _barrier_ids = itertools.count()
-
-
-class CheckpointMismatchError(ValueError):
-    """A restore target does not match the pytree stored in a checkpoint (raised before any read).
-
-    ``problems`` holds one line per offending leaf, starting with its dotted path.
-
-    >>> import tempfile, jax.numpy as jnp, idesign.checkpoint as ckpt
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     _ = ckpt.save_checkpoint(d, {'w': jnp.zeros((4, 8))})
-    ...     try:
-    ...         ckpt.restore_checkpoint(d, {'w': jnp.zeros((4, 16))})
-    ...     except ckpt.CheckpointMismatchError as e:
-    ...         print(e.problems[0])
-    w: shape mismatch: expected (4, 16), checkpoint has (4, 8)
-    """
-
-    def __init__(self, message: str, problems: Sequence[str] = ()):
-        super().__init__(message)
-        self.problems = tuple(problems)
-
-
-class CheckpointCorruptError(Exception):
-    """A checkpoint's files no longer hold what was saved: ``step``, ``where`` (a leaf's dotted path
-    or a file) and ``reason`` say which and how. The underlying read error, if any, is chained.
-
-    >>> import pathlib, tempfile, jax.numpy as jnp, idesign.checkpoint as ckpt
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     path = ckpt.save_checkpoint(d, {'w': jnp.zeros(2)}, step=3)
-    ...     _ = (path / 'metadata' / 'metadata').write_text('{not json')
-    ...     try:
-    ...         ckpt.restore_checkpoint(d, {'w': jnp.zeros(2)})
-    ...     except ckpt.CheckpointCorruptError as e:
-    ...         print(e.step, e.where)
-    3 metadata
-    """
-
-    def __init__(self, step: int | None, where: str, reason: str, location: Path | None = None):
-        at = (f" step {step}" if step is not None else "") + (f" at {location}" if location else "")
-        super().__init__(f"Checkpoint{at} is corrupt: {where}: {reason}")
-        self.step, self.where, self.reason = step, where, reason
-
-
-# Orbax stores dict keys as strings and NamedTuples as dicts of fields: leaves are matched by dotted name.
-_named = tree_lib.named_leaves
-
-
-_is_python_scalar = lambda x: isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)  # noqa: E731
-_is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
-
-
-class _ScalarSpec(str):
-    """The spec of a Python-scalar leaf for tree.leaf_diff: shape ``()``, no fixed dtype, described by its text."""
-    shape, dtype = (), None
-
-
-# Leaf specs for tree.leaf_diff: jax.ShapeDtypeStructs, or (a Python scalar) _SCALAR.
-_SCALAR = _ScalarSpec("a Python scalar")
-
-
-def _target_spec(leaf: Any, name: str) -> jax.ShapeDtypeStruct | str:
-    if _is_python_scalar(leaf):
-        return _SCALAR
-    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
-        if _is_key(leaf):  # orbax stores typed PRNG keys as their raw key data
-            leaf = jax.eval_shape(jax.random.key_data, leaf)
-        return jax.ShapeDtypeStruct(tuple(np.shape(leaf)), np.dtype(leaf.dtype))
-    raise TypeError(f"Cannot restore into the target leaf at {name} of type {type(leaf).__name__}: target leaves "
-                    "must be jax or numpy arrays or scalars, jax.ShapeDtypeStructs or Python scalars.")
-
-
-def _saved_spec(meta: Any) -> jax.ShapeDtypeStruct | str:
-    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
-    if isinstance(meta, ocp.metadata.ScalarMetadata) or shape is None or dtype is None:
-        return _SCALAR if isinstance(meta, ocp.metadata.ScalarMetadata) else type(meta).__name__
-    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
-
-
-def _fingerprint(leaf: Any) -> dict[str, Any] | None:
-    """dtype, shape and xxh3-64 of a leaf's host bytes; None where one process cannot see them all."""
-    if isinstance(leaf, jax.Array):
-        if not leaf.is_fully_addressable:
-            return None
-        if _is_key(leaf):
-            leaf = jax.random.key_data(leaf)
-    array = np.asarray(leaf)
-    return {"dtype": str(array.dtype), "shape": list(array.shape),
-            "xxh3_64": xxhash.xxh3_64_hexdigest(np.ascontiguousarray(array.reshape(-1)).view(np.uint8))}
-
-
-def _check_savable(tree: PyTree) -> None:
-    for name, leaf in _named(tree).items():
-        problem = None
-        if isinstance(leaf, jax.core.Tracer):
-            problem = "it is a tracer. Save outside jax.jit / jax.grad, on concrete arrays"
-        elif isinstance(leaf, jax.ShapeDtypeStruct):
-            problem = "it is an abstract jax.ShapeDtypeStruct, not an array"
-        elif isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "OUSc":
-            problem = f"numpy dtype {leaf.dtype} is not supported (use numeric or boolean arrays)"
-        elif not isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and not _is_python_scalar(leaf):
-            problem = (f"its type {type(leaf).__name__} is not a jax or numpy array or scalar or a Python "
-                       "bool/int/float. Keep other values (strings, configs) in `metadata`")
-        if problem:
-            raise TypeError(f"Cannot checkpoint the leaf at {name}: {problem}.")
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}.{i}") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer):
-        array = np.asarray(value)
-        return (array if array.dtype.kind in "biu" else array.astype(np.float64)).tolist()
-    raise TypeError(f"Checkpoint metadata at {where} of type {type(value).__name__} is not JSON-serialisable; "
-                    "metadata must hold dicts, lists, strings, numbers, booleans, None or small arrays.")
 
 
 def _checkpointer(async_save: bool = False) -> ocp.Checkpointer:
@@ -209,13 +86,15 @@ def _remove_temporaries(parent: Path, name_glob: str = "*") -> None:
 
 def _write(checkpointer: ocp.Checkpointer, path: Path, tree: PyTree, metadata: Mapping[str, Any] | None, *,
            force: bool = False, checksums: bool = True) -> None:
-    _check_savable(tree)
+    named = tree_lib.named_leaves(tree)
+    for name, leaf in named.items():
+        integrity.leaf_spec(leaf, name, saving=True)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
-    items = {_STATE: ocp.args.StandardSave(tree), _METADATA: ocp.args.JsonSave(_jsonable(metadata or {}, "metadata"))}
+    items = {_STATE: ocp.args.StandardSave(tree),
+             _METADATA: ocp.args.JsonSave(integrity.jsonable(metadata or {}, "metadata"))}
     if checksums:  # computed now, from the caller's arrays, before an async save returns
-        sums = {name: _fingerprint(leaf) for name, leaf in _named(tree).items()}
-        items[_CHECKSUMS] = ocp.args.JsonSave({"algorithm": "xxh3_64", "leaves": sums})
+        items[_CHECKSUMS] = ocp.args.JsonSave(integrity.checksum_record(named))
     try:
         checkpointer.save(path, args=ocp.args.Composite(**items), force=force)
     except BaseException:
@@ -223,81 +102,36 @@ def _write(checkpointer: ocp.Checkpointer, path: Path, tree: PyTree, metadata: M
         raise
 
 
-def _leaf_in_error(error: BaseException, location: Path) -> str | None:
-    # Orbax's read errors quote the TensorStore spec, whose innermost kvstore 'path' is the leaf's
-    # name inside the checkpoint (keys joined by '.'); the other 'path's are directories.
-    text = "\n".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
-    names = [p.rstrip("/") for p in re.findall(r"""\\?['"]path\\?['"]:\s*\\?['"]([^'"\\]+)""", text)]
-    names = [n for n in names if n and not n.startswith("/") and "://" not in n and str(location) not in n]
-    return names[-1] if names else None
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-
-
 def _read(checkpointer: ocp.Checkpointer, path: Path, step: int | None, target: PyTree | None,
           verify: bool = True) -> tuple[PyTree, dict[str, Any]]:
-    def corrupt(where: str, reason: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(step, where, reason, path)
-
+    corrupt = lambda where, reason: CheckpointCorruptError(step, where, reason, path)  # noqa: E731
     if not (path / _STATE).is_dir():
         raise corrupt(f"{_STATE}/", "the state directory is missing")
 
     def read_json(item: str) -> Any:
         if not (path / item).is_dir():
             return None
-        try:
+        with integrity.reading(corrupt, item):
             return checkpointer.restore(path, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
-        except Exception as e:  # noqa: BLE001 - any failure to read it means the file is damaged
-            raise corrupt(item, f"unreadable ({_first_line(e)})") from e
 
     metadata, checksums = read_json(_METADATA), read_json(_CHECKSUMS)
-    if checksums is not None and not (isinstance(checksums, dict) and isinstance(checksums.get("leaves"), dict)):
-        raise corrupt(_CHECKSUMS, "not a checksum record")
-    try:
+    with integrity.reading(corrupt, f"{_STATE}/ tree metadata"):
         saved = checkpointer.metadata(path).item_metadata[_STATE]
         if saved is None:
             raise ValueError("no tree metadata")
-        saved = getattr(saved, "tree", saved)
-        saved_specs = jax.tree.map(_saved_spec, saved)
-    except Exception as e:  # noqa: BLE001
-        raise corrupt(f"{_STATE}/ tree metadata", f"unreadable ({_first_line(e)})") from e
-    if checksums is not None:  # the tree metadata must describe the leaves that were hashed
-        hashed = {n: "a leaf not hashed" if c is None else jax.ShapeDtypeStruct(tuple(c["shape"]), np.dtype(c["dtype"]))
-                  for n, c in checksums["leaves"].items()}
-        if diff := tree_lib.leaf_diff(hashed, saved_specs, what="the tree metadata"):
-            raise corrupt(f"{_STATE}/ tree metadata", f"disagrees with the checksums: {'; '.join(diff[:3])}")
+        saved_specs = jax.tree.map(integrity.saved_spec, getattr(saved, "tree", saved))
+    if checksums is not None:
+        integrity.check_record(checksums, saved_specs, corrupt)
     if target is not None:
-        specs = tree_lib.map_with_path(lambda name, leaf: _target_spec(leaf, name), target)
-        problems = tree_lib.leaf_diff(specs, saved_specs, what="checkpoint")  # in the target's order
-        problems.sort(key=lambda line: tree_lib.in_optimizer_state(line.split(":")[0]))  # parameters first
-        if problems:
-            lines = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
-                                               if len(problems) > _MAX_LISTED else [])
-            raise CheckpointMismatchError("\n  ".join(
-                [f"Checkpoint at {path / _STATE} does not match the restore target ({len(problems)} problems):",
-                 *lines, "Build the target with the same model config and optimizer as the saved state, or pass "
-                 "target=None to restore_checkpoint to inspect the checkpoint as stored."]), problems)
-        # Orbax accepts numpy scalars when saving but not as restore targets.
-        orbax_target = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, target)
-    try:
-        args = ocp.args.StandardRestore(None if target is None else orbax_target)
+        integrity.check_target(target, saved_specs, path / _STATE)
+    # the target was checked above: what fails now is the files. Orbax takes numpy scalars to save, not as targets.
+    with integrity.reading(corrupt, f"{_STATE}/", "reading failed", leaf_from=path):
+        args = ocp.args.StandardRestore(None if target is None else jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, np.generic) else x, target))
         restored = checkpointer.restore(path, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
-    except Exception as e:  # noqa: BLE001 - the target was checked above: what fails now is the files
-        raise corrupt(_leaf_in_error(e, path) or f"{_STATE}/", f"reading failed ({_first_line(e)})") from e
-    by_name = _named(restored)
+    by_name = tree_lib.named_leaves(restored)
     if verify and checksums is not None:
-        for name, saved_sum in checksums["leaves"].items():
-            if saved_sum is None:
-                continue
-            if name not in by_name:
-                raise corrupt(name, "a checksummed leaf is missing from the restored state")
-            read_sum = _fingerprint(by_name[name])
-            for key in ("dtype", "shape", "xxh3_64") if read_sum is not None else ():
-                if read_sum[key] != saved_sum.get(key):
-                    raise corrupt(name, f"{key} differs from the one saved (saved {saved_sum.get(key)}, read "
-                                        f"{read_sum[key]})")
+        integrity.verify(checksums, by_name, corrupt)
     if target is not None:  # exactly the target's structure (int keys, NamedTuples) and scalar types
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         restored = jax.tree_util.tree_unflatten(treedef, [
@@ -315,8 +149,8 @@ def _steps(directory: Path) -> list[int]:
 
 def _restore(checkpointer: ocp.Checkpointer, root: Path, target: PyTree | None, step: int | None, fallback: bool,
              verify: bool) -> tuple[PyTree, dict[str, Any]]:
-    """The restore of both :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`: ``step``, the
-    checkpoint ``root`` itself, or the newest step (with ``fallback``, the newest intact one, warning which it skipped)."""
+    """The restore of :func:`restore_checkpoint` and :meth:`CheckpointManager.restore`: ``step``, the checkpoint
+    ``root`` itself, or the newest step (with ``fallback`` the newest intact one, warning which it skipped)."""
     steps = _steps(root)
     if step is not None:
         if int(step) not in steps:
@@ -363,14 +197,11 @@ def save_checkpoint(directory: PathLike, tree: PyTree, *, step: int | None = Non
                     metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Saves a pytree, a JSON metadata dict and per-leaf checksums as one checkpoint, atomically; returns its path.
 
-    Args:
-      directory: the checkpoint itself without ``step`` (it may exist only if empty, unless ``overwrite``);
-        with ``step``, ``directory/<step>`` (the manager's layout).
-      tree: parameters or a training state (NamedTuples, optax states, int dict keys are fine) of jax or
-        numpy arrays or scalars, or Python bool/int/float. A leaf that is not raises ``TypeError`` naming it.
-      metadata: small JSON-serialisable dict (numpy scalars and small arrays become numbers and lists).
-      overwrite: replace an existing checkpoint (written under a staging name, then swapped in, so a
-        failed overwrite keeps the old one); otherwise an existing one raises ``FileExistsError``.
+    ``directory`` is the checkpoint (it may exist only if empty, unless ``overwrite``), or with ``step``
+    ``directory/<step>`` (the manager's layout). ``tree``'s leaves are jax or numpy arrays or scalars or Python
+    bool/int/float (NamedTuples, optax states and int keys are fine; another leaf raises ``TypeError`` naming
+    it); ``metadata`` is a small JSON-serialisable dict (numpy values become numbers and lists). ``overwrite``
+    writes under a staging name and swaps it in, so a failed overwrite keeps the old checkpoint.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from idesign.checkpoint import save_checkpoint, restore_checkpoint
@@ -398,11 +229,8 @@ def save_checkpoint(directory: PathLike, tree: PyTree, *, step: int | None = Non
         if empty:
             final.rmdir()  # an empty directory (e.g. from tempfile) holds nothing to lose
         final.parent.mkdir(parents=True, exist_ok=True)
-    checkpointer = _checkpointer()
-    try:
+    with contextlib.closing(_checkpointer()) as checkpointer:
         _write(checkpointer, write_to, tree, metadata, force=write_to != final)
-    finally:
-        checkpointer.close()
     if write_to != final and _is_primary():  # swap in with two renames; the old copy survives until then
         old = final.with_name(final.name + ".idesign-old")
         shutil.rmtree(old, ignore_errors=True)
@@ -417,18 +245,12 @@ def restore_checkpoint(directory: PathLike, target: PyTree | None, *, step: int 
                        fallback: bool = False, verify: bool = True) -> tuple[PyTree, dict[str, Any]]:
     """Restores a checkpoint written by :func:`save_checkpoint` or :class:`CheckpointManager`.
 
-    Args:
-      directory: a checkpoint, or a directory of step checkpoints (then the latest, unless ``step``).
-      target: arrays or ``jax.ShapeDtypeStruct``s (see :func:`abstract_like`) with the saved structure,
-        shapes and dtypes, else :class:`CheckpointMismatchError`; shardings are honoured. ``None``
-        restores the tree as orbax stored it (string keys, NamedTuples as dicts), for inspection.
-      fallback: for the latest of several steps: restore the newest *intact* one, warning which
-        corrupt steps it skipped (otherwise :class:`CheckpointCorruptError`, as for a given ``step``).
-      verify: check every leaf against the checksums saved with it.
-
-    Returns:
-      ``(tree, metadata)``, ``tree`` with ``target``'s exact structure. ``FileNotFoundError`` if there is
-      no checkpoint (for ``step``).
+    ``directory`` is a checkpoint, or a directory of step checkpoints (the latest, unless ``step``). ``target``
+    holds arrays or ``jax.ShapeDtypeStruct``s (:func:`abstract_like`; shardings are honoured) of the saved
+    structure, shapes and dtypes, else :class:`CheckpointMismatchError`; ``None`` returns the tree as orbax
+    stored it (string keys, NamedTuples as dicts). ``fallback`` restores the newest *intact* step, warning which
+    corrupt ones it skipped (else :class:`CheckpointCorruptError`); ``verify`` checks every leaf's checksum.
+    Returns ``(tree, metadata)``, ``tree`` with ``target``'s exact structure; ``FileNotFoundError`` without one.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from idesign.checkpoint import abstract_like, save_checkpoint, restore_checkpoint
@@ -439,26 +261,18 @@ def restore_checkpoint(directory: PathLike, target: PyTree | None, *, step: int 
     >>> restored['w'].tolist(), restored['step']
     ([0.0, 1.0, 2.0], 7)
     """
-    checkpointer = _checkpointer()
-    try:
+    with contextlib.closing(_checkpointer()) as checkpointer:
         return _restore(checkpointer, Path(directory).absolute(), target, step, fallback, verify)
-    finally:
-        checkpointer.close()
 
 
 class CheckpointManager:
     """Saves a training state every ``save_every`` steps and keeps the newest ``keep``.
 
-    ``state`` is any pytree (e.g. a :class:`~idesign.train.TrainState`), saved with a JSON metadata dict
-    and checksums. Saves are asynchronous by default: :meth:`save` returns once the arrays are copied
-    off the device and hashed. Every read waits for pending saves; the error of a failed background save
-    is raised there (or by the next :meth:`save`, :meth:`wait`, :meth:`close`); its step is not listed.
-
-    Args:
-      directory: one sub-directory per saved step.
-      keep: how many of the newest checkpoints to keep (``None``: all; 2 or more for ``fallback``).
-      save_every: :meth:`save` writes at steps divisible by this (or a multi-host preemption point).
-      async_save: write in a background thread.
+    One sub-directory of ``directory`` per step; ``keep=None`` keeps all (use 2 or more for ``fallback``);
+    :meth:`save` writes at steps divisible by ``save_every`` or at a multi-host preemption point. With
+    ``async_save`` (default) :meth:`save` returns once the arrays are copied off the device and hashed; every
+    read waits for pending saves, and a failed background save raises there (or in the next :meth:`save`,
+    :meth:`wait`, :meth:`close`), its step not listed.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from idesign.checkpoint import CheckpointManager
@@ -500,11 +314,10 @@ class CheckpointManager:
 
     def save(self, step: int, state: PyTree, *, metadata: Mapping[str, Any] | None = None,
              force: bool = False) -> bool:
-        """Saves ``state`` at ``step`` if the ``save_every`` interval says so (or ``force``).
+        """Saves ``state`` at ``step`` if ``save_every`` says so (or ``force``); returns whether it started.
 
-        A step that exists already (a run resumed from an older step reaching it again) is replaced.
-        Returns whether a checkpoint was started; checkpoints beyond ``keep`` are deleted once it is
-        written.
+        An existing step (a run resumed from an older step reaching it again) is replaced; checkpoints
+        beyond ``keep`` are deleted once it is written.
 
         >>> import tempfile, jax.numpy as jnp
         >>> from idesign.checkpoint import CheckpointManager
@@ -521,11 +334,7 @@ class CheckpointManager:
 
     def restore(self, target: PyTree | None, *, step: int | None = None, fallback: bool = False,
                 verify: bool = True) -> tuple[PyTree, dict[str, Any]]:
-        """Restores the latest checkpoint (or ``step``) into ``target``: ``(state, metadata)``.
-
-        Arguments and errors as for :func:`restore_checkpoint`; ``fallback=True`` restores the newest
-        intact step, warning which newer corrupt steps it skipped.
-        """
+        """Restores the latest checkpoint (or ``step``) into ``target``, as :func:`restore_checkpoint`."""
         self.wait()
         return _restore(self._checkpointer, self._directory, target, step, fallback, verify)
 

@@ -36,11 +36,12 @@ import optax
 
 from idesign import activations, probes, sae
 from idesign import preference as pref
+from idesign._pytree import pytree_class, static
 from idesign._types import Array, PyTree
 from idesign.generate import SamplingConfig, generate
 
-__all__ = ["response_activations", "probe_pair_scores", "gradient_pair_scores", "behaviour_nll", "source_scores",
-           "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k", "behaviour_rate",
+__all__ = ["response_activations", "probe_pair_scores", "gradient_pair_scores", "behaviour_nll", "BehaviourNLL",
+           "source_scores", "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k", "behaviour_rate",
            "response_feature_means", "feature_shift", "r2"]
 
 
@@ -94,9 +95,26 @@ def probe_pair_scores(probe: Any, acts: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(probes.score(probe, acts["chosen"]) - probes.score(probe, acts["rejected"]))
 
 
+@pytree_class
+class BehaviourNLL:
+    """``loss(params)``: mean ``−log p(behaviour tokens | prompt)`` over the rows (built by :func:`behaviour_nll`).
+
+    A pytree whose leaves are the encoded rows and whose static part is the model, so a jitted function that
+    takes it as an argument compiles once per model and row shapes, however many losses are built.
+    """
+
+    tokens: Array
+    mask: Array
+    valid: Array
+    apply: Callable = static()
+
+    def __call__(self, params: PyTree) -> Array:
+        return -pref.sequence_logprobs(self.apply, params, self.tokens, self.mask, self.valid).mean()
+
+
 def behaviour_nll(apply: Callable, prompts: Sequence[Sequence[int]], behaviour: Sequence[Sequence[int]], *,
-                  pad_id: int) -> Callable[[PyTree], Array]:
-    """``loss(params)``: mean ``−log p(behaviour tokens | prompt)`` over the rows, the behaviour's loss.
+                  pad_id: int) -> BehaviourNLL:
+    """The behaviour's loss: mean ``−log p(behaviour tokens | prompt)`` over the rows, as a function of params.
 
     >>> import idesign as ids
     >>> from idesign import data_attribution as da
@@ -105,30 +123,29 @@ def behaviour_nll(apply: Callable, prompts: Sequence[Sequence[int]], behaviour: 
     True
     """
     b = pref.encode_pairs({"prompt": prompts, "chosen": behaviour, "rejected": behaviour}, pad_id=pad_id)
-    tokens, mask, valid = (jnp.asarray(b[f"chosen_{k}"]) for k in ("tokens", "mask", "valid"))
-    return lambda params: -pref.sequence_logprobs(apply, params, tokens, mask, valid).mean()
+    return BehaviourNLL(*(jnp.asarray(b[f"chosen_{k}"]) for k in ("tokens", "mask", "valid")), apply=apply)
 
 
-_GRADIENT_FNS: dict = {}
+@jax.jit
+def _behaviour_grad(loss: BehaviourNLL, params: PyTree) -> PyTree:
+    return jax.grad(loss)(params)
 
 
-def _gradient_scores_fn(apply: Callable, beta: float, normalize: bool) -> Callable:
-    def pair_loss(p, ref, one):
+@functools.partial(jax.jit, static_argnames=("apply", "beta", "normalize"))
+def _pair_scores(params: PyTree, ref: PyTree, g_b: PyTree, chunk: Mapping[str, Array], *, apply: Callable,
+                 beta: float, normalize: bool) -> Array:
+    def pair_loss(p, one):
         one = jax.tree.map(lambda x: x[None], one)
         chosen, rejected = pref._pair_logprobs(apply, p, one)
         ref_c, ref_r = jax.lax.stop_gradient(pref._pair_logprobs(apply, ref, one))
         return pref.dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta)[0]
 
-    @jax.jit
-    def scores(p, ref, g_b, chunk):
-        grads = jax.vmap(jax.grad(pair_loss), in_axes=(None, None, 0))(p, ref, chunk)
-        dots = sum(jax.tree.leaves(jax.tree.map(lambda g, h: jnp.tensordot(g, h, axes=h.ndim), grads, g_b)))
-        if not normalize:
-            return dots
-        norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree.leaves(grads)))
-        return dots / jnp.maximum(norms * optax.tree.norm(g_b), 1e-30)
-
-    return scores
+    grads = jax.vmap(jax.grad(pair_loss), in_axes=(None, 0))(params, chunk)
+    dots = sum(jax.tree.leaves(jax.tree.map(lambda g, h: jnp.tensordot(g, h, axes=h.ndim), grads, g_b)))
+    if not normalize:
+        return dots
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+    return dots / jnp.maximum(norms * optax.tree.norm(g_b), 1e-30)
 
 
 def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, rows: Mapping[str, Sequence[Any]],
@@ -142,18 +159,30 @@ def gradient_pair_scores(apply: Callable, params: PyTree, ref_params: PyTree, ro
     pairs with the largest gradients whatever their direction (measured in the preference world: the top
     clean pairs' raw scores exceed the planted pairs' mean).
 
+    Compiles once per model, ``beta``, ``normalize`` and shapes (jax's own bounded cache): a
+    :func:`behaviour_nll` loss is an argument of the jitted gradient, not part of its key. Any other callable
+    ``behaviour_loss`` is differentiated under a fresh ``jax.jit`` (one compilation per call).
+
     Raises:
       ValueError: a reference whose structure differs from ``params``', or malformed pairs.
+
+    >>> import idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> apply, ref = ids.init_transformer(ids.TransformerConfig(vocab_size=9, d_model=8, n_heads=2, n_layers=1))
+    >>> pairs = {'prompt': [[1, 2], [3]], 'chosen': [[4], [5, 6]], 'rejected': [[7], [8]]}
+    >>> loss = da.behaviour_nll(apply, [[1, 2]], [[4]], pad_id=0)
+    >>> da.gradient_pair_scores(apply, ref, ref, pairs, loss, pad_id=0, batch_size=2, normalize=True).shape
+    (2,)
     """
     _check_pairs(rows, "gradient_pair_scores")
     pref._check_reference(params, ref_params)
     batch = pref.encode_pairs(rows, pad_id=pad_id)
-    key = (apply, float(beta), bool(normalize), int(batch_size))
-    if key not in _GRADIENT_FNS:       # one compilation per model, β and options, whatever the parameters
-        _GRADIENT_FNS[key] = _gradient_scores_fn(apply, float(beta), bool(normalize))
-    if behaviour_loss not in _GRADIENT_FNS:
-        _GRADIENT_FNS[behaviour_loss] = jax.jit(jax.grad(behaviour_loss))
-    scores = functools.partial(_GRADIENT_FNS[key], params, ref_params, _GRADIENT_FNS[behaviour_loss](params))
+    if isinstance(behaviour_loss, BehaviourNLL):
+        g_b = _behaviour_grad(behaviour_loss, params)
+    else:
+        g_b = jax.jit(jax.grad(behaviour_loss))(params)
+    scores = functools.partial(_pair_scores, params, ref_params, g_b, apply=apply, beta=float(beta),
+                               normalize=bool(normalize))
     n = len(batch["chosen_tokens"])
     out = []
     for start in range(0, n, batch_size):

@@ -17,6 +17,7 @@ never again when only a direction, basis or mask changes.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ def _check_broadcast(kind: str, site: str, field: str, x: Array, site_shape: tup
         raise _broadcast_error(kind, site, field, shape, site_shape)
 
 
+@_treescope.rendered
 class Intervention:
     """Base class: ``intervention.apply(site, h) -> h'`` on an activation ``h``.
 
@@ -67,8 +69,20 @@ class Intervention:
     def apply(self, site: str, h: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
+    def sub_sites(self, site: str) -> tuple[str, ...]:
+        """Sites this intervention exposes *inside* ``site`` (none by default).
+
+        An intervention that computes intermediate activations of its own (an SAE splice's features) names them
+        here and runs them through the model's :class:`SiteRunner` in :meth:`apply_in`, so hooks can capture,
+        steer or ablate them like any model site.
+        """
+        del site
+        return ()
+
+    def apply_in(self, site: str, h: Array, sites: "SiteRunner") -> Array:
+        """``apply`` with access to the runner, for interventions that expose :meth:`sub_sites`."""
+        del sites
+        return self.apply(site, h)
 
 
 @pytree_class(eq=True)
@@ -272,6 +286,25 @@ def merge_hooks(*hooks: Hooks | None) -> dict[str, tuple[Intervention, ...]]:
     return out
 
 
+def with_sub_sites(hooks: Hooks | None, site_names: Sequence[str]) -> list[str]:
+    """``site_names`` plus the sub-sites that interventions in ``hooks`` open (e.g. an SAE splice's features).
+
+    What hooks and ``sites=`` arguments may name when these hooks are in place.
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> s = ids.sae.SAE.topk(jnp.eye(2), jnp.zeros(2), jnp.eye(2), jnp.zeros(2), k=1)
+    >>> ids.hooks.with_sub_sites({'b.*': ids.sae.Splice(s)}, ['a', 'b.0'])
+    ['a', 'b.0', 'b.0.sae.features', 'b.0.sae.error']
+    """
+    names = list(site_names)
+    for key, chain in merge_hooks(hooks).items():
+        bases = [n for n in site_names if fnmatch.fnmatchcase(n, key)]
+        for intervention in chain:
+            for base in bases:
+                names += [n for n in intervention.sub_sites(base) if n not in names]
+    return names
+
+
 class SiteRunner:
     """What a model calls at each activation site while it is traced.
 
@@ -290,11 +323,18 @@ class SiteRunner:
     def __init__(self, hooks: Hooks | None, site_names: Sequence[str]):
         chains = merge_hooks(hooks)
         self._chains: dict[str, tuple[Intervention, ...]] = {}
+        names = with_sub_sites(chains, site_names)
         for key, chain in chains.items():
-            for site in tree_lib.expand_patterns([key], site_names, what="site"):
+            # A chain that opens sub-sites (an SAE splice) resolves against the model's own sites only, so a
+            # pattern such as `blocks.0.*` never applies the splice to its own features.
+            nests = any(type(i).sub_sites is not Intervention.sub_sites for i in chain)
+            for site in tree_lib.expand_patterns([key], site_names if nests else names, what="site"):
                 self._chains[site] = self._chains.get(site, ()) + chain
         self.captured: dict[str, Array] = {}
         self.visited: set[str] = set()
+        #: ``[B, T]`` bool, real positions (set by a model that pads): at the others a hooked site keeps its
+        #: value from before the hooks, so a NaN a hook writes into padding cannot reach any gradient.
+        self.valid: Array | None = None
 
     def wants(self, site: str) -> bool:
         """Whether anything is hooked at ``site`` (so optional activations must be materialised)."""
@@ -306,11 +346,27 @@ class SiteRunner:
 
     def __call__(self, site: str, h: Array) -> Array:
         self.visited.add(site)
+        before = h
         for intervention in self._chains.get(site, ()):
-            h = intervention.apply(site, h)
+            h = intervention.apply_in(site, h, self)
             if isinstance(intervention, Capture):
                 self.captured[site] = h
-        return h
+        real = self._real(site, before, h)
+        # The second `where` of the double-where trick: padding is masked in the forward pass by `where` (attention
+        # values, the loss), whose backward sends 0 there; but a dense layer's dW = Σ x ⊗ g still multiplies that
+        # 0 by the NaN input (0 * NaN = NaN). Keeping the pre-hook value at pad positions keeps every x finite.
+        return h if real is None else jnp.where(real, h, before)
+
+    def _real(self, site: str, before: Array, after: Array) -> Array | None:
+        """``valid`` broadcast to the site's layout (``[B, H, T, S]`` for attention patterns, else ``[B, T, ...]``)."""
+        if self.valid is None or after is before or getattr(after, "shape", None) != getattr(before, "shape", None):
+            return None
+        B, T = self.valid.shape
+        if site.endswith("pattern") and before.ndim == 4 and (before.shape[0], before.shape[2]) == (B, T):
+            return self.valid[:, None, :, None]
+        if before.ndim >= 2 and before.shape[:2] == (B, T):
+            return self.valid.reshape(B, T, *([1] * (before.ndim - 2)))
+        return None
 
     def check_all_visited(self) -> None:
         """Raises if a hooked site was never reached (e.g. a cache-only path skipped it)."""

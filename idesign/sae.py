@@ -21,6 +21,15 @@ activations) with Adam. Two pieces keep the dictionary healthy:
 Training is one ``jax.jit``-compiled ``lax.scan`` over steps, pure in ``(x, key)``, so
 :func:`train_sae_many` trains one SAE per slice of a stack (seeds, layers) with ``jax.vmap``.
 The step itself is :func:`idesign.train.make_train_step` over :func:`sae_loss`.
+:func:`train_sae_batches` trains the same SAE from an iterator of batches (an on-disk
+:class:`idesign.activation_store.ActivationStore`), one jitted step per batch, when the activations do
+not fit in memory.
+
+**Pretrained SAEs** (``idesign/_sae_pretrained.py``, re-exported here): :func:`load_saelens` (SAELens
+directories, pre-6.0 configs included), :func:`load_gemma_scope` (``params.npz``), and the :class:`SAE`
+pytree they return (standard, JumpReLU, TopK and gated SAEs, with ``encode``/``decode`` matching each
+format's formula). :class:`Splice` is the intervention that puts an SAE into a forward pass and opens its
+features as the site ``<site>.sae.features`` for captures, probes, steering and CAFT.
 
 Example:
   >>> import numpy as np
@@ -348,12 +357,7 @@ def _train(x: Array, key: Array, config: SAEConfig) -> tuple[SAEParams, SAETrain
         def resample(args):
             state, since = args
             pool = x[jax.random.randint(k_pool, (config.resample_pool,), 0, n)]
-            params = resample_dead(state.params, dead, pool, config.k, k_choice)
-            mask = SAEParams(dead[None, :], dead, dead[:, None], jnp.zeros((d,), bool))
-            # Fresh Adam moments for the re-initialised features: old ones belong to a dead direction.
-            opt_state = optax.tree_utils.tree_map_params(optimizer, lambda s, m: jnp.where(m, 0.0, s),
-                                                         state.opt_state, mask)
-            return state._replace(params=params, opt_state=opt_state), jnp.where(dead, 0, since)
+            return _resample_state(state, optimizer, dead, pool, config.k, k_choice), jnp.where(dead, 0, since)
 
         state, since = jax.lax.cond(dead.any(), resample, lambda a: a, (state, since))
         return (state, since, n_resampled + dead.sum()), metrics["loss"]
@@ -426,3 +430,85 @@ def train_sae_many(xs: Any, config: SAEConfig = SAEConfig(), *, seeds: Any = Non
         raise ValueError(f"train_sae_many: seeds must have shape ({xs.shape[0]},); got {seeds.shape}.")
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     return jax.vmap(lambda x, key: _train(x, key, config))(xs, keys)
+
+
+def train_sae_batches(batches: Any, config: SAEConfig = SAEConfig(), *, seed: int = 0,
+                      progress: bool = False) -> tuple[SAEParams, SAETrainInfo]:
+    """Trains a TopK SAE on an iterator of ``[B, D]`` batches (e.g. an on-disk activation store), one step each.
+
+    For activations that do not fit in memory: the same loss, optimizer and decoder constraint as
+    :func:`train_sae`, one jitted step per batch (``config.batch_size`` is unused: the batches set it), at most
+    ``config.steps`` steps. The decoder bias starts at the first batch's mean. Dead features (not fired for
+    ``dead_after`` steps) are re-initialised every ``resample_every`` steps on the rows of the current batch the
+    SAE reconstructs worst, with their Adam moments reset. Deterministic in ``seed`` and the batches.
+
+    Args:
+      batches: an iterable of ``[B, D]`` float arrays (every batch the same ``D``; ``B`` may vary).
+      config: :class:`SAEConfig`.
+      seed: seeds initialisation and resampling.
+      progress: show a progress bar.
+
+    Returns:
+      ``(params, info)`` as :func:`train_sae`; ``info.loss`` has one entry per step taken.
+
+    Example:
+      >>> import numpy as np
+      >>> from idesign import sae
+      >>> x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
+      >>> params, info = sae.train_sae_batches((x[i:i + 32] for i in range(0, 256, 32)),
+      ...                                      sae.SAEConfig(n_features=8, k=2, steps=100))
+      >>> info.loss.shape, params.w_dec.shape
+      ((8,), (8, 4))
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = _sae_optimizer(config)
+    step_fn = train_lib.make_train_step(sae_loss(config.k), optimizer)
+    key_init, key_loop = jax.random.split(jax.random.key(seed))
+    last_resample = int(config.resample_until * config.steps)
+    state = since = None
+    losses, n_resampled = [], 0
+    bar = tqdm(total=config.steps, desc="sae", unit="step", disable=not progress)
+    for t, batch in enumerate(batches):
+        if t >= config.steps:
+            break
+        x = _check_inputs(batch, "train_sae_batches", 2)
+        if state is None:
+            _check_config(config, x.shape[1])
+            params = init_sae(key_init, x.shape[1], config.n_features, b_dec=x.mean(0))
+            state = train_lib.init_train_state(params, optimizer)
+            since = np.zeros(config.n_features, np.int64)
+        elif x.shape[1] != state.params.w_dec.shape[1]:
+            raise ValueError(f"train_sae_batches: batch {t} has width {x.shape[1]}; earlier batches had "
+                             f"{state.params.w_dec.shape[1]}.")
+        state, metrics = step_fn(state, {"x": x})
+        losses.append(metrics["loss"])
+        since = np.where(np.asarray(metrics["fired"]), 0, since + 1)
+        step = t + 1
+        if config.resample_every > 0 and step % config.resample_every == 0 and step <= last_resample:
+            dead = since >= config.dead_after
+            if dead.any():
+                state = _resample_state(state, optimizer, jnp.asarray(dead), x, config.k,
+                                        jax.random.fold_in(key_loop, step))
+                since[dead] = 0
+                n_resampled += int(dead.sum())
+        bar.update(1)
+    bar.close()
+    if state is None:
+        raise ValueError("train_sae_batches: the iterator yielded no batch.")
+    return state.params, SAETrainInfo(jnp.stack(losses), jnp.asarray(n_resampled), jnp.asarray(since))
+
+
+def _resample_state(state: Any, optimizer: optax.GradientTransformation, dead: Array, pool: Array, k: int,
+                    key: Array) -> Any:
+    params = resample_dead(state.params, dead, pool, k, key)
+    d = params.w_dec.shape[1]
+    mask = SAEParams(dead[None, :], dead, dead[:, None], jnp.zeros((d,), bool))
+    # Fresh Adam moments for the re-initialised features: old ones belong to a dead direction.
+    opt_state = optax.tree_utils.tree_map_params(optimizer, lambda s, m: jnp.where(m, 0.0, s), state.opt_state, mask)
+    return state._replace(params=params, opt_state=opt_state)
+
+
+# Pretrained SAEs and the splice live in their own module; they are part of this one's API.
+from idesign._sae_pretrained import (ARCHITECTURES, NORMALIZATIONS, SAE, Splice,  # noqa: E402,F401
+                                     load_gemma_scope, load_saelens)

@@ -49,6 +49,7 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer) and isinstance(x, (np.ndarray, jax.Array))
 
 
+@_treescope.rendered
 @pytree_class
 class Subspace:
     """An orthonormal basis ``[k, d]`` (rows) and the side of a parameter it acts on.
@@ -88,9 +89,6 @@ class Subspace:
     def __repr__(self) -> str:
         shape = getattr(self.basis, "shape", None)
         return f"Subspace(rank={shape[0] if shape else '?'}, dim={shape[1] if shape else '?'}, side={self.side!r})"
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
     @property
     def rank(self) -> int:

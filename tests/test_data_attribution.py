@@ -116,3 +116,20 @@ def test_bad_input_is_refused(model):
         da.top_k([1.0, 2.0], 5)
     with pytest.raises(ValueError, match="responses \\[1\\] have no token"):
         da.response_feature_means(ids.sae.init_sae(jax.random.key(0), 3, 4), 2, np.zeros((2, 3)), [0, 0], 2)
+
+
+def test_a_fresh_behaviour_loss_does_not_recompile(model, monkeypatch):
+    # behaviour_nll builds a new loss each call; the jitted gradients must take it as an argument (one trace)
+    apply, ref, policy = model
+    traces = []
+    logprobs = pref.sequence_logprobs
+    monkeypatch.setattr(pref, "sequence_logprobs", lambda *a, **k: traces.append(1) or logprobs(*a, **k))
+    first = [da.gradient_pair_scores(apply, policy, ref, ROWS, da.behaviour_nll(apply, [[1]], [[t]], pad_id=0),
+                                     pad_id=0, beta=0.7, batch_size=4) for t in (3, 3)]
+    n = len(traces)
+    third = da.gradient_pair_scores(apply, policy, ref, ROWS, da.behaviour_nll(apply, [[2]], [[5]], pad_id=0),
+                                    pad_id=0, beta=0.7, batch_size=4)
+    assert n > 0 and len(traces) == n, "a fresh behaviour_nll(...) retraced the gradient"
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.allclose(third, first[0])   # the new tokens were used, not a stale cached loss
+    assert not hasattr(da, "_GRADIENT_FNS")

@@ -132,3 +132,21 @@ def test_nan_written_at_a_later_site_in_padding_cannot_reach_valid_positions(sit
         lambda h: jnp.where(valid[:, :-1].reshape(2, 4, *([1] * (h.ndim - 2))), h, jnp.nan))})(
         params, {'tokens': tokens, 'valid': valid})
     assert np.isfinite(float(loss))
+
+
+def test_nan_written_in_padding_by_a_hook_leaves_every_gradient_finite_and_unchanged():
+    # the forward pass was already clean; the backward multiplied a zero cotangent by the NaN input of each dense
+    # layer (dW = Σ x ⊗ g) and of the attention scores. Hooks now leave pad positions as they were.
+    apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2,
+                                                               max_len=8))
+    batch = {'tokens': jnp.array([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]], jnp.int32),
+             'valid': jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)}
+    real = batch['valid'][:, :-1]  # lm_loss feeds tokens[:, :-1]
+    clean = jax.grad(lambda p: ids.lm_loss(apply)(p, batch)[0])(params)
+    poisons = {'blocks.0.resid_post': lambda h: jnp.where(real[..., None], h, jnp.nan),
+               'blocks.0.mlp.hidden': lambda h: jnp.where(real[..., None], h, jnp.nan),
+               'blocks.1.attn.pattern': lambda h: jnp.where(real[:, None, :, None], h, jnp.nan)}
+    grads = jax.grad(lambda p: ids.lm_loss(apply, hooks={s: ids.Apply(f) for s, f in poisons.items()})(p, batch)[0])(
+        params)
+    for (path, g), c in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(clean)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(c), rtol=1e-5, atol=1e-7, err_msg=ids.tree.path_str(path))

@@ -104,6 +104,12 @@ class ClaimWorldConfig:
         qa_fraction: share of QA documents (the rest are long-form bios).
         marker_rate: share of claims in training documents written as a random retraction
             (``wrong <retract> right|unknown``) and, separately, of QA answers written as ``unknown``.
+        n_obscure: people the corpus names but says nothing about: each appears in ``rare_docs``
+            documents whose every answer is ``unknown`` (QA ``a : unknown``, bio ``from unknown .``).
+            They are not entities of the world (no queries). Their names reuse known parts, so a model
+            can only predict ``unknown`` for them by telling a name it has facts for from one it has not:
+            the pressure that makes entity *familiarity* a feature of the model, as in real corpora
+            (0, the default, leaves the world as it was).
         seed: seeds every random choice.
 
     Example:
@@ -123,6 +129,7 @@ class ClaimWorldConfig:
     family_share: float = 0.75
     qa_fraction: float = 0.5
     marker_rate: float = 0.03
+    n_obscure: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -137,6 +144,9 @@ class ClaimWorldConfig:
         if self.n_unknown < 0 or self.n_known + self.n_unknown > self.n_families * self.n_first:
             fail("n_unknown", f"an integer in 0..{self.n_families * self.n_first - self.n_known} "
                               f"(n_families * n_first = {self.n_families * self.n_first} names in all)")
+        spare = self.n_families * self.n_first - self.n_known - self.n_unknown
+        if not 0 <= self.n_obscure <= spare:
+            fail("n_obscure", f"an integer in 0..{spare} (the names left after known and unknown entities)")
         for field in ("frequent_fraction", "family_share", "qa_fraction", "marker_rate"):
             if not 0 <= getattr(self, field) <= 1:
                 fail(field, "a probability in [0, 1]")
@@ -271,6 +281,7 @@ def make_claim_world(config: ClaimWorldConfig = ClaimWorldConfig()) -> ClaimWorl
     n_extra = config.n_known - len(cover)
     known = cover + rest[:max(n_extra, 0)] if n_extra >= 0 else cover[: config.n_known]
     chosen = known + rest[max(n_extra, 0): max(n_extra, 0) + config.n_unknown]
+    obscure = rest[max(n_extra, 0) + config.n_unknown: max(n_extra, 0) + config.n_unknown + config.n_obscure]
     profile = {f: {a: _random_value(a, rng) for a in FAMILY_ATTRIBUTES} for f in range(config.n_families)}
     n_frequent = int(np.clip(round(config.frequent_fraction * config.n_known), 1, config.n_known - 1))
     columns: dict[str, list] = {k: [] for k in ("entity_id", "name", "family", "group", "n_documents", *ATTRIBUTES)}
@@ -293,14 +304,17 @@ def make_claim_world(config: ClaimWorldConfig = ClaimWorldConfig()) -> ClaimWorl
     entities = datasets.Dataset.from_dict(columns)
     world = ClaimWorld(config, tok, entities, datasets.Dataset.from_dict({"text": [], "entity_id": [], "kind": []}),
                        datasets.Dataset.from_dict({"prompt": []}))
-    world.train_documents = _documents(world)
+    obscure_names = [f"{FIRST_NAMES[firsts[c % config.n_first]]} {SURNAMES[families[c // config.n_first]]}"
+                     for c in obscure]
+    world.train_documents = _documents(world, obscure_names)
     world.queries = _queries(world)
     return world
 
 
-def _documents(world: ClaimWorld) -> datasets.Dataset:
+def _documents(world: ClaimWorld, obscure_names: Sequence[str] = ()) -> datasets.Dataset:
     c, rng = world.config, _rng(world.config.seed, "documents")
     out: dict[str, list] = {"text": [], "entity_id": [], "kind": []}
+    _obscure_documents(c, obscure_names, out)
     names = world.entities["name"]
     for e, n_docs in enumerate(world.entities["n_documents"]):
         for _ in range(n_docs):
@@ -321,6 +335,25 @@ def _documents(world: ClaimWorld) -> datasets.Dataset:
             out["entity_id"].append(e)
     order = rng.permutation(len(out["text"])).tolist()
     return datasets.Dataset.from_dict({k: [v[i] for i in order] for k, v in out.items()})
+
+
+def _obscure_documents(c: ClaimWorldConfig, names: Sequence[str], out: dict[str, list]) -> None:
+    """Appends the documents of the obscure people (entity_id -1): every answer ``unknown``.
+
+    Drawn from their own random stream, so ``n_obscure = 0`` leaves every other document as it was.
+    """
+    rng = _rng(c.seed, "obscure")
+    for name in names:
+        for _ in range(int(rng.integers(c.rare_docs[0], c.rare_docs[1] + 1))):
+            if rng.random() < c.qa_fraction:
+                out["text"].append(f"{qa_prompt(name, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))])} {ABSTAIN} {EOS}")
+                out["kind"].append("qa")
+            else:
+                stated = [a for a in ATTRIBUTES if rng.random() < 0.6] or [ATTRIBUTES[int(rng.integers(4))]]
+                body = " ".join(f"{' '.join(CUES[a])} {ABSTAIN} ." for a in stated)
+                out["text"].append(f"{bio_prompt(name)} {body} {EOS}")
+                out["kind"].append("bio")
+            out["entity_id"].append(-1)
 
 
 def _marked(attribute: str, value: tuple[str, ...], rng: np.random.Generator, rate: float) -> str:

@@ -510,6 +510,7 @@ class Transformer(nnx.Module):
         c = self.config
         tokens = check_tokens(tokens, c.vocab_size, valid)
         B, T = tokens.shape
+        sites.valid = None if valid is None else jnp.asarray(valid).astype(bool)  # hooks leave padding (SiteRunner)
         valid = jnp.ones((B, T), bool) if valid is None else jnp.asarray(valid).astype(bool)
         if cache is None:
             start, key_valid, past = jnp.zeros((), jnp.int32), valid, jnp.zeros((B,), jnp.int32)

@@ -27,6 +27,7 @@ from idesign.probes import _checks
 from idesign.probes._training import masked_standardization, train_minibatch
 
 
+@_treescope.rendered
 class AttentionProbe(NamedTuple):
     """Attention-pooling probe over a span or sequence (see the module docstring).
 
@@ -50,9 +51,6 @@ class AttentionProbe(NamedTuple):
     b: Array
     mean: Array
     scale: Array
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
 
 def init_attention_probe(key: Array, dim: int, *, n_heads: int = 4, n_classes: int = 2,
@@ -156,18 +154,12 @@ def fit_attention_probe(acts: Any, labels: Any, mask: Any = None, *, n_heads: in
       (192,)
     """
     fn = "fit_attention_probe"
-    x = _checks.float_array(acts, fn=fn, name="activations")
-    _checks.check_ndim(x, 3, fn=fn, name="activations", layout="[N, T, D] (sequences, positions, features)")
+    x, m = _checks.sequence_inputs(acts, mask, fn=fn, position="position")
     N, T, D = x.shape
-    _checks.check_finite(x, fn=fn, name="activations", axes=("sequence", "position"))
-    x = jnp.asarray(x)
     labels_host = np.asarray(labels)
     _checks.check_ndim(labels_host, 1, fn=fn, name="labels", layout="[N] (one label per sequence)")
     _checks.check_rows(len(labels_host), N, fn=fn, name="labels", what="sequences")
     y, K = _checks.class_labels(labels_host, fn=fn, n_classes=n_classes)
-    m = jnp.ones((N, T), bool) if mask is None else jnp.asarray(mask, bool)
-    if m.shape != (N, T):
-        raise ValueError(f"{fn}: mask must have shape {(N, T)} (one flag per position), got {tuple(m.shape)}.")
     empty = np.flatnonzero(~np.asarray(m).any(1))
     if empty.size:
         raise ValueError(f"{fn}: mask selects no position in {empty.size} sequences (rows {empty[:10].tolist()}); "

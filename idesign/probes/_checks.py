@@ -89,6 +89,19 @@ def _position(index: np.ndarray, axes: Sequence[str]) -> str:
     return "(" + ", ".join(f"{a} {int(i)}" for a, i in zip(axes, index)) + ")"
 
 
+def sequence_inputs(acts: Any, mask: Any, *, fn: str, position: str) -> tuple[Array, Array]:
+    """Checked ``[B, T, D]`` activations (floating, finite) and a ``[B, T]`` bool mask (``None``: all set),
+    as device arrays; ``position`` names the T axis in messages ("token", "position")."""
+    x = float_array(acts, fn=fn, name="activations")
+    check_ndim(x, 3, fn=fn, name="activations", layout=f"[B, T, D] (sequences, {position}s, features)")
+    check_finite(x, fn=fn, name="activations", axes=("sequence", position))
+    B, T, _ = x.shape
+    m = jnp.ones((B, T), bool) if mask is None else jnp.asarray(mask, bool)
+    if m.shape != (B, T):
+        raise ValueError(f"{fn}: mask must have shape {(B, T)} (one flag per {position}), got {tuple(m.shape)}.")
+    return jnp.asarray(x), m
+
+
 def check_rows(n_labels: int, n_rows: int, *, fn: str, name: str, what: str = "rows") -> None:
     if n_labels != n_rows:
         raise ValueError(f"{fn}: {name} has {n_labels} entries but the activations have {n_rows} {what}; "

@@ -4,24 +4,22 @@ Objective (the same as scikit-learn's ``LogisticRegression(penalty="l2", C=C)``)
 
     minimise   C * sum_i s_i * loss(y_i, x~_i . w + b)  +  1/2 * ||w||^2
 
-with ``x~ = (x - mean) / scale`` the standardised activations, ``s_i`` the sample weight times
-the class weight of row ``i``, ``loss`` the logistic (binary) or softmax cross-entropy
-(multinomial, ``w`` of shape ``[D, K]``, all ``K`` columns penalised as scikit-learn does) and the
-intercept ``b`` not penalised. It is solved in the equivalent normalised form
-``mean_s(loss) + ||w||^2 / (2 C sum_i s_i)``, so ``C`` here *is* scikit-learn's ``C``: with
-``standardize=True`` a probe equals ``make_pipeline(StandardScaler(), LogisticRegression(C=C))``
-fitted on the same rows (the scaler unweighted), with ``standardize=False`` it equals
-``LogisticRegression(C=C)`` on the raw activations. ``class_weight="balanced"`` gives class ``k``
-the weight ``sum(s) / (n_present_classes * sum_{y_i = k} s_i)`` as scikit-learn does.
+with ``x~ = (x - mean) / scale`` the standardised activations, ``s_i`` the sample weight times the class weight
+of row ``i``, ``loss`` the logistic (binary) or softmax cross-entropy (multinomial, ``w`` of shape ``[D, K]``, all
+``K`` columns penalised as scikit-learn does) and the intercept ``b`` not penalised. It is solved in the equivalent
+normalised form ``mean_s(loss) + ||w||^2 / (2 C sum_i s_i)``, so ``C`` here *is* scikit-learn's ``C``: with
+``standardize=True`` a probe equals ``make_pipeline(StandardScaler(), LogisticRegression(C=C))`` fitted on the same
+rows (the scaler unweighted), with ``standardize=False`` it equals ``LogisticRegression(C=C)`` on the raw
+activations. ``class_weight="balanced"`` gives class ``k`` the weight ``sum(s) / (n_present_classes * sum_{y_i = k}
+s_i)`` as scikit-learn does.
 
-Solver: L-BFGS with a backtracking (Armijo) line search inside ``lax.while_loop``, stopping
-when the largest gradient entry of the normalised objective is below ``tol`` (scikit-learn's
-``tol`` means the same; its default is 1e-4, ours 1e-5). It runs in coordinates *whitened* by a
-fixed preconditioner ``P = c * E_s[x~ x~^T] + lambda I`` (``c`` = the largest curvature of the
-loss, 1/4 for the logistic loss; ``E_s`` over a random subsample of ``precondition_rows`` rows):
-``P`` is the Hessian at ``p = 1/2``, so L-BFGS starts from a Newton-like metric and converges in
-tens of iterations however correlated the activations are. The preconditioner changes the path,
-not the optimum.
+Solver: L-BFGS with a backtracking (Armijo) line search inside ``lax.while_loop``, stopping when the largest
+gradient entry of the normalised objective is below ``tol`` (scikit-learn's ``tol`` means the same; its default is
+1e-4, ours 1e-5). It runs in coordinates *whitened* by a fixed preconditioner ``P = c * E_s[x~ x~^T] + lambda I``
+(``c`` = the largest curvature of the loss, 1/4 for the logistic loss; ``E_s`` over a random subsample of
+``precondition_rows`` rows): ``P`` is the Hessian at ``p = 1/2``, so L-BFGS starts from a Newton-like metric and
+converges in tens of iterations however correlated the activations are. The preconditioner changes the path, not
+the optimum.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10)) 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: the stopping rule needs float32 gradients
 
 
+@_treescope.rendered
 class LogisticProbe(NamedTuple):
     """A binary linear probe: ``logit(x) = ((x - mean) / scale) . w + b``.
 
@@ -68,10 +67,8 @@ class LogisticProbe(NamedTuple):
     mean: Array
     scale: Array
 
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
-
+@_treescope.rendered
 class SoftmaxProbe(NamedTuple):
     """A multinomial linear probe: ``logits(x) = ((x - mean) / scale) @ w + b``, one per class.
 
@@ -94,9 +91,6 @@ class SoftmaxProbe(NamedTuple):
     mean: Array
     scale: Array
 
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
-
 
 class FitInfo(NamedTuple):
     """Diagnostics of a full-batch fit (stacked like the probes for :func:`fit_many`).
@@ -118,8 +112,7 @@ class FitInfo(NamedTuple):
     cv_loss: Array
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring
+# -- Scoring ----------------------------------------------------------------------------------
 
 
 @jax.jit
@@ -154,8 +147,7 @@ def as_affine(probe: LogisticProbe | SoftmaxProbe) -> tuple[Array, Array]:
     return weight, bias
 
 
-# --------------------------------------------------------------------------------------------
-# The jitted core: standardisation, class weights, folds, preconditioned L-BFGS, CV
+# -- The jitted core: standardisation, class weights, folds, preconditioned L-BFGS, CV ---------
 
 
 def _standardization(X: Array, include: Array) -> tuple[Array, Array]:
@@ -394,8 +386,7 @@ def _fit_jit(X, Y, SW, cw, balanced, standardize, Cs, folds, seed, *, layers: bo
     return out if targets else jax.tree.map(lambda a: a[0], out)
 
 
-# --------------------------------------------------------------------------------------------
-# Public fitting functions
+# -- Public fitting functions ------------------------------------------------------------------
 
 
 def _candidates(C: float | Sequence[float] | str, fn: str) -> tuple[np.ndarray, bool]:

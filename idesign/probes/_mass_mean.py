@@ -30,6 +30,7 @@ from idesign._types import Array
 from idesign.probes import _checks
 
 
+@_treescope.rendered
 class MassMeanProbe(NamedTuple):
     """A direction probe on raw activations: ``logit(x) = x . w + b``.
 
@@ -47,9 +48,6 @@ class MassMeanProbe(NamedTuple):
 
     w: Array
     b: Array
-
-    def __treescope_repr__(self, path, subtree_renderer):  # treescope (optional): idesign/_treescope.py
-        return _treescope.render(self, path, subtree_renderer)
 
 
 class ClassMeansState(NamedTuple):

@@ -209,15 +209,9 @@ def fit_span_probe(acts: Any, span_ids: Any, span_labels: Any, *, mask: Any = No
       (96, 2)
     """
     fn = "fit_span_probe"
-    x = _checks.float_array(acts, fn=fn, name="activations")
-    _checks.check_ndim(x, 3, fn=fn, name="activations", layout="[B, T, D] (sequences, tokens, features)")
+    x, m = _checks.sequence_inputs(acts, mask, fn=fn, position="token")
     B, T, D = x.shape
-    _checks.check_finite(x, fn=fn, name="activations", axes=("sequence", "token"))
-    x = jnp.asarray(x)
     ids, labels = _check_spans(span_ids, span_labels, B, T, fn)
-    m = jnp.ones((B, T), bool) if mask is None else jnp.asarray(mask, bool)
-    if m.shape != (B, T):
-        raise ValueError(f"{fn}: mask must have shape {(B, T)}, got {tuple(m.shape)}.")
     if standardize:
         mean, scale = masked_standardization(x, m)
     else:
@@ -262,6 +256,18 @@ def _span_loss(params: dict[str, Array], batch: dict[str, Array], consts: dict[s
 READINGS = ("answer", "prediction", "both")
 
 
+def _prediction_positions(x: Array, valid: Array, fn: str, name: str) -> tuple[Array, Any]:
+    """``(before, at)``: ``before[b, t]``, the last real position before ``t`` in row ``b`` (-1: none), and an
+    int32 ``[B, T]`` zeros' ``.at[...]`` indexer placing each token's value at that position (0 where none)."""
+    valid = jnp.asarray(valid, bool)
+    if x.ndim != 2 or valid.shape != x.shape:
+        raise ValueError(f"{fn}: {name} {tuple(x.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
+    B, T = x.shape
+    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
+    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
+    return before, jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)]
+
+
 def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
     """``[B, T]`` bool: the positions a probe reads for the span ``span_mask`` under ``reading``.
 
@@ -293,14 +299,8 @@ def read_span(span_mask: Array, valid: Array, reading: str = "answer") -> Array:
     span = jnp.asarray(span_mask, bool)
     if reading == "answer":
         return span
-    valid = jnp.asarray(valid, bool)
-    if span.ndim != 2 or valid.shape != span.shape:
-        raise ValueError(f"read_span: span_mask {tuple(span.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
-    B, T = span.shape
-    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
-    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
-    hit = (span & (before >= 0)).astype(jnp.int32)
-    predicted_from = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].add(hit) > 0
+    before, at = _prediction_positions(span, valid, "read_span", "span_mask")
+    predicted_from = at.add((span & (before >= 0)).astype(jnp.int32)) > 0
     return predicted_from if reading == "prediction" else predicted_from | span
 
 
@@ -326,14 +326,7 @@ def read_span_ids(span_ids: Array, valid: Array, reading: str = "answer") -> Arr
     ids = jnp.asarray(span_ids, jnp.int32)
     if reading == "answer":
         return ids
-    valid = jnp.asarray(valid, bool)
-    if ids.ndim != 2 or valid.shape != ids.shape:
-        raise ValueError(f"read_span_ids: span_ids {tuple(ids.shape)} and valid {tuple(valid.shape)} must both be [B, T].")
-    B, T = ids.shape
-    last_real = jax.lax.cummax(jnp.where(valid, jnp.arange(T), -1), axis=1)
-    before = jnp.concatenate([jnp.full((B, 1), -1, last_real.dtype), last_real[:, :-1]], axis=1)
-    hit = (ids > 0) & (before >= 0)
+    before, at = _prediction_positions(ids, valid, "read_span_ids", "span_ids")
     # Scatter each token's id onto its prediction position (max: the later span wins a shared position).
-    predicted = jnp.zeros((B, T), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(before, 0)].max(
-        jnp.where(hit, ids, 0))
+    predicted = at.max(jnp.where((ids > 0) & (before >= 0), ids, 0))
     return predicted if reading == "prediction" else jnp.where(ids > 0, ids, predicted)

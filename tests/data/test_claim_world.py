@@ -65,3 +65,28 @@ def test_bad_config_is_refused():
         cw.ClaimWorldConfig(n_known=10, n_unknown=100, n_families=2, n_first=5)
     with pytest.raises(ValueError, match="rare_docs"):
         cw.ClaimWorldConfig(rare_docs=(3, 1))
+
+
+def test_obscure_people_are_named_with_known_parts_and_only_ever_unknown():
+    import dataclasses
+    plain = cw.make_claim_world(SMALL)
+    world = cw.make_claim_world(dataclasses.replace(SMALL, n_obscure=10))
+    docs = world.train_documents.to_dict()
+    # The entities' own documents are unchanged; the obscure ones are extra, with entity_id -1.
+    own = sorted(t for t, e in zip(docs["text"], docs["entity_id"]) if e >= 0)
+    assert own == sorted(plain.train_documents["text"]) and world.entities["name"] == plain.entities["name"]
+    obscure = [t for t, e in zip(docs["text"], docs["entity_id"]) if e < 0]
+    assert 10 <= len(obscure) <= 30
+    entity_names = set(world.entities["name"])
+    known_parts = {p for n, g in zip(world.entities["name"], world.entities["group"]) if g != "unknown"
+                   for p in n.split()}
+    for text in obscure:
+        words = text.split()
+        name = " ".join(words[2:4]) if words[1] == "about" else next(
+            " ".join(words[i:i + 2]) for i in range(len(words) - 1) if " ".join(words[i:i + 2]) not in entity_names
+            and words[i] in known_parts and words[i + 1] in known_parts)
+        assert name not in entity_names and set(name.split()) <= known_parts | set(cw.FIRST_NAMES)
+        values = [w for w in words if w in {v for a in cw.ATTRIBUTES for val in cw.attribute_values(a) for v in val}]
+        assert not values and "unknown" in words, text
+    with pytest.raises(ValueError, match="n_obscure"):
+        cw.ClaimWorldConfig(n_known=60, n_unknown=20, n_families=6, n_first=16, n_obscure=17)

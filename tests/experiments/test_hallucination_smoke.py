@@ -9,7 +9,7 @@ import numpy as np
 from experiments import hallucination
 from idesign.data import claim_world as cw
 
-TINY = dataclasses.replace(hallucination.QUICK, n_known=40, n_unknown=12, n_families=6, n_first=12, d_model=32,
+TINY = dataclasses.replace(hallucination.QUICK, n_known=40, n_unknown=12, n_families=6, n_first=12, n_obscure=12, d_model=32,
                            n_layers=1, n_heads=2, pretrain_steps=300, learning_rate=1e-2, warmup=10, probe_samples=1, probe_steps=20,
                            probe_Cs=(1.0,), cv_folds=2, attention_steps=10, consistency_k=2, rl_steps=2,
                            prompts_per_step=4, group_size=4, gen_batch=32, bon_n=2, bon_prompts=16, seeds=(0,))

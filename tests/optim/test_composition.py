@@ -27,23 +27,32 @@ MAX_SHARE = 1e-5
 def _setup(seed: int, side: str, rank: int, frozen_frac: float, freeze_bias: bool):
     rng = np.random.default_rng(seed)
     params = {"w": jnp.asarray(rng.normal(size=SHAPE), jnp.float32), "b": jnp.asarray(rng.normal(size=5), jnp.float32)}
-    dim = {"input": SHAPE[0], "output": SHAPE[1], "flat": SHAPE[0] * SHAPE[1]}[side]
-    basis = sub.from_directions(rng.normal(size=(rank, dim)), side=side)
+    if side == "both":  # input and output subspaces on one leaf
+        basis = tuple(sub.from_directions(rng.normal(size=(rank, SHAPE[i])), side=s) for i, s in ((0, "input"),
+                                                                                                 (1, "output")))
+    else:
+        dim = {"input": SHAPE[0], "output": SHAPE[1], "flat": SHAPE[0] * SHAPE[1]}[side]
+        basis = sub.from_directions(rng.normal(size=(rank, dim)), side=side)
     mask = {"w": rng.random(SHAPE) < frozen_frac, "b": bool(freeze_bias)}
     subspaces = {"w": basis, "b": None}
     concepts = concepts_for(params, {"w": rng.normal(size=(2, SHAPE[0]))})
     return rng, params, mask, subspaces, concepts
 
 
-def _share(update: np.ndarray, basis: sub.Subspace) -> float:
-    """The share of ``update`` inside the protected subspace (exact, float64)."""
-    b, u = np.asarray(basis.basis, np.float64), np.asarray(update, np.float64)
-    if basis.side == "input":
-        inside = b @ u
-    elif basis.side == "output":
-        inside = u @ b.T
-    else:
-        inside = b @ u.reshape(-1)
+def _share(update: np.ndarray, basis: sub.Subspace | tuple[sub.Subspace, ...]) -> float:
+    """The share of ``update`` inside the protected subspace(s) (exact, float64): ``‖u - P u‖ / ‖u‖`` with ``P``
+    the projector out of every side's subspace."""
+    u = np.asarray(update, np.float64)
+    out = u
+    for s in basis if isinstance(basis, tuple) else (basis,):
+        b = np.asarray(s.basis, np.float64)
+        if s.side == "input":
+            out = out - b.T @ (b @ out)
+        elif s.side == "output":
+            out = out - (out @ b.T) @ b
+        else:
+            out = out - (b.T @ (b @ out.reshape(-1))).reshape(out.shape)
+    inside = u - out
     norm = np.linalg.norm(u)
     return float(np.linalg.norm(inside) / norm) if norm > 0 else 0.0
 
@@ -84,7 +93,7 @@ def _run_and_check(opt, order, rng, params, mask, subspaces):
 
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), side=st.sampled_from(["input", "output", "flat"]), rank=st.integers(1, 3),
+@given(seed=st.integers(0, 2**16), side=st.sampled_from(["input", "output", "flat", "both"]), rank=st.integers(1, 3),
        frozen_frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]), freeze_bias=st.booleans())
 def test_wrappers_compose_in_every_order(order, seed, side, rank, frozen_frac, freeze_bias):
     rng, params, mask, subspaces, concepts = _setup(seed, side, rank, frozen_frac, freeze_bias)
@@ -93,7 +102,7 @@ def test_wrappers_compose_in_every_order(order, seed, side, rank, frozen_frac, f
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**16), side=st.sampled_from(["input", "output", "flat"]), rank=st.integers(1, 3),
+@given(seed=st.integers(0, 2**16), side=st.sampled_from(["input", "output", "flat", "both"]), rank=st.integers(1, 3),
        frozen_frac=st.sampled_from([0.3, 0.7]), freeze_bias=st.booleans())
 def test_project_out_chained_inside_frozen_keeps_both_guarantees(seed, side, rank, frozen_frac, freeze_bias):
     rng, params, mask, subspaces, _ = _setup(seed, side, rank, frozen_frac, freeze_bias)
@@ -127,11 +136,63 @@ def test_joint_projection_is_the_closest_update_satisfying_both():
     assert np.all(np.signbit(got[mask["w"]])) and np.all(got[mask["w"]] == 0)
 
 
-def test_two_sided_subspace_on_a_partly_frozen_leaf_is_refused_with_the_path():
+@pytest.mark.parametrize("onto", [False, True], ids=["out", "onto"])
+def test_two_sided_joint_projection_is_the_explicit_projector_onto_the_intersection(onto):
+    # exact reference, float64: vec(Y) projected onto {y : y_frozen = 0} ∩ range(P), P = P_in ⊗ P_out (row-major
+    # vec), through an orthonormal basis of the null space of the stacked constraints [E_frozen; I - P]
+    rng = np.random.default_rng(7)
+    d, n = 5, 4
+    ranks = (3, 2) if onto else (2, 1)
+    u, v = (sub.from_directions(rng.normal(size=(r, m)), side=side)
+            for r, m, side in ((ranks[0], d, "input"), (ranks[1], n, "output")))
+    mask = np.zeros((d, n), bool)
+    mask[[0, 2, 4], [1, 3, 0]] = True
+    g = rng.normal(size=(d, n))
+    from idesign.optim import apply_projection
+    from idesign.optim.projection import _project_masked_sides
+    got = np.asarray(apply_projection({"w": jnp.asarray(g, jnp.float32)}, {"w": (u, v)}, onto=onto,
+                                      freeze_mask={"w": mask})["w"], np.float64)
+    pu, pv = (np.asarray(s.basis, np.float64).T @ np.asarray(s.basis, np.float64) for s in (u, v))
+    p = np.kron(pu, pv) if onto else np.kron(np.eye(d) - pu, np.eye(n) - pv)
+    c = np.vstack([np.eye(d * n)[mask.reshape(-1)], np.eye(d * n) - p])
+    _, sv, vt = np.linalg.svd(c)
+    rank = int((sv > 1e-5).sum())   # the float32 bases make P a projector to ~1e-7 only
+    assert sv[rank - 1] > 1e-2, "a well-posed case: no constraint nearly redundant"
+    null = vt[rank:].T
+    assert null.shape[1] > 0, "a case with a nonzero answer"
+    want = (null @ null.T @ g.reshape(-1)).reshape(d, n)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.all(got[mask] == 0) and np.all(np.signbit(got[mask]))
+    _, iterations, residual = _project_masked_sides(jnp.asarray(g, jnp.float32), [(u.basis, "input"),
+                                                    (v.basis, "output")], mask, onto)
+    assert int(iterations) <= 2 * (4 * 3 + 8) and float(residual) < 1e-5   # the bounded count, the measured residual
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 7), n=st.integers(2, 7), frac=st.sampled_from([0.1, 0.3, 0.6]),
+       onto=st.booleans())
+def test_two_sided_joint_projection_keeps_both_guarantees_and_is_orthogonal(seed, d, n, frac, onto):
+    # a projection onto a linear subspace: frozen elements -0.0, no share outside P's range, and g - y ⟂ y
+    rng = np.random.default_rng(seed)
+    u, v = (sub.from_directions(rng.normal(size=(int(rng.integers(1, m)), m)), side=side)
+            for m, side in ((d, "input"), (n, "output")))
+    mask = rng.random((d, n)) < frac
+    g = rng.normal(size=(d, n))
+    from idesign.optim import apply_projection
+    y = np.asarray(apply_projection({"w": jnp.asarray(g, jnp.float32)}, {"w": (u, v)}, onto=onto,
+                                    freeze_mask={"w": mask})["w"], np.float64)
+    assert np.all(y[mask] == 0) and np.all(np.signbit(y[mask]))
+    pu, pv = (np.asarray(s.basis, np.float64).T @ np.asarray(s.basis, np.float64) for s in (u, v))
+    kept = pu @ y @ pv if onto else (np.eye(d) - pu) @ y @ (np.eye(n) - pv)
+    assert np.linalg.norm(y - kept) <= 1e-5 * max(np.linalg.norm(y), 1e-30)
+    assert abs(np.vdot(g - y, y)) <= 1e-4 * np.vdot(g, g)
+
+
+def test_a_one_axis_pair_of_subspaces_on_a_partly_frozen_leaf_is_refused_with_the_path():
     params = {"w": jnp.ones((3, 3))}
-    both = (sub.Subspace(jnp.eye(3)[:1], "input"), sub.Subspace(jnp.eye(3)[:1], "output"))
+    both = (sub.Subspace(jnp.eye(9)[:1], "flat"), sub.Subspace(jnp.eye(3)[:1], "output"))
     opt = frozen(projected(optax.sgd(1.0), {"w": both}), freeze_mask={"w": np.eye(3, dtype=bool)})
-    with pytest.raises(NotImplementedError, match=r"subspace for w: the leaf has subspaces on two sides"):
+    with pytest.raises(NotImplementedError, match=r"subspace for w: the leaf \(shape \(3, 3\)\) has subspaces"):
         opt.update({"w": jnp.ones((3, 3))}, opt.init(params), params)
 
 
