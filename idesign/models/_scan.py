@@ -99,7 +99,8 @@ class _SitePlan:
                 chain = jax.tree_util.tree_unflatten(treedef, [leaf[pos] for leaf in stacked])
                 seen = None
                 for item in chain:
-                    h = item.apply(site, h)
+                    # Sub-sites (an SAE splice's features) are refused when hooked (run_blocks), so they pass through.
+                    h = item.apply_in(site, h, _PASSTHROUGH) if _opens_sub_sites(item) else item.apply(site, h)
                     if isinstance(item, Capture):
                         seen = h
                 if not capturing:
@@ -113,11 +114,31 @@ class _SitePlan:
         return jax.lax.switch(self.index[layer], fns, h)
 
 
+class _Passthrough:
+    """A site runner with nothing hooked: what an intervention's own sub-sites see inside the scan."""
+
+    captured: dict = {}
+
+    def wants(self, site: str) -> bool:
+        return False
+
+    def __call__(self, site: str, h: Array) -> Array:
+        return h
+
+
+_PASSTHROUGH = _Passthrough()
+
+
+def _opens_sub_sites(item: Intervention) -> bool:
+    sub_sites = getattr(type(item), "sub_sites", None)
+    return sub_sites is not None and sub_sites is not getattr(Intervention, "sub_sites", None)
+
+
 class _ScanSites:
     """The :class:`SiteRunner` stand-in a scanned block calls: sites are ``blocks.#.<suffix>``."""
 
-    def __init__(self, plans: dict[str, _SitePlan], layer: Array):
-        self._plans, self.layer = plans, layer
+    def __init__(self, plans: dict[str, _SitePlan], layer: Array, outer: SiteRunner):
+        self._plans, self.layer, self._outer = plans, layer, outer
         self.captured: dict[str, Array] = {}
 
     def wants(self, site: str) -> bool:
@@ -128,10 +149,14 @@ class _ScanSites:
         plan = self._plans.get(suffix)
         if plan is None:
             return h
+        before = h
         h, seen = plan.run(self.layer, h)
         if seen is not None:
             self.captured[suffix] = seen
-        return h
+        # As SiteRunner does: at padding positions a hooked site keeps its value from before the hooks.
+        real_of = getattr(self._outer, "_real", None)
+        real = None if real_of is None else real_of(suffix, before, h)
+        return h if real is None else jnp.where(real, h, before)
 
 
 def _suffix(site: str) -> str:
@@ -211,8 +236,18 @@ def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_n
     for suffix in suffixes:
         names = [f"blocks.{i}.{suffix}" for i in range(n)]
         chains = [tuple(chain_of(name)) for name in names]
-        for name in names:
+        for name, chain in zip(names, chains):
             sites.visited.add(name)
+            for item in chain:
+                if not _opens_sub_sites(item):
+                    continue
+                hooked = [sub for sub in item.sub_sites(name) if chain_of(sub)]
+                if hooked:
+                    raise ValueError(
+                        f"scan_layers: hooks on {hooked}, the sub-sites {type(item).__name__} opens at {name}, are not "
+                        "supported inside scanned blocks (the splice itself is). Capture, steer or ablate them with "
+                        "the unrolled model: apply.with_config(scan_layers=False) takes the same params.")
+                sites.visited.update(item.sub_sites(name))
         if any(chains):
             plans[suffix] = _SitePlan(suffix, chains)
     # The stack: one copy of the block parameters per call, inside the jitted function.
@@ -224,7 +259,7 @@ def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_n
     def body(x, xs):
         layer, layer_params, layer_cache = xs
         block = nnx.merge(graphdef, layer_params)
-        scan_sites = _ScanSites(plans, layer)
+        scan_sites = _ScanSites(plans, layer, sites)
         x, layer_cache = call(block, x, scan_sites, PREFIX, layer_cache, layer)
         return x, (layer_cache, scan_sites.captured)
 

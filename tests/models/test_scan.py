@@ -245,3 +245,19 @@ def test_steering_any_set_of_layers_agrees_with_the_unrolled_model(layers, scale
     _close(logits, s_logits, "logits")
     for site in cap:
         _close(cap[site], s_cap[site], site)
+
+
+def test_an_sae_splice_runs_in_the_scan_and_hooks_on_its_features_are_refused():
+    apply, scanned, params = _pair(CFG)
+    tokens, valid = _batch(10)
+    k = jax.random.split(jax.random.key(0), 2)
+    sae = ids.sae.SAE.topk(0.3 * jax.random.normal(k[0], (16, 32)), jnp.zeros(32),
+                           0.3 * jax.random.normal(k[1], (32, 16)), jnp.zeros(16), k=4)
+    hooks = {"blocks.2.resid_post": ids.sae.Splice(sae), "blocks.*.resid_post": ids.Capture()}
+    (logits, cap), (s_logits, s_cap) = (a(params, tokens, hooks=hooks, valid=valid) for a in (apply, scanned))
+    _close(logits, s_logits, "logits")
+    for site in cap:
+        _close(cap[site], s_cap[site], site)
+    assert not np.allclose(logits, apply(params, tokens, valid=valid)[0], atol=1e-3)  # the splice changed something
+    with pytest.raises(ValueError, match=r"blocks\.2\.resid_post\.sae\.features.*with_config\(scan_layers=False\)"):
+        scanned(params, tokens, hooks={**hooks, "blocks.2.resid_post.sae.features": ids.Capture()})
