@@ -340,6 +340,10 @@ class SiteRunner:
         """Whether anything is hooked at ``site`` (so optional activations must be materialised)."""
         return site in self._chains
 
+    def chain(self, site: str) -> tuple[Intervention, ...]:
+        """The interventions applied at ``site`` (patterns resolved), in order; ``()`` if none."""
+        return self._chains.get(site, ())
+
     def __call__(self, site: str, h: Array) -> Array:
         self.visited.add(site)
         before = h

@@ -18,6 +18,7 @@ from flax import nnx
 from idesign import tree as tree_lib
 from idesign._types import Array, Params
 from idesign.hooks import Hooks, SiteRunner
+from idesign.models import _scan
 from idesign.models.config import TransformerConfig
 from idesign.models.transformer import (KVCache, LayerCache, Transformer, dense_layer_names,
                                         site_names)
@@ -79,22 +80,64 @@ class TransformerApply:
         if isinstance(tokens, (list, tuple)):  # Python lists of ids: accepted, as integer arrays
             tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
         self._check_tokens(tokens, valid, cache)
+        stacked = None
+        if _scan.is_stacked(params):  # blocks stacked by stack_blocks: the scan reads them as they are
+            stacked = self._check_stacked(params["blocks"])
+            # A per-layer view only to build the module; the scan never reads these slices, so XLA drops them.
+            params = _scan.unstack_blocks(params)
         self.check_params(params)
         model = nnx.merge(self.graphdef, params)
         sites = SiteRunner(hooks, self.site_names)
-        logits, cache = model.forward(tokens, sites, valid=valid, cache=cache)
+        logits, cache = model.forward(tokens, sites, valid=valid, cache=cache, stacked_blocks=stacked)
         return logits, sites.captured, cache
 
+    def with_config(self, **changes: Any) -> "TransformerApply":
+        """The same model with config fields changed that keep the parameter pytree (e.g. ``scan_layers=True``).
+
+        This is how an imported or trained model is run scanned or unrolled: its ``params`` fit both.
+        A change that alters the parameters' paths or shapes is refused, naming them.
+
+        >>> import jax.numpy as jnp, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=20, d_model=16, n_heads=2))
+        >>> scanned = apply.with_config(scan_layers=True)
+        >>> bool(jnp.allclose(scanned(params, jnp.ones((1, 3), jnp.int32))[0], apply(params, jnp.ones((1, 3), jnp.int32))[0], atol=1e-6))
+        True
+        """
+        config = self.config.replace(**changes)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+        old, new = tree_lib.named_leaves(self.param_shapes), tree_lib.named_leaves(shapes)
+        diff = sorted(set(old) ^ set(new)) + [p for p in old if p in new and old[p].shape != new[p].shape]
+        if diff:
+            raise ValueError(f"with_config({', '.join(f'{k}={v!r}' for k, v in changes.items())}) changes the "
+                             f"parameters (e.g. {diff[:3]}); only changes that keep them can reuse params.")
+        return TransformerApply(config, graphdef, self.param_shapes)
+
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty cache with ``max_len`` slots per row."""
+        """An empty cache with ``max_len`` slots per row (with ``scan_layers``, stacked along a leading layer axis)."""
         c = self.config
         if max_len > c.max_len and c.positions == "learned":
             raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_len={c.max_len} "
                              "(learned positions have no embedding beyond it).")
         dtype = dtype or c.compute_dtype
         shape = (batch_size, max_len, c.kv_heads, c.head_dim)
-        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers))
+        if c.scan_layers:  # stacked along a leading layer axis, as the scan reads and writes it (no copy per step)
+            stacked = (c.n_layers,) + shape
+            layers = LayerCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+        else:
+            layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers))
         return KVCache(layers, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+
+    def _check_stacked(self, blocks: Params) -> Params:
+        if not self.config.scan_layers:
+            raise ValueError("params['blocks'] is stacked (stack_blocks), which only a scan_layers=True model reads; "
+                             "unstack it with ids.models.unstack_blocks(params) or set scan_layers=True.")
+        n = self.config.n_layers
+        bad = [f"blocks.{p}: shape {tuple(np.shape(x))}" for p, x in tree_lib.named_leaves(blocks).items()
+               if not np.shape(x) or np.shape(x)[0] != n]
+        if bad:
+            raise ValueError(f"stacked params need a leading layer axis of n_layers={n}: " + "; ".join(bad[:5]))
+        return blocks
 
     def check_params(self, params: Params) -> None:
         """Raises a ValueError naming each path whose presence, shape or kind differs from the model's."""

@@ -104,6 +104,12 @@ class TransformerConfig:
       rotary_pct: the fraction of each head's features that rotary rotates (the first ones; Pythia: 0.25).
       parallel_residual: attention and MLP both read the block input and are added together,
         ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX / Pythia); no ``resid_mid`` site then.
+      scan_layers: run the blocks with ``jax.lax.scan`` (one traced block, so compile time stays flat in depth)
+        instead of a Python loop. Nothing user-facing changes: parameters stay per layer (``blocks.{i}....``)
+        and are stacked inside the forward pass, so masks, projections, K-FAC, checkpoints and importers
+        address one layer as before and a checkpoint loads either way; per-layer hooks are stacked (or, when
+        their structures differ, chosen with ``lax.switch`` on the layer index) and captures come back per
+        layer. The stack copies the block parameters once per call (see ``benchmarks/compile.py``).
 
     >>> import idesign as ids
     >>> ids.TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4).head_dim
@@ -143,6 +149,7 @@ class TransformerConfig:
     local_rope_theta: float | None = None
     rotary_pct: float = 1.0
     parallel_residual: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):  # a list from JSON: stored as a tuple so the config stays hashable

@@ -38,6 +38,7 @@ from flax import nnx
 
 from idesign._types import Array
 from idesign.hooks import SiteRunner
+from idesign.models import _scan
 from idesign.models.config import RopeScaling, TransformerConfig
 
 
@@ -118,9 +119,14 @@ class KVCache(NamedTuple):
     (2, 8, 2, 8)
     """
 
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCache, ...] | LayerCache  # per layer; or one stacked [n_layers, ...] (scan_layers)
     valid: Array   # [B, S] bool
     length: Array  # [] int32
+
+
+def _layer_cache(layers: tuple[LayerCache, ...] | LayerCache, i: int) -> LayerCache:
+    """Layer ``i``'s cache, from per-layer caches or from one cache stacked along a leading layer axis."""
+    return LayerCache(layers.keys[i], layers.values[i]) if isinstance(layers, LayerCache) else layers[i]
 
 
 def dense_layer_names(config: TransformerConfig) -> tuple[str, ...]:
@@ -495,8 +501,12 @@ class Transformer(nnx.Module):
         return x
 
     def forward(self, tokens: Array, sites: SiteRunner, *, valid: Array | None = None,
-                cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given."""
+                cache: KVCache | None = None, stacked_blocks: Any = None) -> tuple[Array, KVCache | None]:
+        """Runs ``tokens`` [B, T] through the model, appending to ``cache`` if one is given.
+
+        ``stacked_blocks`` (``scan_layers`` only): the blocks' parameters already stacked along a leading
+        layer axis (:func:`idesign.models.stack_blocks`), used instead of this module's per-layer ones.
+        """
         c = self.config
         tokens = check_tokens(tokens, c.vocab_size, valid)
         B, T = tokens.shape
@@ -522,15 +532,23 @@ class Transformer(nnx.Module):
         x = jnp.where(valid[..., None], sites("embed", self._embed(tokens)), 0)
         if c.positions == "learned":
             x = x + sites("pos_embed", self.pos_embed(positions))
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start, key_valid, i)
-            new_layers.append(layer_cache)
+        if c.scan_layers:  # one traced block run by lax.scan: idesign/models/_scan.py
+            call = lambda block, x, sites, prefix, layer_cache, i: block(
+                x, sites, prefix, positions, mask, layer_cache, start, key_valid, i)
+            x, new_layers = _scan.run_blocks(self.blocks, x, sites, site_names(c), call,
+                                             None if cache is None else cache.layers, stacked_blocks)
+        else:
+            new_layers = []
+            for i, block in enumerate(self.blocks):
+                layer_cache = None if cache is None else _layer_cache(cache.layers, i)
+                x, layer_cache = block(x, sites, f"blocks.{i}", positions, mask, layer_cache, start, key_valid, i)
+                new_layers.append(layer_cache)
+            if cache is not None and isinstance(cache.layers, LayerCache):  # keep the layout it was given in
+                new_layers = _scan.stack_cache(tuple(new_layers))
         x = sites("final_norm", self.final_norm(x))
         x = sites("unembed.in", x)
         logits = self.embed.attend(x) if c.tie_embeddings else self.unembed(x)
         logits = sites("logits", _softcap(sites("unembed.out", logits.astype(jnp.float32)), c.final_logit_softcap))
         if cache is not None:
-            cache = KVCache(tuple(new_layers), key_valid, start + T)
+            cache = KVCache(new_layers if isinstance(new_layers, LayerCache) else tuple(new_layers), key_valid, start + T)
         return logits, cache
