@@ -168,7 +168,8 @@ def _masked_side(m: Array, basis: Array, free: Array, onto: bool) -> Array:
     updates that leave the frozen elements (``free == 0``) at zero: the closest such update, exactly.
 
     Out of the subspace, column ``g`` with free set ``M``: ``y = M (g - Uᵀ λ)`` with ``(U M Uᵀ) λ = U M g``, the
-    orthogonal projection onto ``{y : y_frozen = 0, U y = 0}`` (a ``k × k`` solve per column). Onto it: ``y = Uᵀ a``
+    orthogonal projection onto ``{y : y_frozen = 0, U y = 0}`` (computed per column through an orthonormal basis of
+    the row space of ``U M``). Onto it: ``y = Uᵀ a``
     with ``a = (I - H⁺H) U g``, ``H = U (I - M) Uᵀ``, the closest update inside the span that is zero where frozen.
     """
     if onto:
@@ -176,8 +177,14 @@ def _masked_side(m: Array, basis: Array, free: Array, onto: bool) -> Array:
         a = (basis @ m).T                                           # [n, k]
         a = a - jnp.einsum("nab,nbc,nc->na", jnp.linalg.pinv(h, hermitian=True), h, a)
         return basis.T @ a.T
-    h_pinv = jnp.linalg.pinv(jnp.einsum("ai,in,bi->nab", basis, free, basis), hermitian=True)
-    solve = lambda g: free * (g - basis.T @ jnp.einsum("nab,bn->na", h_pinv, basis @ (free * g)).T)
+    # The constraint rows restricted to a column's free elements, ``U M``, span the directions ``y`` must avoid.
+    # An orthonormal basis of that row space (the right singular vectors) projects them out with rounding at eps
+    # level whatever the conditioning of ``U M Uᵀ`` (its pseudo-inverse squares the condition number: a nearly
+    # pinned column leaked 4e-4 of its update into the subspace). A singular value at rounding level (≤ 10 eps;
+    # the basis is orthonormal, so every one is ≤ 1) is not a constraint: dropping it leaks at most that much.
+    _, sv, vt = jnp.linalg.svd(jnp.einsum("ai,in->nai", basis, free), full_matrices=False)   # vt: [n, k, d]
+    vt = vt * (sv > 10 * jnp.finfo(m.dtype).eps)[..., None]
+    solve = lambda g: free * (g - jnp.einsum("nai,na->in", vt, jnp.einsum("nai,in->na", vt, g)))
     y = solve(solve(m))  # one step of iterative refinement: the second pass removes the first one's rounding
     # A column whose result is at rounding level (a dot product of length d is exact to about d·eps relative)
     # is one the constraints pin to zero (e.g. fewer free elements than directions): return it exactly, or

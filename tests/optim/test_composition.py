@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from idesign import subspaces as sub
@@ -95,6 +95,8 @@ def _run_and_check(opt, order, rng, params, mask, subspaces):
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), side=st.sampled_from(["input", "output", "flat", "both"]), rank=st.integers(1, 3),
        frozen_frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]), freeze_bias=st.booleans())
+# Found by hypothesis: nearly pinned output columns, where a pseudo-inverse of U M Uᵀ leaked 4e-4 into the subspace.
+@example(seed=17750, side="output", rank=3, frozen_frac=0.3, freeze_bias=False)
 def test_wrappers_compose_in_every_order(order, seed, side, rank, frozen_frac, freeze_bias):
     rng, params, mask, subspaces, concepts = _setup(seed, side, rank, frozen_frac, freeze_bias)
     opt = _build(order, {"mask": mask, "subspaces": subspaces, "concepts": concepts})
