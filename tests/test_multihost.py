@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not ok, reason=f"no CPU multi-process collective
 
 
 def _last_json(text: str) -> dict:
-    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    # raw_decode: Gloo's C++ logging can land on the same stdout line right after the JSON (seen in CI).
+    return json.JSONDecoder().raw_decode([line for line in text.splitlines() if line.startswith("{")][-1])[0]
 
 
 def _run_processes(args, timeout_s=240, **env):
