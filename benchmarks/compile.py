@@ -50,7 +50,7 @@ from benchmarks import _common
 GOALS = {"scan_compile_ratio_32_vs_4": ("<=", 1.5), "scan_runtime_ratio": ("<=", 1.1),
          "scan_stacked_compile_ratio_32_vs_4": ("<=", 1.5), "scan_stacked_runtime_ratio": ("<=", 1.1)}
 DEFAULT_OUT = "results/benchmarks/compile.json"
-FUNCTIONS = ("forward", "capture", "grad", "train", "train_stacked")
+FUNCTIONS = ("forward", "capture", "grad", "train", "train_layer_stacked", "train_stacked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Config:
 FULL = Config()
 # Quick: the goals' functions only (forward for scale), a narrow model, one compilation each.
 QUICK = dataclasses.replace(FULL, vocab_size=256, d_model=64, batch=4, seq=32, repeats=5, compile_repeats=1,
-                            functions=("forward", "train", "train_stacked"), preset="quick")
+                            functions=("forward", "train", "train_layer_stacked", "train_stacked"), preset="quick")
 
 
 def _functions(apply, params, tokens, stacked: bool = False) -> dict[str, tuple[Any, tuple]]:
@@ -87,6 +87,11 @@ def _functions(apply, params, tokens, stacked: bool = False) -> dict[str, tuple[
         "grad": (lambda p, b: jax.grad(lambda q: loss(q, b)[0])(p), (params, {"tokens": tokens})),
         "train": (lambda s, b: step(s, b), (state, {"tokens": tokens})),
     }
+    if stacked:  # per-layer params, the optimizer run on them stacked by ids.optim.layer_stacked
+        ls_opt = ids.optim.layer_stacked(opt)
+        ls_step = ids.train.make_train_step(ids.train.lm_loss(apply), ls_opt, jit=False)
+        out["train_layer_stacked"] = (lambda s, b: ls_step(s, b), (ids.train.init_train_state(params, ls_opt),
+                                                                 {"tokens": tokens}))
     if stacked:  # the opt-in layout: ids.models.stack_blocks(params), one optimizer leaf per block parameter
         stacked_state = ids.train.init_train_state(ids.models.stack_blocks(params), opt)
         out["train_stacked"] = (lambda s, b: step(s, b), (stacked_state, {"tokens": tokens}))
@@ -120,7 +125,7 @@ def bench_depth(config: Config, n_layers: int) -> dict[str, Any]:
     for name, (s_fn, s_args) in _functions(scanned, params, tokens, stacked=True).items():
         if name not in config.functions:
             continue
-        base = name if name in baselines else "train"  # the stacked train step is compared with the unrolled one
+        base = name if name in baselines else "train"  # the stacked train steps is compared with the unrolled one
         fn, args = baselines[base]
         if base not in compiled_baselines:
             compiled_baselines[base] = _compile(fn, args, config.compile_repeats)
@@ -155,6 +160,9 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         "scan_stacked_compile_ratio_32_vs_4": per_depth[deep]["train_stacked"]["scanned_compile_s"]
         / per_depth[shallow]["train_stacked"]["scanned_compile_s"],
         "scan_stacked_runtime_ratio": per_depth[deep]["train_stacked"]["runtime_ratio"],
+        "scan_layer_stacked_compile_ratio_32_vs_4": per_depth[deep]["train_layer_stacked"]["scanned_compile_s"]
+        / per_depth[shallow]["train_layer_stacked"]["scanned_compile_s"],
+        "scan_layer_stacked_runtime_ratio": per_depth[deep]["train_layer_stacked"]["runtime_ratio"],
     }
     for f in config.functions:
         d, s = per_depth[deep][f], per_depth[shallow][f]

@@ -173,7 +173,13 @@ def stack_cache(layers: Any) -> Any:
 
 
 def is_stacked(params: Any) -> bool:
-    """Whether ``params['blocks']`` is stacked (named by the block's fields) rather than per layer (keyed 0, 1, ...)."""
+    """Whether ``params['blocks']`` is stacked (named by the block's fields) rather than per layer (keyed 0, 1, ...).
+
+    >>> import idesign as ids
+    >>> _, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2))
+    >>> ids.models.is_stacked(params), ids.models.is_stacked(ids.models.stack_blocks(params))
+    (False, True)
+    """
     blocks = params.get("blocks") if isinstance(params, dict) else None
     return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, str) for k in blocks)
 
@@ -202,12 +208,89 @@ def stack_blocks(tree: Any) -> Any:
 
 
 def unstack_blocks(tree: Any) -> Any:
-    """The per-layer layout (``blocks.{i}....``) of a tree :func:`stack_blocks` stacked."""
+    """The per-layer layout (``blocks.{i}....``) of a tree :func:`stack_blocks` stacked; a per-layer tree is returned as it is.
+
+    >>> import idesign as ids
+    >>> _, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2))
+    >>> stacked = ids.models.stack_blocks(params)
+    >>> stacked['blocks']['attn']['q_proj']['kernel'].shape
+    (2, 8, 8)
+    >>> back = ids.models.unstack_blocks(stacked)
+    >>> sorted(back['blocks']), back['blocks'][1]['attn']['q_proj']['kernel'].shape
+    ([0, 1], (8, 8))
+    >>> bool((back['blocks'][1]['attn']['q_proj']['kernel'] == params['blocks'][1]['attn']['q_proj']['kernel']).all())
+    True
+    """
     if not is_stacked(tree):
         return tree
     blocks = tree["blocks"]
     n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
     return {**tree, "blocks": {i: jax.tree_util.tree_map(lambda x: x[i], blocks) for i in range(n)}}
+
+
+def layer_params(tree: Any, i: int) -> Any:
+    """Layer ``i``'s block subtree, from either layout (per layer: ``tree['blocks'][i]``; stacked: each leaf's row ``i``).
+
+    >>> import idesign as ids
+    >>> _, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=3))
+    >>> stacked = ids.models.stack_blocks(params)
+    >>> one = ids.models.layer_params(stacked, 2)
+    >>> bool((one['mlp']['up']['kernel'] == params['blocks'][2]['mlp']['up']['kernel']).all())
+    True
+    """
+    blocks = tree["blocks"]
+    if not is_stacked(tree):
+        if i not in blocks:
+            raise IndexError(f"layer_params: layer {i} of a model with blocks {sorted(blocks)}.")
+        return blocks[i]
+    n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    if not -n <= i < n:
+        raise IndexError(f"layer_params: layer {i} of a model with {n} stacked layers.")
+    return jax.tree_util.tree_map(lambda x: x[i], blocks)
+
+
+def stack_mask(mask: Any, params: Any) -> Any:
+    """A per-layer element mask (``blocks.{i}....``, as :mod:`idesign.masks` and ``ids.optim.frozen`` take it) in
+    the stacked layout of :func:`stack_blocks`, so it freezes the same elements of stacked parameters.
+
+    Layer ``i``'s mask leaf becomes row ``i`` of a ``[n_layers, ...]`` mask leaf: a whole-leaf bool is
+    broadcast to the parameter's rank first (``True`` -> ``[[True]]`` for a kernel). A leaf that is the
+    same whole-leaf bool in every layer stays a bool, so ``frozen`` still drops the optimizer state of a
+    block parameter frozen in every layer. ``params`` (either layout) gives the ranks.
+
+    >>> import numpy as np, jax, idesign as ids
+    >>> _, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=3))
+    >>> mask = jax.tree.map(lambda _: False, params)
+    >>> mask['blocks'][1]['mlp'] = jax.tree.map(lambda _: True, mask['blocks'][1]['mlp'])  # block 1's MLP frozen
+    >>> stacked = ids.models.stack_mask(mask, params)
+    >>> np.asarray(stacked['blocks']['mlp']['up']['kernel']).reshape(3).tolist()
+    [False, True, False]
+    >>> stacked['blocks']['attn']['q_proj']['kernel']   # frozen in no layer: still one bool
+    False
+    """
+    if is_stacked(mask):
+        return mask
+    blocks = mask["blocks"]
+    n = len(blocks)
+    one = layer_params(params, 0)
+
+    def stack(param, *leaves):
+        rank = np.ndim(param)
+        if all(np.ndim(m) == 0 and not isinstance(m, jax.core.Tracer) for m in leaves):
+            values = [bool(m) for m in leaves]
+            if len(set(values)) == 1:
+                return values[0]
+        xp = jnp if any(isinstance(m, jax.core.Tracer) for m in leaves) else np
+        rows = [xp.reshape(xp.asarray(m), (1,) * rank) if np.ndim(m) == 0 else xp.asarray(m) for m in leaves]
+        for i, row in enumerate(rows):
+            if np.ndim(row) != rank:
+                raise ValueError(f"stack_mask: the mask leaf of blocks.{i} has shape {tuple(np.shape(row))}, the "
+                                 f"parameter {tuple(np.shape(param))}; a mask leaf is a bool or of the parameter's rank.")
+        shape = tuple(max(np.shape(r)[k] for r in rows) for k in range(rank))
+        return xp.stack([xp.broadcast_to(r, shape) for r in rows])
+
+    stacked = jax.tree_util.tree_map(stack, one, *[blocks[i] for i in range(n)])
+    return {**mask, "blocks": stacked}
 
 
 def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_names: Sequence[str],
@@ -218,6 +301,23 @@ def run_blocks(blocks: Sequence[nnx.Module], x: Array, sites: SiteRunner, site_n
     back stacked (one ``LayerCache`` with a leading layer axis). Captures land in ``sites.captured``
     under each layer's own site name. ``stacked_params`` (the ``blocks`` subtree already stacked) is
     used instead of stacking the blocks' parameters.
+
+    A toy block that adds its weight and exposes one site, three layers scanned, every layer captured:
+
+    >>> import jax.numpy as jnp, idesign as ids
+    >>> from flax import nnx
+    >>> from idesign.models._scan import run_blocks
+    >>> class Block(nnx.Module):
+    ...     def __init__(self, k):
+    ...         self.w = nnx.Param(jnp.full((2,), float(k)))
+    ...     def __call__(self, x, sites, prefix):
+    ...         return sites(f"{prefix}.resid_post", x + self.w[...])
+    >>> names = [f"blocks.{i}.resid_post" for i in range(3)]
+    >>> sites = ids.SiteRunner(ids.capture("blocks.*.resid_post"), site_names=names)
+    >>> call = lambda block, x, sites, prefix, cache, i: (block(x, sites, prefix), cache)
+    >>> x, _ = run_blocks([Block(k) for k in range(3)], jnp.zeros(2), sites, names, call, None)
+    >>> x.tolist(), sites.captured["blocks.1.resid_post"].tolist()
+    ([3.0, 3.0], [1.0, 1.0])
     """
     n = len(blocks)
     graphdef = nnx.graphdef(blocks[0])

@@ -14,4 +14,5 @@ from idesign.optim import decomposition
 from idesign.optim.decomposition import (ConceptLog, Concepts, ObserveConceptsState, ObservedState, check_concepts,
                                          concepts_for, decompose_update, find_observations, observe_concepts, observed,
                                          plot_concept_log)
+from idesign.optim._layer_stacked import LayerStackedState, layer_stacked
 from idesign.optim._verify import Leak, verify_frozen, verify_projected

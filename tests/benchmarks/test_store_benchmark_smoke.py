@@ -22,8 +22,9 @@ def test_store_benchmark_writes_its_metrics(tmp_path):
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     for key in ("store_write_ratio", "store_memory_ratio", "memory_budget_mb", "written_mb", "peak_rss_mb",
-                "goals_met", "config", "device"):
+                "store_memory_budget_ratio", "small_rss_growth_mb", "small_written_mb", "goals_met", "config", "device"):
         assert key in written, key
     assert set(written["goals_met"]) == {"store_write_ratio", "store_memory_ratio"}
     assert written["written_mb"] >= 10 * TINY.memory_budget_mb * 0.9   # ten times the budget went to disk
-    assert written["store_write_ratio"] > 0
+    assert TINY.memory_budget_mb * 0.9 <= written["small_written_mb"] < written["written_mb"] / 5  # the 1x run
+    assert written["store_write_ratio"] > 0 and written["store_memory_ratio"] > 0

@@ -261,3 +261,39 @@ def test_an_sae_splice_runs_in_the_scan_and_hooks_on_its_features_are_refused():
     assert not np.allclose(logits, apply(params, tokens, valid=valid)[0], atol=1e-3)  # the splice changed something
     with pytest.raises(ValueError, match=r"blocks\.2\.resid_post\.sae\.features.*with_config\(scan_layers=False\)"):
         scanned(params, tokens, hooks={**hooks, "blocks.2.resid_post.sae.features": ids.Capture()})
+
+
+def test_training_in_the_stacked_layout_with_a_stacked_mask_freezes_the_same_layer_slices():
+    apply, scanned, params = _pair(GPT)
+    tokens, valid = _batch(9, (2, 6))
+    batch = {"tokens": tokens, "valid": valid}
+    mask = jax.tree.map(lambda _: False, params)
+    mask["blocks"][1]["mlp"] = jax.tree.map(lambda _: True, mask["blocks"][1]["mlp"])  # block 1's MLP, whole
+    heads = np.zeros((1, 16), bool)
+    heads[:, :8] = True  # a compact column mask in block 2 (its first head)
+    mask["blocks"][2]["attn"]["q_proj"]["kernel"] = heads
+    stacked_mask = ids.models.stack_mask(mask, params)
+    assert stacked_mask["blocks"]["attn"]["q_proj"]["kernel"].shape == (3, 1, 16)
+    results = []
+    for p, m in ((params, mask), (ids.models.stack_blocks(params), stacked_mask)):
+        opt = ids.optim.frozen(optax.adamw(1e-2), freeze_mask=m)
+        step = ids.train.make_train_step(ids.train.lm_loss(scanned), opt)
+        state = ids.train.init_train_state(p, opt)
+        for _ in range(2):
+            state, _ = step(state, batch)
+        results.append(ids.models.unstack_blocks(state.params))
+    per_layer, from_stacked = results
+    for path, leaf in ids.tree.named_leaves(per_layer).items():
+        _close(leaf, ids.tree.named_leaves(from_stacked)[path], path)
+    for path, frozen in ids.tree.named_leaves(mask).items():  # the frozen elements, bit for bit, in their layer only
+        before, after = ids.tree.named_leaves(params)[path], ids.tree.named_leaves(from_stacked)[path]
+        np.testing.assert_array_equal(np.where(frozen, after, before), before, err_msg=path)
+    assert not np.allclose(from_stacked["blocks"][0]["mlp"]["up"]["kernel"], params["blocks"][0]["mlp"]["up"]["kernel"])
+    one = ids.models.layer_params(ids.models.stack_blocks(params), 2)
+    assert jax.tree.structure(one) == jax.tree.structure(params["blocks"][2])
+    with pytest.raises(IndexError, match="layer 3 of a model with 3 stacked layers"):
+        ids.models.layer_params(ids.models.stack_blocks(params), 3)
+    with pytest.raises(ValueError, match=r"blocks\.0 has shape \(16,\)"):
+        bad = jax.tree.map(lambda _: False, params)
+        bad["blocks"][0]["attn"]["q_proj"]["kernel"] = np.zeros(16, bool)
+        ids.models.stack_mask(bad, params)
