@@ -29,7 +29,13 @@ def test_compile_benchmark_writes_its_metrics(tmp_path):
                 "per_depth"):
         assert key in written, key
     assert set(written["goals_met"]) == {"scan_compile_ratio_32_vs_4", "scan_runtime_ratio",
-                                     "scan_stacked_compile_ratio_32_vs_4", "scan_stacked_runtime_ratio"}
+                                         "scan_per_layer_compile_ratio_32_vs_4", "scan_per_layer_runtime_ratio",
+                                         "scan_layer_stacked_compile_ratio_32_vs_4", "scan_layer_stacked_runtime_ratio"}
+    assert written["headline_function"] == "train_stacked"  # the headline measures the recommended training path
+    depth = written["per_depth"]
+    assert written["scan_compile_ratio_32_vs_4"] == (depth["2"]["train_stacked"]["scanned_compile_s"]
+                                                     / depth["1"]["train_stacked"]["scanned_compile_s"])
     assert set(written["per_depth"]) == {"1", "2"}
-    assert set(written["per_depth"]["2"]) == {"forward", "capture", "grad", "train", "train_stacked", "stack_params_s"}
+    assert set(written["per_depth"]["2"]) == {"forward", "capture", "grad", "train", "train_layer_stacked", "train_stacked",
+                                                "stack_params_s"}
     assert written["scan_compile_ratio_32_vs_4"] > 0 and written["scan_runtime_ratio"] > 0
