@@ -297,3 +297,15 @@ def test_training_in_the_stacked_layout_with_a_stacked_mask_freezes_the_same_lay
         bad = jax.tree.map(lambda _: False, params)
         bad["blocks"][0]["attn"]["q_proj"]["kernel"] = np.zeros(16, bool)
         ids.models.stack_mask(bad, params)
+
+
+def test_a_stacked_train_state_checkpoints_and_its_params_read_back_per_layer(tmp_path):
+    apply, scanned, params = _pair(GPT)
+    opt = optax.adam(1e-2)
+    state = ids.train.init_train_state(ids.models.stack_blocks(params), opt)
+    ids.checkpoint.save_checkpoint(tmp_path / "state", state)
+    restored, _ = ids.checkpoint.restore_checkpoint(tmp_path / "state", ids.checkpoint.abstract_like(state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    per_layer = ids.models.unstack_blocks(restored.params)  # read-out: the unrolled model takes it
+    tokens, valid = _batch(4)
+    _close(apply(per_layer, tokens, valid=valid)[0], scanned(restored.params, tokens, valid=valid)[0], "logits")
