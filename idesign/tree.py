@@ -135,6 +135,11 @@ def unknown_name_message(name: str, names: Sequence[str], *, what: str) -> str:
     import difflib
     close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
     hint = f" Did you mean {close}?" if close else ""
+    import re
+    if re.match(r"blocks\.\d+\.", name) and any(re.match(r"blocks\.[^\d]", n) for n in names):
+        # A per-layer name against stacked blocks (ids.models.stack_blocks): say how to get the per-layer layout.
+        hint += (" params['blocks'] is stacked (ids.models.stack_blocks): per-layer tools take "
+                 "ids.models.unstack_blocks(params).")
     return f"unknown {what} {name!r}.{hint} Known {what}s include {list(names)[:12]}{' ...' if len(names) > 12 else ''}."
 
 

@@ -309,3 +309,14 @@ def test_a_stacked_train_state_checkpoints_and_its_params_read_back_per_layer(tm
     per_layer = ids.models.unstack_blocks(restored.params)  # read-out: the unrolled model takes it
     tokens, valid = _batch(4)
     _close(apply(per_layer, tokens, valid=valid)[0], scanned(restored.params, tokens, valid=valid)[0], "logits")
+
+
+def test_per_layer_tools_given_stacked_params_say_to_unstack_them():
+    apply, scanned, params = _pair(GPT)
+    stacked = ids.models.stack_blocks(params)
+    u = ids.subspaces.Subspace(jnp.eye(16)[:2])
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.kernel.*ids\.models\.unstack_blocks\(params\)"):
+        ids.optim.projection.subspaces_for(stacked, {"blocks.0.attn.q_proj": u}, dense_layers=scanned.dense_layers)
+    tokens, valid = _batch(6)
+    with pytest.raises(ValueError, match=r"ids\.models\.unstack_blocks\(params\)"):
+        ids.curvature.collect_factors(scanned, stacked, [{"tokens": tokens}], "blocks.*.mlp.down", progress=False)
