@@ -48,7 +48,23 @@ def discover(package: str = "benchmarks") -> list[str]:
 
 def run_one(name: str, *, package: str, quick: bool, out_dir: pathlib.Path, timeout: float,
             cwd: pathlib.Path) -> dict[str, Any]:
-    """Runs one benchmark in a subprocess; returns its JSON (or an ``error``) with ``seconds`` it took."""
+    """Runs one benchmark in a subprocess; returns its JSON (or an ``error``) with ``seconds`` it took.
+
+    A benchmark is a module run as ``python -m <package>.<name> [--quick] --out <json>``; here a fake one, in a
+    package written to a temporary folder (no real benchmark runs):
+
+    >>> import pathlib, tempfile
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / 'fakebench').mkdir(); _ = (root / 'fakebench' / '__init__.py').write_text('')
+    >>> _ = (root / 'fakebench' / 'ok.py').write_text(
+    ...     'import json, sys; out = sys.argv[sys.argv.index("--out") + 1]; '
+    ...     'json.dump({"speedup": 2.0, "goals": {"speedup": ">= 1.5"}, "goals_met": {"speedup": True}}, open(out, "w"))')
+    >>> result = run_one('ok', package='fakebench', quick=True, out_dir=root, timeout=60, cwd=root)
+    >>> result['speedup'], result['goals_met'], result['seconds'] > 0
+    (2.0, {'speedup': True}, True)
+    >>> run_one('missing', package='fakebench', quick=True, out_dir=root, timeout=60, cwd=root)['error'][:12]
+    'exit code 1:'
+    """
     out = out_dir / f"{name}.json"
     log = out_dir / f"{name}.log"
     out.unlink(missing_ok=True)  # a stale JSON from an earlier run must not pass for this one
@@ -82,7 +98,17 @@ def _fmt(value: Any) -> str:
 
 
 def summary_rows(name: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
-    """``(benchmark, metric, value, goal, met, device, preset, seconds)`` rows for one benchmark's result."""
+    """``(benchmark, metric, value, goal, met, device, preset, seconds)`` rows for one benchmark's result.
+
+    One row per goal; a failed benchmark gets one ``FAILED`` row, one without goals a row that says so.
+
+    >>> result = {'device': 'cpu', 'backend': 'cpu', 'config': {'preset': 'quick'}, 'seconds': 12.3,
+    ...           'ratio': 0.98765, 'goals': {'ratio': '<= 1.1'}, 'goals_met': {'ratio': True}}
+    >>> summary_rows('compile', result)
+    [('compile', 'ratio', '0.9877', '<= 1.1', 'True', 'cpu (cpu)', 'quick', '12')]
+    >>> summary_rows('store', {'error': 'timed out after 60 s', 'seconds': 60})
+    [('store', '—', 'FAILED: timed out after 60 s', '', '', '', '', '60')]
+    """
     seconds = f"{result.get('seconds', 0):.0f}"
     if "error" in result:
         return [(name, "—", "FAILED: " + result["error"].replace("|", "/"), "", "", "", "", seconds)]
@@ -97,7 +123,17 @@ def summary_rows(name: str, result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def write_summary(results: dict[str, dict[str, Any]], path: pathlib.Path, *, quick: bool, total_s: float) -> str:
-    """Writes the Markdown summary of ``results`` (benchmark name -> JSON) to ``path``; returns its text."""
+    """Writes the Markdown summary of ``results`` (benchmark name -> JSON) to ``path``; returns its text.
+
+    >>> import pathlib, tempfile
+    >>> results = {'hooks': {'backend': 'cpu', 'device': 'cpu', 'overhead': 1.02, 'goals': {'overhead': '<= 1.05'},
+    ...                      'goals_met': {'overhead': True}, 'seconds': 3.0}}
+    >>> text = write_summary(results, pathlib.Path(tempfile.mkdtemp()) / 'SUMMARY.md', quick=True, total_s=3.0)
+    >>> print(text.splitlines()[-1])
+    | hooks | overhead | 1.02 | <= 1.05 | True | cpu (cpu) | ? | 3 |
+    >>> '1 of 1 measured goals met' in text, '**No GPU figures yet**' in text
+    (True, True)
+    """
     header = ("benchmark", "metric", "value", "goal", "met", "device", "preset", "seconds")
     rows = [r for name, result in results.items() for r in summary_rows(name, result)]
     backends = {r.get("backend") for r in results.values() if "error" not in r}
@@ -126,7 +162,22 @@ def write_summary(results: dict[str, dict[str, Any]], path: pathlib.Path, *, qui
 
 def main(argv: Sequence[str] | None = None, *, package: str = "benchmarks",
          cwd: pathlib.Path | None = None) -> dict[str, dict[str, Any]]:
-    """Runs the chosen benchmarks, writes ``<out-dir>/SUMMARY.md``, prints it; returns ``{name: result}``."""
+    """Runs the chosen benchmarks, writes ``<out-dir>/SUMMARY.md``, prints it; returns ``{name: result}``.
+
+    ``argv`` are the command line's arguments (see the module docstring); ``package`` and ``cwd`` let a test
+    run a package of fake benchmarks, as here (a module that fails becomes a ``FAILED`` row, not an exception):
+
+    >>> import contextlib, io, pathlib, sys, tempfile
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / 'fakebench2').mkdir(); _ = (root / 'fakebench2' / '__init__.py').write_text('')
+    >>> _ = (root / 'fakebench2' / 'broken.py').write_text('raise SystemExit("no device")')
+    >>> sys.path.insert(0, str(root))                  # discovery imports the package here
+    >>> with contextlib.redirect_stdout(io.StringIO()) as printed:
+    ...     results = main(['--quick', '--out-dir', 'out', '--timeout', '60'], package='fakebench2', cwd=root)
+    >>> sys.path.remove(str(root))
+    >>> results['broken']['error'], (root / 'out' / 'SUMMARY.md').exists()
+    ('exit code 1: no device', True)
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="each benchmark's --quick preset")
     parser.add_argument("--only", default="", help="comma-separated benchmark names to run (default: all)")

@@ -129,12 +129,22 @@ class SAE:
 
     @property
     def d_in(self) -> int:
-        """Width of the activations the SAE reads."""
+        """Width of the activations the SAE reads.
+
+        >>> import jax.numpy as jnp
+        >>> SAE(w_enc=jnp.zeros((3, 5)), b_enc=jnp.zeros(5), w_dec=jnp.zeros((5, 3)), b_dec=jnp.zeros(3)).d_in
+        3
+        """
         return int(jnp.shape(self.w_enc)[0])
 
     @property
     def d_sae(self) -> int:
-        """Number of features."""
+        """Number of features.
+
+        >>> import jax.numpy as jnp
+        >>> SAE(w_enc=jnp.zeros((3, 5)), b_enc=jnp.zeros(5), w_dec=jnp.zeros((5, 3)), b_dec=jnp.zeros(3)).d_sae
+        5
+        """
         return int(jnp.shape(self.w_enc)[1])
 
     @classmethod
@@ -296,12 +306,36 @@ class Splice(Intervention):
                             f"load_gemma_scope, or SAE.from_params for a trained TopK SAE); got {type(self.sae).__name__}.")
 
     def sub_sites(self, site: str) -> tuple[str, ...]:
+        """The two sites the splice opens inside ``site``: its features and its error.
+
+        >>> import jax.numpy as jnp
+        >>> s = SAE(w_enc=jnp.eye(2), b_enc=jnp.zeros(2), w_dec=jnp.eye(2), b_dec=jnp.zeros(2))
+        >>> Splice(s).sub_sites('blocks.3.resid_post')
+        ('blocks.3.resid_post.sae.features', 'blocks.3.resid_post.sae.error')
+        """
         return (f"{site}.sae.features", f"{site}.sae.error")
 
     def apply(self, site: str, h: Array) -> Array:
+        """The splice with no hooks at its sub-sites: ``x_hat`` (``error=False``) or ``h`` itself (``error=True``).
+
+        >>> import jax.numpy as jnp
+        >>> s = SAE(w_enc=jnp.eye(2), b_enc=jnp.array([0., -1.]), w_dec=jnp.eye(2), b_dec=jnp.zeros(2))
+        >>> Splice(s).apply('x', jnp.array([3., 0.5])).tolist(), Splice(s, error=True).apply('x', jnp.array([3., 0.5])).tolist()
+        ([3.0, 0.0], [3.0, 0.5])
+        """
         return self.apply_in(site, h, None)
 
     def apply_in(self, site: str, h: Array, sites: SiteRunner | None) -> Array:
+        """The splice, running ``sites`` (the hooks' runner) at ``<site>.sae.features`` and ``<site>.sae.error``.
+
+        Models call this; ``sites`` is any callable ``(name, value) -> value`` (``None``: nothing runs there).
+
+        >>> import jax.numpy as jnp
+        >>> s = SAE(w_enc=jnp.eye(2), b_enc=jnp.zeros(2), w_dec=jnp.eye(2), b_dec=jnp.zeros(2))
+        >>> zero_feature_0 = lambda name, v: v.at[0].set(0.0) if name.endswith('.features') else v
+        >>> Splice(s, error=True).apply_in('x', jnp.array([3., 2.]), zero_feature_0).tolist()
+        [0.0, 2.0]
+        """
         if h.shape[-1] != self.sae.d_in:
             raise ValueError(
                 f"Splice at site {site!r}: the SAE reads d_in={self.sae.d_in} but the site's activation has width "

@@ -76,7 +76,21 @@ _HEADER = 256  # bytes reserved for a .npy header; a multiple of 64, as the form
 
 
 class StoreMismatchError(ValueError):
-    """A store was opened or resumed with another model, other sites or other options than it was written with."""
+    """A store was opened or resumed with another model, other sites or other options than it was written with.
+
+    A ``ValueError``, so code that catches bad input in general catches it too; the message names what differs.
+
+    >>> import tempfile, numpy as np, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> path = tempfile.mkdtemp()
+    >>> _ = ids.activation_store.write_store(path, apply, params, {'tokens': np.ones((4, 3), np.int32)}, 'embed',
+    ...                                      batch_size=2, progress=False)
+    >>> try:
+    ...     ids.activation_store.open_store(path, sites=['blocks.0.resid_post'])
+    ... except ids.activation_store.StoreMismatchError as e:
+    ...     print(str(e).split(' (')[0].split('holds ')[1])
+    sites ['embed'], not the requested ['blocks.0.resid_post']
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,6 +302,20 @@ def write_store(path: str | os.PathLike, apply: FunctionalModel, params: Any, da
     Raises:
       StoreMismatchError: ``path`` already holds a store of another model, other sites or other options.
       ValueError: bad sizes, or a complete shard whose token ids are not the dataset's rows.
+
+    Two shards of the last token's residual stream plus the ``label`` column; ``max_shards=1`` stops after one
+    shard (a session's budget) and the same call again finishes the store:
+
+    >>> import tempfile, numpy as np, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> data = {'tokens': np.arange(24).reshape(8, 3) % 11, 'label': np.arange(8) % 2}
+    >>> path = tempfile.mkdtemp()
+    >>> kw = dict(batch_size=2, shard_rows=4, positions='last', progress=False)
+    >>> write_store(path, apply, params, data, 'blocks.0.resid_post', max_shards=1, **kw).complete
+    False
+    >>> store = write_store(path, apply, params, data, 'blocks.0.resid_post', **kw)
+    >>> store.complete, store.keys, store.shape('blocks.0.resid_post')
+    (True, ['blocks.0.resid_post', 'label', 'tokens'], (8, 8))
     """
     root = pathlib.Path(path)
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
@@ -437,6 +465,21 @@ class ActivationStore:
     """A store on disk (see the module docstring): sizes, metadata, and batches read from memory-mapped shards.
 
     Build one with :func:`write_store` or :func:`open_store`. Keys are the stored sites and columns.
+
+    Attributes:
+      path: the store directory.
+      meta: ``meta.json``: model identity, sites, options, ``n_shards``.
+      n_shards: shards the finished store has.
+      complete: whether every shard is written (reading batches needs it).
+
+    >>> import tempfile, numpy as np, idesign as ids
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    >>> path = tempfile.mkdtemp()
+    >>> _ = ids.activation_store.write_store(path, apply, params, {'tokens': np.ones((5, 3), np.int32)}, 'embed',
+    ...                                      batch_size=1, shard_rows=2, positions='last', progress=False)
+    >>> store = ids.activation_store.ActivationStore(path)
+    >>> len(store), store.n_shards, store.complete, store.sites
+    (5, 3, True, ['embed'])
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -451,25 +494,65 @@ class ActivationStore:
 
     @property
     def sites(self) -> list[str]:
-        """The stored sites, in order."""
+        """The stored sites, in order (patterns resolved when the store was written).
+
+        >>> import tempfile, numpy as np, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2))
+        >>> path = tempfile.mkdtemp()
+        >>> ids.activation_store.write_store(path, apply, params, {'tokens': np.ones((2, 3), np.int32)},
+        ...                                  'blocks.*.resid_post', batch_size=2, progress=False).sites
+        ['blocks.0.resid_post', 'blocks.1.resid_post']
+        """
         return list(self.meta["sites"])
 
     @property
     def keys(self) -> list[str]:
-        """Every stored array: sites, then columns."""
+        """Every stored array: sites, then the dataset's columns (its token ids too).
+
+        >>> import tempfile, numpy as np, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+        >>> data = {'tokens': np.ones((2, 3), np.int32), 'label': np.array([0, 1])}
+        >>> ids.activation_store.write_store(tempfile.mkdtemp(), apply, params, data, 'embed', batch_size=2,
+        ...                                  positions='last', progress=False).keys
+        ['embed', 'label', 'tokens']
+        """
         return list(self._shards[0]["arrays"]) if self._shards else []
 
     def __len__(self) -> int:
-        """Rows (activation rows: dataset rows, or marked tokens with a boolean ``positions`` mask)."""
+        """Rows (activation rows: dataset rows, or marked tokens with a boolean ``positions`` mask).
+
+        >>> import tempfile, numpy as np, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+        >>> mask = np.array([[True, False, True], [False, False, True]])          # 3 marked tokens in 2 rows
+        >>> len(ids.activation_store.write_store(tempfile.mkdtemp(), apply, params, {'tokens': np.ones((2, 3), np.int32)},
+        ...                                      'embed', batch_size=2, positions=mask, progress=False))
+        3
+        """
         return int(self._offsets[-1])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of ``key`` over the whole store."""
+        """Shape of ``key`` over the whole store (rows first), without reading it.
+
+        >>> import tempfile, numpy as np, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+        >>> store = ids.activation_store.write_store(tempfile.mkdtemp(), apply, params, {'tokens': np.ones((4, 3), np.int32)},
+        ...                                          'embed', batch_size=2, progress=False)
+        >>> store.shape('embed')
+        (4, 3, 8)
+        """
         info = self._info(key)
         return (len(self), *info["shape"][1:])
 
     def dtype(self, key: str) -> Any:
-        """The dtype ``key`` is read as."""
+        """The dtype ``key`` is read as (bfloat16 is stored as uint16 and read back as bfloat16).
+
+        >>> import tempfile, numpy as np, jax.numpy as jnp, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+        >>> store = ids.activation_store.write_store(tempfile.mkdtemp(), apply, params, {'tokens': np.ones((2, 3), np.int32)},
+        ...                                          'embed', batch_size=2, dtype=jnp.bfloat16, progress=False)
+        >>> store.dtype('embed'), store.read('embed', [0]).dtype
+        (dtype(bfloat16), dtype(bfloat16))
+        """
         return jnp.dtype(self._info(key)["dtype"])
 
     def _info(self, key: str) -> dict[str, Any]:
@@ -533,6 +616,20 @@ class ActivationStore:
           shuffle: a permutation of all rows drawn from ``seed`` (the same seed, the same batches).
           seed: the permutation's seed.
           drop_last: skip a last, short batch.
+
+        Raises:
+          ValueError: the store is not complete (finish it with :func:`write_store`, which resumes).
+          KeyError: a key that is not stored (the message lists the stored ones).
+
+        >>> import tempfile, numpy as np, idesign as ids
+        >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+        >>> data = {'tokens': np.ones((5, 3), np.int32), 'id': np.arange(5)}
+        >>> store = ids.activation_store.write_store(tempfile.mkdtemp(), apply, params, data, 'embed', batch_size=1,
+        ...                                          positions='last', progress=False)
+        >>> [(b['embed'].shape, b['id'].tolist()) for b in store.batches(2)]
+        [((2, 8), [0, 1]), ((2, 8), [2, 3]), ((1, 8), [4])]
+        >>> [b['id'].tolist() for b in store.batches(2, keys=['id'], shuffle=True, seed=1, drop_last=True)]
+        [[4, 0], [1, 2]]
         """
         if not self.complete:
             raise ValueError(f"{self.path}: {len(self._shards)} of {self.n_shards} shards are written; finish the store "
@@ -567,6 +664,21 @@ def open_store(path: str | os.PathLike, *, apply: FunctionalModel | None = None,
     Raises:
       StoreMismatchError: another model or other sites than the store was written with; the message names what
         differs.
+
+    >>> import tempfile, numpy as np, idesign as ids
+    >>> cfg = ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1)
+    >>> apply, params = ids.init_transformer(cfg)
+    >>> path = tempfile.mkdtemp()
+    >>> _ = ids.activation_store.write_store(path, apply, params, {'tokens': np.ones((4, 3), np.int32)},
+    ...                                      'blocks.*.resid_post', batch_size=2, progress=False)
+    >>> open_store(path, apply=apply, params=params, sites='blocks.*.resid_post').shape('blocks.0.resid_post')
+    (4, 3, 8)
+    >>> _, other = ids.init_transformer(cfg, seed=1)                   # same config, other weights
+    >>> try:
+    ...     open_store(path, apply=apply, params=other)
+    ... except StoreMismatchError as e:
+    ...     print('param_values' in str(e))
+    True
     """
     store = ActivationStore(path)
     model = model_identity(apply, params, model_id) if apply is not None and params is not None else None

@@ -77,3 +77,10 @@ def test_every_real_benchmark_module_is_discovered_and_runnable_by_the_runner():
         assert 'if __name__ == "__main__":' in source, name
         module = importlib.import_module(f"benchmarks.{name}")
         assert callable(module.main), name
+
+
+def test_run_all_examples_run():
+    """The runner's ``>>>`` examples (pytest's doctest collection covers ``idesign/`` and ``tests/``, not ``benchmarks/``)."""
+    import doctest
+    failures, attempted = doctest.testmod(run_all, optionflags=doctest.ELLIPSIS)
+    assert attempted >= 10 and failures == 0, (attempted, failures)
