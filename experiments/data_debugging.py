@@ -304,11 +304,17 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     predicted_weighted = da.first_order_feature_shift(feats["chosen"], feats["rejected"], logprob["chosen"],
                                                       logprob["rejected"], baseline)
     r2 = lambda x, y, m: da.r2(x[m], y[m]) if m.sum() >= 3 else float("nan")
+    corr = lambda x, y, m: (float(np.corrcoef(x[m], y[m])[0, 1]) if m.sum() >= 3 and x[m].std() > 0 and y[m].std() > 0
+                            else float("nan"))
     everything = np.ones_like(studied)
     prediction = {"r2": r2(predicted, actual, studied), "oracle_r2": r2(oracle, actual, studied),
                   "r2_train_prompts": r2(predicted, actual_train, studied),
                   "oracle_r2_train_prompts": r2(oracle, actual_train, studied),
                   "r2_weighted": r2(predicted_weighted, actual, studied),
+                  # R² is a squared correlation (free slope): the signed correlations say whether a predictor
+                  # gets the direction right.
+                  "corr": corr(predicted, actual, studied), "corr_weighted": corr(predicted_weighted, actual, studied),
+                  "oracle_corr": corr(oracle, actual, studied),
                   "r2_weighted_all": r2(predicted_weighted, actual, everything),
                   "r2_weighted_train_prompts": r2(predicted_weighted, actual_train, studied),
                   "base_p_chosen": float(np.exp(logprob["chosen"]).mean()),
@@ -391,7 +397,8 @@ Attribution (top k = {config.budget:.0%} of pairs; precision is capped at plante
 Prediction R² over the studied features (firing on ≥ {config.min_firing:.0%} of pair response tokens, not tied to
 an entity value), predicted vs actual shift on held-out prompts:
 
-{_runner.arm_table(summary, ["prediction"], ["r2", "r2_weighted", "oracle_r2", "r2_train_prompts",
+{_runner.arm_table(summary, ["prediction"], ["r2", "r2_weighted", "oracle_r2", "corr", "corr_weighted", "oracle_corr",
+                                             "r2_train_prompts",
                                              "r2_weighted_train_prompts", "oracle_r2_train_prompts",
                                              "r2_all", "oracle_r2_all", "n_studied"])}
 
