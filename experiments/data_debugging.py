@@ -18,8 +18,10 @@ pairs by probe score removed / their labels swapped), ``dpo_sources_dropped`` (t
 sources with the highest mean probe score dropped), ``dpo_random_filtered`` (``budget`` random pairs removed),
 ``dpo_gradient_filtered`` (the top ``budget`` by TracIn-style gradient score removed).
 
-Attribution: the probe is a logistic probe on the base model's mean response activation (last block's
-``resid_post``), fitted on behaviour-labelled *concept* responses (not preference pairs); a pair's score is
+Attribution: the probe is a logistic probe on the base model's mean response activation, fitted on
+behaviour-labelled *concept* responses (not preference pairs), read at the earliest block's ``resid_post`` whose
+held-out AUC on the concept rows (half the prompts held out) is within ``site_tolerance`` of the best block's
+(``attribution.probe_layer``; the scorer's forward stops at its read site); a pair's score is
 probe(chosen) − probe(rejected), scored by ``probe_pair_scorer`` (one jitted forward per chunk). The gradient baseline dots each pair's DPO gradient (at the base model,
 ``vmap(grad)``) with the gradient of the marker's NLL on the same concept prompts (the same information),
 normalised to a cosine (``gradient_cosine``; raw dot products rank by gradient size: their precision is
@@ -35,7 +37,11 @@ model's sampled responses to held-out prompts minus on the base model's, both re
 codes before any DPO (fire on >= ``min_firing`` of pair response tokens; the token a feature fires on most is not
 an entity value: a value feature's predicted shift is which entities the pairs ask about). ``prediction.oracle_r2``
 is the upper bound: the same actual-shift measurement on an independent DPO run (the random-filtered arm, every
-batch different, fresh samples) against the actual shift. Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
+batch different, fresh samples) against the actual shift. ``prediction.r2_weighted`` is the same R² for
+``data_attribution.first_order_feature_shift`` (each response weighted by the base model's probability of
+producing it, measured against the base's own sampled mean at the pair's prompt: the first-order change of the
+sampled feature mean under a DPO step, docs/methods.md §7); ``corr`` / ``corr_weighted`` / ``oracle_corr`` are
+the signed correlations (an R² with a free slope cannot tell a prediction of the wrong sign). Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
 ``*_train_prompts`` (actual shift read on the pairs' prompts). The top predicted studied features are named by the
 token they fire on most and its planted meaning, with the part of the prediction from value-only pairs (a diagnostic
 that reads the world's marker flags).
