@@ -10,7 +10,10 @@ interleaved (A B A B ...) so load drifts hit both alike; the pairs are tokenised
   ``vmap(grad)`` (policy and reference forward passes, one backward) dotted with a behaviour loss's gradient,
   in chunks of ``grad_batch`` pairs (the per-pair gradients are ``grad_batch`` copies of the parameters).
 
-``<layers>x<width>.ratio`` = probe median / gradient median. The issue's target for the experiment is
+``<layers>x<width>.ratio`` = probe median / gradient median. ``<layers>x<width>.ratio_first_block`` reads the
+probe at ``blocks.0.resid_post`` instead: the scorer's compiled forward stops at its read site (the later blocks
+are dead code), so this is the ratio when validation picks the earliest block (as the data_debugging study's
+rule may). The issue's target for the experiment is
 ``probe_time_ratio ≤ 0.1``; this records how the ratio depends on the model's size (on a tiny model a
 backward pass costs only a few forward passes; per-pair gradients grow with the parameter count).
 
@@ -69,13 +72,16 @@ def measure(config: Config, n_layers: int, width: int) -> dict[str, float]:
     scorer = da.probe_pair_scorer(apply, f"blocks.{n_layers - 1}.resid_post", pad_id=0)
     n_behaviour = min(16, config.n_pairs)      # the behaviour loss: a fixed two-token answer to a few prompts
     behaviour = da.behaviour_nll(apply, rows["prompt"][:n_behaviour], [[3, 4]] * n_behaviour, pad_id=0)
-    fns = {"probe": lambda: scorer(params, probe, encoded),
+    first = da.probe_pair_scorer(apply, "blocks.0.resid_post", pad_id=0)
+    fns = {"probe": lambda: scorer(params, probe, encoded), "probe_first": lambda: first(params, probe, encoded),
            "gradient": lambda: da.gradient_pair_scores(apply, params, params, encoded, behaviour, pad_id=0,
                                                        batch_size=config.grad_batch, normalize=True)}
     times = _common.time_interleaved(fns, config.repeats)
     probe_s, grad_s = _common.median(times["probe"]), _common.median(times["gradient"])
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-    return {"n_params": n_params, "probe_s": probe_s, "gradient_s": grad_s, "ratio": probe_s / grad_s}
+    first_s = _common.median(times["probe_first"])
+    return {"n_params": n_params, "probe_s": probe_s, "probe_first_block_s": first_s, "gradient_s": grad_s,
+            "ratio": probe_s / grad_s, "ratio_first_block": first_s / grad_s}
 
 
 def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:

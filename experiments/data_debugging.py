@@ -18,8 +18,10 @@ pairs by probe score removed / their labels swapped), ``dpo_sources_dropped`` (t
 sources with the highest mean probe score dropped), ``dpo_random_filtered`` (``budget`` random pairs removed),
 ``dpo_gradient_filtered`` (the top ``budget`` by TracIn-style gradient score removed).
 
-Attribution: the probe is a logistic probe on the base model's mean response activation (last block's
-``resid_post``), fitted on behaviour-labelled *concept* responses (not preference pairs); a pair's score is
+Attribution: the probe is a logistic probe on the base model's mean response activation, fitted on
+behaviour-labelled *concept* responses (not preference pairs), read at the earliest block's ``resid_post`` whose
+held-out AUC on the concept rows (half the prompts held out) is within ``site_tolerance`` of the best block's
+(``attribution.probe_layer``; the scorer's forward stops at its read site); a pair's score is
 probe(chosen) − probe(rejected), scored by ``probe_pair_scorer`` (one jitted forward per chunk). The gradient baseline dots each pair's DPO gradient (at the base model,
 ``vmap(grad)``) with the gradient of the marker's NLL on the same concept prompts (the same information),
 normalised to a cosine (``gradient_cosine``; raw dot products rank by gradient size: their precision is
@@ -35,7 +37,11 @@ model's sampled responses to held-out prompts minus on the base model's, both re
 codes before any DPO (fire on >= ``min_firing`` of pair response tokens; the token a feature fires on most is not
 an entity value: a value feature's predicted shift is which entities the pairs ask about). ``prediction.oracle_r2``
 is the upper bound: the same actual-shift measurement on an independent DPO run (the random-filtered arm, every
-batch different, fresh samples) against the actual shift. Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
+batch different, fresh samples) against the actual shift. ``prediction.r2_weighted`` is the same R² for
+``data_attribution.first_order_feature_shift`` (each response weighted by the base model's probability of
+producing it, measured against the base's own sampled mean at the pair's prompt: the first-order change of the
+sampled feature mean under a DPO step, docs/methods.md §7); ``corr`` / ``corr_weighted`` / ``oracle_corr`` are
+the signed correlations (an R² with a free slope cannot tell a prediction of the wrong sign). Also ``r2_all`` / ``oracle_r2_all`` (every feature) and
 ``*_train_prompts`` (actual shift read on the pairs' prompts). The top predicted studied features are named by the
 token they fire on most and its planted meaning, with the part of the prediction from value-only pairs (a diagnostic
 that reads the world's marker flags).
@@ -100,6 +106,7 @@ class Config:
     sae_steps: int = 1000
     min_firing: float = 0.01        # studied features fire on at least this share of pair response tokens
     timing_repeats: int = 3
+    site_tolerance: float = 0.01    # the probe reads the earliest block output within this AUC of the best
     gradient_cosine: bool = True    # the gradient baseline's stronger variant (raw dots: precision reported too)
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -186,12 +193,20 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     # --- attribution -----------------------------------------------------------------------------
     concept = {"prompt": world.concept["prompt"], "chosen": world.concept["response"],
                "rejected": world.concept["response"]}
-    concept_acts = da.response_activations(apply, base, concept, site, pad_id=pw.PAD)["chosen"]
-    probe = ids.probes.fit_logistic(concept_acts, world.concept["behaviour"], C=config.probe_C)
+    # The probe's read site, chosen by validation with a rule fixed in advance: the earliest block output whose
+    # held-out AUC on the concept rows (half the prompts held out) is within `site_tolerance` of the best.
+    sites = [f"blocks.{layer}.resid_post" for layer in range(config.base.n_layers)]
+    concept_acts = {s: da.response_activations(apply, base, concept, s, pad_id=pw.PAD)["chosen"] for s in sites}
+    groups = [" ".join(map(str, p)) for p in world.concept["prompt"]]
+    table = ids.probes.sweep(concept_acts, world.concept["behaviour"], groups=groups, split=0.5, seed=seed,
+                             C=config.probe_C, n_boot=200)
+    probe_site = da.earliest_good_site(list(table.sites), table.auc, tolerance=config.site_tolerance)
+    probe = ids.probes.fit_logistic(concept_acts[probe_site], world.concept["behaviour"], C=config.probe_C)
 
-    # The lean path: one jitted forward over chosen and rejected together, capture at `site` only, mean and dot
-    # product inside the jit (the layers after `site` are dead code). Checked against the collect path below.
-    scorer = da.probe_pair_scorer(apply, site, pad_id=pw.PAD)
+    # The lean path: one jitted forward over chosen and rejected together, capture at the read site only, mean
+    # and dot product inside the jit (the layers after the read site are dead code: XLA drops them). Checked
+    # against the collect path below.
+    scorer = da.probe_pair_scorer(apply, probe_site, pad_id=pw.PAD)
 
     encoded = pref.encode_pairs(rows, pad_id=pw.PAD)   # tokenisation is shared by both methods: not timed
 
@@ -216,7 +231,7 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
             times.append(time.perf_counter() - t0)
         timings[name] = min(times)
     p_scores, g_scores = timings["probe_scores"], timings["gradient_scores"]
-    reference = da.probe_pair_scores(probe, da.response_activations(apply, base, rows, site, pad_id=pw.PAD))
+    reference = da.probe_pair_scores(probe, da.response_activations(apply, base, rows, probe_site, pad_id=pw.PAD))
     np.testing.assert_allclose(p_scores, reference, rtol=1e-3, atol=1e-3)
     p_top, g_top = da.top_k(p_scores, k), da.top_k(g_scores, k)
     ranked_sources = list(da.source_scores(p_scores, pairs["source"]))
@@ -261,7 +276,8 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     value_tied = top_token >= spec.value(0)
     studied = alive & ~value_tied
 
-    def generated_features(params, prompts, key):
+    def generated_features(params, prompts, key, per_prompt=False):
+        n_prompts = len(prompts)
         prompts = np.repeat(prompts, config.samples, 0)
         gen = ids.generate(apply, params, prompts, max_new_tokens=spec.max_response_len, key=jax.random.key(key),
                            sampling=ids.SamplingConfig(temperature=1.0), eos_id=pw.EOS)
@@ -269,8 +285,8 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
                      for r in np.asarray(gen.tokens)]
         g_rows = {"prompt": prompts.tolist(), "chosen": responses, "rejected": responses}
         acts = da.response_activations(apply, base, g_rows, site, pad_id=pw.PAD, tokens=True)
-        return da.response_feature_means(sae_params, config.sae_k, acts["chosen"], acts["chosen_row"],
-                                         len(prompts)).mean(0)
+        means = da.response_feature_means(sae_params, config.sae_k, acts["chosen"], acts["chosen_row"], len(prompts))
+        return means.reshape(n_prompts, config.samples, -1).mean(1) if per_prompt else means.mean(0)
 
     held = world.eval_prompts
     train_prompts = np.unique(np.asarray(rows["prompt"], np.int32), axis=0)
@@ -281,11 +297,34 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     oracle = generated_features(trained["dpo_random_filtered"], held, seed + 2) - generated_features(base, held, seed + 2)
     actual_train = (generated_features(trained["dpo"], train_prompts, seed + 3)
                     - generated_features(base, train_prompts, seed + 3))
+    # The weighted predictor (docs/methods.md §7; rule fixed before any outcome was read): the first-order change
+    # of the base model's *sampled* feature means under a DPO step, each response weighted by the base model's
+    # probability of producing it, the feature measured against the base's own mean at that prompt (fresh
+    # samples, key seed + 4). Computed from the base model and the pairs only.
+    enc = pref.encode_pairs(rows, pad_id=pw.PAD)
+    logprob = {s: np.asarray(pref.sequence_logprobs(apply, base, enc[f"{s}_tokens"], enc[f"{s}_mask"],
+                                                    enc[f"{s}_valid"])) for s in ("chosen", "rejected")}
+    base_train = generated_features(base, train_prompts, seed + 4, per_prompt=True)
+    prompt_index = {tuple(p): i for i, p in enumerate(train_prompts.tolist())}
+    baseline = base_train[[prompt_index[tuple(p)] for p in rows["prompt"]]]
+    predicted_weighted = da.first_order_feature_shift(feats["chosen"], feats["rejected"], logprob["chosen"],
+                                                      logprob["rejected"], baseline)
     r2 = lambda x, y, m: da.r2(x[m], y[m]) if m.sum() >= 3 else float("nan")
+    corr = lambda x, y, m: (float(np.corrcoef(x[m], y[m])[0, 1]) if m.sum() >= 3 and x[m].std() > 0 and y[m].std() > 0
+                            else float("nan"))
     everything = np.ones_like(studied)
     prediction = {"r2": r2(predicted, actual, studied), "oracle_r2": r2(oracle, actual, studied),
                   "r2_train_prompts": r2(predicted, actual_train, studied),
                   "oracle_r2_train_prompts": r2(oracle, actual_train, studied),
+                  "r2_weighted": r2(predicted_weighted, actual, studied),
+                  # R² is a squared correlation (free slope): the signed correlations say whether a predictor
+                  # gets the direction right.
+                  "corr": corr(predicted, actual, studied), "corr_weighted": corr(predicted_weighted, actual, studied),
+                  "oracle_corr": corr(oracle, actual, studied),
+                  "r2_weighted_all": r2(predicted_weighted, actual, everything),
+                  "r2_weighted_train_prompts": r2(predicted_weighted, actual_train, studied),
+                  "base_p_chosen": float(np.exp(logprob["chosen"]).mean()),
+                  "base_p_rejected": float(np.exp(logprob["rejected"]).mean()),
                   "r2_all": r2(predicted, actual, everything), "oracle_r2_all": r2(oracle, actual, everything),
                   "r2_alive": r2(predicted, actual, alive), "n_studied": float(studied.sum()),
                   "n_alive": float(alive.sum())}
@@ -295,7 +334,8 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
     plain = ~(np.asarray(pairs["chosen_marker"], bool) | np.asarray(pairs["rejected_marker"], bool))
     from_plain = (feats["chosen"][plain] - feats["rejected"][plain]).sum(0) / len(pairs)
     named = [f"{f}:{token_name(spec, int(top_token[f]))}={meaning(spec, int(top_token[f]))} "
-             f"(pred {predicted[f]:+.3f} of which value-only pairs {from_plain[f]:+.3f}, actual {actual[f]:+.3f}, "
+             f"(pred {predicted[f]:+.3f} of which value-only pairs {from_plain[f]:+.3f}, weighted "
+             f"{predicted_weighted[f]:+.4f}, actual {actual[f]:+.3f}, "
              f"oracle {oracle[f]:+.3f})" for f in top]
     info.setdefault("top_features", {})[seed] = named
     info.setdefault("dropped_sources", {})[seed] = dropped
@@ -309,7 +349,9 @@ def run_seed(config: Config, seed: int, info: dict) -> dict[str, dict[str, float
                             "sources_dropped_planted": float(np.mean([s in spec.planted_sources for s in dropped])),
                             "probe_time_ratio": timings["probe"] / timings["gradient"],
                             "probe_seconds": timings["probe"], "gradient_seconds": timings["gradient"],
-                            "k": float(k), "planted": float(planted.sum())},
+                            "k": float(k), "planted": float(planted.sum()),
+                            "probe_layer": float(sites.index(probe_site)),
+                            **{f"probe_site_auc_{i}": float(a) for i, a in enumerate(table.auc)}},
             "prediction": prediction}
 
 
@@ -317,7 +359,8 @@ ISSUE_KEYS = {**{f"behaviour_rate.{a}": f"{a}.behaviour_rate_mean" for a in ARMS
               "attribution.probe_precision_at_k": "attribution.probe_precision_at_k_mean",
               "attribution.gradient_precision_at_k": "attribution.gradient_precision_at_k_mean",
               "attribution.probe_time_ratio": "attribution.probe_time_ratio_mean",
-              "prediction.r2": "prediction.r2_mean", "prediction.oracle_r2": "prediction.oracle_r2_mean"}
+              "prediction.r2": "prediction.r2_mean", "prediction.oracle_r2": "prediction.oracle_r2_mean",
+              "prediction.r2_weighted": "prediction.r2_weighted_mean"}
 
 
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
@@ -336,7 +379,7 @@ def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
     cut = _runner.arm_table(summary, list(ARMS[2:]), ["relative_cut"],
                             labels={"relative_cut": "cut relative to plain DPO"})
     attr = _runner.arm_table(summary, ["attribution"], ["probe_precision_at_k", "gradient_precision_at_k",
-                                                        "random_precision_at_k", "probe_time_ratio"])
+                                                        "random_precision_at_k", "probe_time_ratio", "probe_layer"])
     paired = _runner.paired_table(summary, [(a, "dpo") for a in ARMS[2:]], ["behaviour_rate"])
     feats = "\n".join(f"- seed {s}: " + "; ".join(v) for s, v in summary["top_features"].items())
     _common.write_readme(NAME, f"""
@@ -360,7 +403,9 @@ Attribution (top k = {config.budget:.0%} of pairs; precision is capped at plante
 Prediction R² over the studied features (firing on ≥ {config.min_firing:.0%} of pair response tokens, not tied to
 an entity value), predicted vs actual shift on held-out prompts:
 
-{_runner.arm_table(summary, ["prediction"], ["r2", "oracle_r2", "r2_train_prompts", "oracle_r2_train_prompts",
+{_runner.arm_table(summary, ["prediction"], ["r2", "r2_weighted", "oracle_r2", "corr", "corr_weighted", "oracle_corr",
+                                             "r2_train_prompts",
+                                             "r2_weighted_train_prompts", "oracle_r2_train_prompts",
                                              "r2_all", "oracle_r2_all", "n_studied"])}
 
 Sources dropped by probe score: {summary['dropped_sources']}. Top predicted studied features (token they fire on

@@ -11,7 +11,9 @@ Two readings of a *base* model, before any preference training:
   pair's DPO-loss gradient with the gradient of a behaviour loss, per pair with ``jax.vmap(jax.grad(...))``:
   a step on the pair changes the behaviour loss by ``−η ⟨∇L_pair, ∇L_behaviour⟩`` to first order.
 * **Predictive data debugging** (arXiv 2606.12360): base-model SAE features averaged over chosen minus
-  rejected responses predict which features preference training will amplify (:func:`feature_shift`).
+  rejected responses predict which features preference training will amplify (:func:`feature_shift`);
+  :func:`first_order_feature_shift` weights each response by the base model's probability of producing it
+  (the first-order change of the *sampled* feature mean under a DPO step, docs/methods.md §7).
 
 Responses are read at their own tokens (:func:`response_activations`): the mean over a response's tokens of
 one site, with the prompt as context. :func:`behaviour_rate` measures a behaviour on generated responses.
@@ -43,7 +45,7 @@ from idesign.generate import SamplingConfig, generate
 __all__ = ["response_activations", "probe_pair_scores", "probe_pair_scorer", "gradient_pair_scores", "behaviour_nll",
            "BehaviourNLL", "source_scores", "top_k", "filter_pairs", "swap_pairs", "drop_sources", "precision_at_k",
            "behaviour_rate",
-           "response_feature_means", "feature_shift", "r2"]
+           "response_feature_means", "feature_shift", "first_order_feature_shift", "earliest_good_site", "r2"]
 
 
 def _check_pairs(rows: Mapping[str, Sequence[Any]], fn: str) -> None:
@@ -111,6 +113,13 @@ class BehaviourNLL:
 
     A pytree whose leaves are the encoded rows and whose static part is the model, so a jitted function that
     takes it as an argument compiles once per model and row shapes, however many losses are built.
+
+    >>> import jax, idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=9, d_model=8, n_heads=2, n_layers=1))
+    >>> loss = da.behaviour_nll(apply, [[1, 2]], [[3]], pad_id=0)
+    >>> isinstance(loss, da.BehaviourNLL), [x.shape for x in jax.tree.leaves(loss)]
+    (True, [(1, 3), (1, 3), (1, 3)])
     """
 
     tokens: Array
@@ -285,13 +294,28 @@ def top_k(scores: Any, k: int) -> np.ndarray:
 
 
 def filter_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
-    """The dataset without the ``flagged`` rows."""
+    """The dataset without the ``flagged`` rows.
+
+    >>> import datasets
+    >>> from idesign import data_attribution as da
+    >>> ds = datasets.Dataset.from_dict({'chosen': [[1], [2], [3]], 'rejected': [[4], [5], [6]]})
+    >>> list(da.filter_pairs(ds, [1])['chosen'])
+    [[1], [3]]
+    """
     drop = set(int(i) for i in flagged)
     return pairs.select([i for i in range(len(pairs)) if i not in drop])
 
 
 def swap_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
-    """The dataset with chosen and rejected exchanged in the ``flagged`` rows."""
+    """The dataset with chosen and rejected exchanged in the ``flagged`` rows.
+
+    >>> import datasets
+    >>> from idesign import data_attribution as da
+    >>> ds = datasets.Dataset.from_dict({'chosen': [[1], [2]], 'rejected': [[4], [5]]})
+    >>> swapped = da.swap_pairs(ds, [0])
+    >>> list(swapped['chosen']), list(swapped['rejected'])
+    ([[4], [2]], [[1], [5]])
+    """
     import datasets
 
     cols = pairs.to_dict()
@@ -301,7 +325,14 @@ def swap_pairs(pairs: Any, flagged: Sequence[int]) -> Any:
 
 
 def drop_sources(pairs: Any, sources: Sequence[str]) -> Any:
-    """The dataset without the pairs of the given sources."""
+    """The dataset without the pairs of the given sources.
+
+    >>> import datasets
+    >>> from idesign import data_attribution as da
+    >>> ds = datasets.Dataset.from_dict({'chosen': [[1], [2], [3]], 'source': ['forum', 'wiki', 'forum']})
+    >>> list(da.drop_sources(ds, ['forum'])['chosen'])
+    [[2]]
+    """
     drop = set(sources)
     return pairs.select([i for i, s in enumerate(pairs["source"]) if s not in drop])
 
@@ -332,7 +363,15 @@ def behaviour_rate(apply: Callable, params: PyTree, prompts: Any, shows: Callabl
 
 
 def response_feature_means(sae_params: sae.SAEParams, k: int, token_acts: Any, rows: Any, n_rows: int) -> np.ndarray:
-    """``[n_rows, M]``: the mean TopK-SAE code over each response's tokens (``rows`` names each token's response)."""
+    """``[n_rows, M]``: the mean TopK-SAE code over each response's tokens (``rows`` names each token's response).
+
+    >>> import numpy as np, idesign as ids
+    >>> from idesign import data_attribution as da
+    >>> sae_params = ids.sae.SAEParams(w_enc=np.eye(2, dtype=np.float32), b_enc=np.zeros(2, np.float32),
+    ...                                w_dec=np.eye(2, dtype=np.float32), b_dec=np.zeros(2, np.float32))
+    >>> da.response_feature_means(sae_params, 1, [[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], [0, 0, 1], 2).tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
+    """
     codes = np.asarray(sae.encode(sae_params, jnp.asarray(token_acts), k))
     rows = np.asarray(rows, int)
     total = np.zeros((n_rows, codes.shape[1]), np.float64)
@@ -355,6 +394,70 @@ def feature_shift(chosen: Any, rejected: Any) -> np.ndarray:
     if chosen.shape != rejected.shape:
         raise ValueError(f"feature_shift: chosen {chosen.shape} and rejected {rejected.shape}; one row per pair each.")
     return (chosen - rejected).mean(0)
+
+
+def first_order_feature_shift(chosen: Any, rejected: Any, chosen_logprob: Any, rejected_logprob: Any,
+                              baseline: Any) -> np.ndarray:
+    """Predicted shift per feature of the *sampled* responses: the first-order change of ``E_{y∼π}[f(y)]``
+    under a DPO step at the base model, with each response weighted by the base's probability of producing it.
+
+    ``mean_i [p_w,i · (f_w,i − b_i) − p_l,i · (f_l,i − b_i)]`` with ``p = exp(logprob)`` the base model's
+    probability of the whole response (its ``[N]`` sequence log-probabilities, e.g. from
+    :func:`idesign.preference.sequence_logprobs`), ``f`` the responses' ``[N, M]`` feature means and ``b`` the
+    base model's expected feature under its own samples at each pair's prompt (``[N, M]``, or ``[M]`` for
+    one value shared by every prompt). Derivation (docs/methods.md §7): for a policy with one free logit per
+    response, the DPO gradient at the reference is ``−β/2 (e_w − e_l)`` and
+    ``∂E_π[f]/∂z_y = π(y)(f(y) − E_π[f])``, so a step moves the sampled mean by the bracket above (up to the
+    step size). A pair whose responses the base rarely produces, or whose preferred response it already
+    produces with a typical feature value, moves what is sampled little, whatever its feature difference.
+    :func:`feature_shift` is the unweighted ``mean_i (f_w,i − f_l,i)``.
+
+    >>> import numpy as np
+    >>> from idesign import data_attribution as da
+    >>> # pair 0: chosen p = 0.5, feature 1.0; rejected p = 0.25, feature 0.0; base mean 0.5 -> 0.25 + 0.125
+    >>> shift = da.first_order_feature_shift([[1.0]], [[0.0]], np.log([0.5]), np.log([0.25]), [0.5])
+    >>> round(float(shift[0]), 6)
+    0.375
+    """
+    f_w, f_l = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    lp_w, lp_l = np.asarray(chosen_logprob, np.float64), np.asarray(rejected_logprob, np.float64)
+    if f_w.shape != f_l.shape or f_w.ndim != 2:
+        raise ValueError(f"first_order_feature_shift: chosen {f_w.shape} and rejected {f_l.shape}; expected two "
+                         "equal [N, M] arrays (one row of feature means per pair).")
+    if lp_w.shape != (f_w.shape[0],) or lp_l.shape != (f_w.shape[0],):
+        raise ValueError(f"first_order_feature_shift: log-probabilities {lp_w.shape} and {lp_l.shape} for "
+                         f"{f_w.shape[0]} pairs; expected one [N] sequence log-probability per pair and side.")
+    if np.any(lp_w > 1e-6) or np.any(lp_l > 1e-6):
+        raise ValueError("first_order_feature_shift: a log-probability is positive; expected the base model's "
+                         "log p(response | prompt) <= 0.")
+    b = np.broadcast_to(np.asarray(baseline, np.float64), f_w.shape) if np.ndim(baseline) <= 1 else \
+        np.asarray(baseline, np.float64)
+    if b.shape != f_w.shape:
+        raise ValueError(f"first_order_feature_shift: baseline {np.shape(baseline)}; expected [M] = "
+                         f"[{f_w.shape[1]}] or [N, M] = {list(f_w.shape)}.")
+    p_w, p_l = np.exp(lp_w)[:, None], np.exp(lp_l)[:, None]
+    return (p_w * (f_w - b) - p_l * (f_l - b)).mean(0)
+
+
+def earliest_good_site(sites: Sequence[str], auc: Any, *, tolerance: float = 0.01) -> str:
+    """The first of ``sites`` (ordered from the input up) whose validation AUC is within ``tolerance`` of the best.
+
+    The rule for choosing a probe's read site when an earlier site reads as well: a probe read there needs
+    the forward pass only up to it (:func:`probe_pair_scorer` drops the later layers).
+
+    >>> from idesign import data_attribution as da
+    >>> da.earliest_good_site(['blocks.0.resid_post', 'blocks.1.resid_post'], [0.995, 1.0])
+    'blocks.0.resid_post'
+    >>> da.earliest_good_site(['blocks.0.resid_post', 'blocks.1.resid_post'], [0.9, 1.0])
+    'blocks.1.resid_post'
+    """
+    auc = np.asarray(auc, np.float64)
+    if auc.shape != (len(sites),) or not len(sites):
+        raise ValueError(f"earliest_good_site: {len(sites)} sites and AUC of shape {auc.shape}; one AUC per site "
+                         "(at least one) expected.")
+    if np.isnan(auc).any():
+        raise ValueError(f"earliest_good_site: the AUC of {[s for s, a in zip(sites, auc) if np.isnan(a)]} is NaN.")
+    return str(sites[int(np.flatnonzero(auc >= auc.max() - tolerance)[0])])
 
 
 def r2(predicted: Any, actual: Any) -> float:

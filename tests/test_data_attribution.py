@@ -137,3 +137,63 @@ def test_a_fresh_behaviour_loss_does_not_recompile(model, monkeypatch):
     np.testing.assert_array_equal(first[0], first[1])
     assert not np.allclose(third, first[0])   # the new tokens were used, not a stale cached loss
     assert not hasattr(da, "_GRADIENT_FNS")
+
+
+def test_first_order_feature_shift_matches_a_hand_computation():
+    # Two pairs, two features, a per-prompt baseline. By hand, with p = exp(logprob):
+    # pair 0: p_w 0.5, p_l 0.1, f_w (1, 0), f_l (0, 2), b (0.5, 1) -> 0.5*(0.5, -1) - 0.1*(-0.5, 1) = (0.30, -0.60)
+    # pair 1: p_w 0.2, p_l 0.4, f_w (2, 1), f_l (1, 1), b (1, 0)   -> 0.2*(1, 1)    - 0.4*(0, 1)    = (0.20, -0.20)
+    # mean: (0.25, -0.40)
+    got = da.first_order_feature_shift([[1.0, 0.0], [2.0, 1.0]], [[0.0, 2.0], [1.0, 1.0]], np.log([0.5, 0.2]),
+                                       np.log([0.1, 0.4]), [[0.5, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(got, [0.25, -0.40], atol=1e-12)
+    # A shared [M] baseline broadcasts; with both responses certain it is the plain feature difference.
+    np.testing.assert_allclose(da.first_order_feature_shift([[1.0, 0.0]], [[0.0, 2.0]], [0.0], [0.0], [7.0, -3.0]),
+                               da.feature_shift([[1.0, 0.0]], [[0.0, 2.0]]), atol=1e-12)
+
+
+def test_first_order_feature_shift_is_the_derivative_of_a_tabular_softmax_policy():
+    # One prompt, four responses with free logits z; E_pi[f] after a small DPO gradient step on the pair
+    # (y_w = 0, y_l = 2) at the reference changes at the rate (beta / 2) * first_order_feature_shift.
+    rng = np.random.default_rng(0)
+    z, f, beta = jnp.asarray(rng.normal(size=4), jnp.float32), rng.normal(size=(4, 3)).astype(np.float32), 0.1
+
+    def expected(logits):
+        return jax.nn.softmax(logits) @ f
+
+    def dpo(logits):
+        lp = jax.nn.log_softmax(logits)
+        ref = jax.lax.stop_gradient(jax.nn.log_softmax(z))
+        return pref.dpo_loss(lp[0:1], lp[2:3], ref[0:1], ref[2:3], beta=beta)[0]
+
+    # The exact rate of change of E_pi[f] along the descent direction -grad(dpo), by forward-mode AD.
+    _, change = jax.jvp(expected, (z,), (-jax.grad(dpo)(z),))
+    logp = np.asarray(jax.nn.log_softmax(z))
+    predicted = da.first_order_feature_shift(f[[0]], f[[2]], logp[[0]], logp[[2]], np.asarray(expected(z)))
+    np.testing.assert_allclose(np.asarray(change) / (beta / 2), predicted, rtol=1e-4, atol=1e-6)
+
+
+def test_first_order_feature_shift_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"chosen \(1, 2\) and rejected \(1, 3\)"):
+        da.first_order_feature_shift(np.zeros((1, 2)), np.zeros((1, 3)), [0.0], [0.0], 0.0)
+    with pytest.raises(ValueError, match=r"log-probabilities \(2,\) and \(1,\) for 1 pairs"):
+        da.first_order_feature_shift(np.zeros((1, 2)), np.zeros((1, 2)), [0.0, 0.0], [0.0], 0.0)
+    with pytest.raises(ValueError, match="log-probability is positive"):
+        da.first_order_feature_shift(np.zeros((1, 2)), np.zeros((1, 2)), [0.5], [0.0], 0.0)
+    with pytest.raises(ValueError, match=r"baseline \(2, 2\); expected \[M\] = \[2\] or \[N, M\] = \[1, 2\]"):
+        da.first_order_feature_shift(np.zeros((1, 2)), np.zeros((1, 2)), [0.0], [0.0], np.zeros((2, 2)))
+
+
+def test_earliest_good_site_and_the_scorer_stops_at_the_read_site():
+    sites = ["blocks.0.resid_post", "blocks.1.resid_post", "blocks.2.resid_post"]
+    assert da.earliest_good_site(sites, [0.80, 0.995, 1.0]) == "blocks.1.resid_post"
+    assert da.earliest_good_site(sites, [0.80, 0.95, 1.0]) == "blocks.2.resid_post"
+    with pytest.raises(ValueError, match="one AUC per site"):
+        da.earliest_good_site(sites, [1.0])
+    # The probe scorer's compiled program holds only the blocks up to its read site (the later ones are dead).
+    apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=3))
+    probe = ids.probes.MassMeanProbe(w=np.ones(8, np.float32), b=np.array(0.0, np.float32))
+    tok = np.ones((4, 5), np.int32)
+    dots = {s: da._pair_score_difference.lower(apply, s, params, probe, tok, tok > 0, tok > 0).compile()
+            .as_text().count(" dot(") for s in sites}
+    assert dots[sites[0]] < dots[sites[1]] < dots[sites[2]], dots

@@ -24,6 +24,7 @@ def test_attribution_benchmark_writes_its_metrics(tmp_path):
     result = attribution_bench.main(TINY, out=str(out))
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
-    for key in ("1x16.ratio", "1x16.probe_s", "1x16.gradient_s", "1x16.n_params", "goals_met", "config", "device"):
+    for key in ("1x16.ratio", "1x16.ratio_first_block", "1x16.probe_s", "1x16.gradient_s", "1x16.n_params",
+                "goals_met", "config", "device"):
         assert key in written, key
     assert written["1x16.ratio"] > 0 and set(written["goals_met"]) == {"1x16.ratio"}

@@ -22,7 +22,8 @@ def test_main_writes_the_issue_keys(results):
     for key in ("probe_precision_at_k", "gradient_precision_at_k"):
         assert 0.0 <= saved[f"attribution.{key}"] <= 1.0
     assert saved["attribution.probe_time_ratio"] > 0 and saved["attribution.k_mean"] == 8.0
-    for key in ("r2", "oracle_r2", "r2_all", "oracle_r2_all"):
+    assert saved["attribution.probe_layer_mean"] == 0.0   # one block: the only candidate read site
+    for key in ("r2", "oracle_r2", "r2_all", "oracle_r2_all", "r2_weighted", "r2_weighted_all"):
         value = saved[f"prediction.{key}_mean"]
         assert value is None or value != value or 0.0 <= value <= 1.0, key
     assert 0 <= saved["prediction.n_studied_mean"] <= saved["prediction.n_alive_mean"] <= 8
