@@ -55,6 +55,7 @@ Metrics (``results/hallucination/metrics.json``; every key with ``_std`` over se
   <arm>.retract_rate         claims followed by ``<retract>`` / claims made
   <arm>.probe_estimated_rate mean over slots of the probe's P(hallucinated) of the final claim (on the
                              student for rl_live_probe, the teacher otherwise; 0 where no claim is kept)
+  <arm>.retract_rate_{supported,hallucinated}  retract rate among right / wrong claims (can it tell them apart?)
   <arm>.malformed_rate, <arm>.relative_reduction, rl_oracle.meets_target
   <rl arm>.probe_auc_on_student   probe AUC on the held-out claims read on the student's activations
   rl_live_probe.estimate_gap      probe_estimated_rate - hallucination_rate
@@ -96,7 +97,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
-_VERSION = "2"  # bump when the study's code changes what a seed computes
+_VERSION = "3"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,7 @@ class Config:
     clip_eps: float = 0.2
     retract_budget: float = 0.3
     lagrange_lr: float = 1.0
+    credit: str = "completion"  # "slot": each claim's tokens get its own slot's advantage
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -238,6 +240,10 @@ def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> 
          f"{prefix}.abstain_rate": (parsed.outcome == 2).sum() / n_slots,
          f"{prefix}.retract_rate": parsed.claims.retracted.mean() if len(parsed.claims.row) else 0.0,
          f"{prefix}.malformed_rate": parsed.malformed.mean()}
+    # Does the policy retract the claims it gets wrong rather than the ones it gets right? (issue 13 diagnosis)
+    c = parsed.claims
+    m[f"{prefix}.retract_rate_supported"] = c.retracted[c.supported].mean() if c.supported.any() else 0.0
+    m[f"{prefix}.retract_rate_hallucinated"] = c.retracted[~c.supported].mean() if (~c.supported).any() else 0.0
     if p_read is not None:
         kept = parsed.claims.final
         m[f"{prefix}.probe_estimated_rate"] = np.nansum(p_read[kept]) / n_slots
@@ -519,7 +525,8 @@ def confident_share(rt: Runtime, world, base, task: Task, rows) -> float:
 # ---------------------------------------------------------------------------------------------- rewards and RL
 
 
-def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, rows, lam: float) -> np.ndarray:
+def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, rows, lam: float, *,
+                       return_slots: bool = False):
     """Mean slot reward over the slots each prompt asks, plus the format penalty (module docstring)."""
     B, A = parsed.outcome.shape
     c = parsed.claims
@@ -533,7 +540,35 @@ def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, r
     slots = np.asarray(rl.slot_rewards(jnp.asarray(p_kept), jnp.asarray(p_retracted), jnp.asarray(outcome), lam,
                                        rt.reward))
     total = slots.sum(1) / task.asked(rows)
-    return total + np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
+    penalty = np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
+    if return_slots:
+        return total + penalty, slots + penalty[:, None]
+    return total + penalty
+
+
+def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray, slots: np.ndarray, group_size: int,
+                          n_tokens: int) -> np.ndarray:
+    """``[B, T - 1]`` advantages: each claim's tokens (and its retraction / correction) get its slot's advantage.
+
+    A long-form completion makes four claims; with one advantage per completion, the decision to retract a claim
+    is credited with the other three claims' luck. Here a slot's reward is normalised over the group's samples of
+    the same prompt (as :func:`idesign.rl.group_advantages` does for completions); tokens before the first claim
+    keep the completion's advantage. For a QA prompt (one slot) this is the completion advantage.
+    """
+    B, A = slots.shape
+    adv_c = np.asarray(rl.group_advantages(jnp.asarray(rewards, jnp.float32), group_size)[0])
+    g = slots.reshape(-1, group_size, A)
+    std = g.std(1, keepdims=True)
+    adv_s = np.where(std > 1e-6, (g - g.mean(1, keepdims=True)) / (std + 1e-6), 0.0).reshape(B, A)
+    out = np.repeat(adv_c[:, None], n_tokens - 1, 1).astype(np.float32)
+    c = parsed.claims
+    order = np.lexsort((c.start, c.row))
+    for i, k in enumerate(order):
+        r = c.row[k]
+        nxt = order[i + 1] if i + 1 < len(order) and c.row[order[i + 1]] == r else None
+        stop = c.start[nxt] if nxt is not None else n_tokens
+        out[r, c.start[k] - 1:stop - 1] = adv_s[r, c.slot[k]]  # index j predicts token j + 1
+    return out
 
 
 def rewards_for(rt: Runtime, arm: str, student, base, probe, site, parsed: Parsed, tokens, valid) -> np.ndarray:
@@ -559,8 +594,11 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
         p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
         lam = float(lagrange.lam)
-        rewards = completion_rewards(rt, parsed, p, task, rows, lam)
-        adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
+        rewards, slots = completion_rewards(rt, parsed, p, task, rows, lam, return_slots=True)
+        if config.credit == "slot":
+            adv = jnp.asarray(slot_token_advantages(parsed, task, rows, rewards, slots, M, tokens.shape[1]))
+        else:
+            adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
         actions = jnp.asarray(valid[:, 1:] & (np.arange(1, tokens.shape[1]) >= P)[None])
         tj, vj = jnp.asarray(tokens), jnp.asarray(valid)
         batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj))

@@ -108,7 +108,8 @@ class RLBatch(NamedTuple):
       valid: ``[B, T]`` bool, real tokens.
       action_mask: ``[B, T - 1]`` bool, aligned with ``tokens[:, 1:]``: True where that token was
         *sampled by the policy* (not prompt, padding or injected tokens) and its row is kept.
-      advantages: ``[B]`` float, one per completion (see :func:`group_advantages`).
+      advantages: ``[B]`` float, one per completion (see :func:`group_advantages`), or ``[B, T - 1]``
+        per token (aligned with ``tokens[:, 1:]``), e.g. each claim's tokens get the advantage of its own reward.
       old_logprobs: ``[B, T - 1]`` log-probabilities of ``tokens[:, 1:]`` under the sampling policy.
       ref_logprobs: ``[B, T - 1]`` the same under the KL reference.
     """
@@ -194,7 +195,11 @@ def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
     ref = jnp.where(mask > 0, batch.ref_logprobs, logp)
     ratio = jnp.exp(logp - jax.lax.stop_gradient(old))
     weight = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps))
-    adv = jnp.asarray(batch.advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(batch.advantages, jnp.float32)
+    if adv.ndim == 2 and adv.shape != logp.shape:
+        raise ValueError(f"grpo_loss: per-token advantages have shape {tuple(adv.shape)}; expected "
+                         f"{tuple(logp.shape)} (aligned with tokens[:, 1:]) or [B].")
+    adv = adv[:, None] if adv.ndim == 1 else adv  # per-token advantages: credit each claim's own tokens
     pg = -(weight * adv * logp * mask).sum() / count
     log_ratio_ref = jax.lax.stop_gradient(ref) - logp
     kl = ((jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0) * mask).sum() / count
