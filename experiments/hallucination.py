@@ -150,6 +150,7 @@ class Config:
     clip_eps: float = 0.2
     retract_budget: float = 0.4
     lagrange_lr: float = 0.2
+    multiplier: str = "clip"  # how lam enters a retraction's reward (idesign.rl.ClaimRewardConfig)
     credit: str = "slot"  # each claim's tokens get its own slot's advantage; "completion": one per completion
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -296,7 +297,8 @@ class Runtime:
         self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
-        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr)
+        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr,
+                                           multiplier=config.multiplier)
 
     def init_params(self, seed: int):
         return ids.init_transformer(self.model_config, seed=seed)[1]

@@ -94,3 +94,16 @@ def test_grpo_loss_per_token_advantages_match_broadcast():
     import pytest
     with pytest.raises(ValueError, match="per-token advantages"):
         rl.grpo_loss(params, rl.RLBatch(t, v, mask, jnp.ones((2, 2)), lp, lp), apply=apply)
+
+
+def test_cost_multiplier_charges_every_retraction():
+    import jax.numpy as jnp
+    import pytest
+    from idesign import rl
+    p_kept, p_ret, outcome = jnp.array([0.0, 0.0]), jnp.array([1.0, 0.0]), jnp.array([1, 1])
+    clip = rl.slot_rewards(p_kept, p_ret, outcome, 0.2, rl.ClaimRewardConfig())
+    cost = rl.slot_rewards(p_kept, p_ret, outcome, 0.2, rl.ClaimRewardConfig(multiplier="cost"))
+    np.testing.assert_allclose(clip, [0.65 * 0.8, 0.0], atol=1e-6)  # RLFR: a right claim's retraction is already 0
+    np.testing.assert_allclose(cost, [0.65 - 0.2, -0.2], atol=1e-6)
+    with pytest.raises(ValueError, match="multiplier='x'"):
+        rl.ClaimRewardConfig(multiplier="x")
