@@ -33,9 +33,12 @@ student's completion; each claim gets P(hallucinated) from the probe. A slot (an
 in a kept claim (maintained, or a correction after ``<retract>``) earns ``clip(1 - p, 0.1, 0.95)``; one that
 ends retracted earns ``0.65 * clip(p(retracted claim) - lam, 0, 1)``; an unaddressed slot (or ``unknown`` without a claim) ``0.1``, what a sure hallucination earns. A completion
 earns the mean over the slots its prompt asks (1 for QA, 4 for long-form) plus ``-0.2`` if malformed. ``lam``
-holds the retraction rate at most ``retract_budget`` (0.3, fixed before the run; the first run used RLFR's 0.4 with
-a multiplier step of 0.2, which did not hold the rate in 24 steps, and gave an unaddressed slot 0, which made a kept
-hallucination (0.1) worth more than silence). The oracle arm uses the true
+holds the retraction rate at most ``retract_budget`` (0.4, RLFR's value, fixed before the first run; run 2's 0.3 was
+chosen after run 1 failed and is reverted). Credit (``credit="slot"``, issue 13 diagnosis): each claim's tokens,
+its retraction and its correction get the advantage of *their own slot's* reward (normalised over the group's
+samples of the prompt), not the completion mean; with one advantage per completion a long-form answer's decision to
+retract a claim was credited with the luck of its three other claims, and the oracle policy retracted right claims
+at half the rate of wrong ones. The oracle arm uses the true
 labels as ``p``; the live arm reads the student's own activations.
 
 Arms (greedy on held-out prompts): ``base``; ``base_monitor`` (:class:`idesign.monitoring.ProbeMonitor`
@@ -48,6 +51,8 @@ Metrics (``results/hallucination/metrics.json``; every key with ``_std`` over se
   probe.train_auc            the span-max probe on its own training claims (a representation limit if low)
   probe.familiarity_auc      a logistic reading "unknown entity" from the same claim windows (held-out entities)
   baselines.{entropy,maxprob,logprob,logprob_min,consistency,logit_features}_auc
+  base.confidence_ceiling_hallucination_rate   lowest rate reachable by retracting the base's low-confidence
+                             claims with known accuracy within 5 points (is the oracle target reachable at all?)
   base.confident_hallucination_share, base.n_eval_claims, probe.n_train_claims, probe.n_train_prompts
   <arm>.hallucination_rate   hallucinated final claims / asked slots (held-out prompts)
   <arm>.known_acc            supported final claims / asked slots of known entities
@@ -55,6 +60,7 @@ Metrics (``results/hallucination/metrics.json``; every key with ``_std`` over se
   <arm>.retract_rate         claims followed by ``<retract>`` / claims made
   <arm>.probe_estimated_rate mean over slots of the probe's P(hallucinated) of the final claim (on the
                              student for rl_live_probe, the teacher otherwise; 0 where no claim is kept)
+  <arm>.retract_rate_{supported,hallucinated}  retract rate among right / wrong claims (can it tell them apart?)
   <arm>.malformed_rate, <arm>.relative_reduction, rl_oracle.meets_target
   <rl arm>.probe_auc_on_student   probe AUC on the held-out claims read on the student's activations
   rl_live_probe.estimate_gap      probe_estimated_rate - hallucination_rate
@@ -96,7 +102,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
-_VERSION = "2"  # bump when the study's code changes what a seed computes
+_VERSION = "3"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +140,18 @@ class Config:
     bon_n: int = 16
     bon_prompts: int = 128
     # RL.
-    rl_steps: int = 24
+    # RL (issue 13 diagnosis, seed 0 oracle only: 24 steps at 5e-4 with one advantage per completion retracted
+    # 27% of right claims and 50% of wrong ones; see experiments/README.md).
+    rl_steps: int = 48
     prompts_per_step: int = 16
     group_size: int = 8
-    rl_learning_rate: float = 5e-4
-    kl_coef: float = 0.02
+    rl_learning_rate: float = 2e-4
+    kl_coef: float = 0.1
     clip_eps: float = 0.2
-    retract_budget: float = 0.3
-    lagrange_lr: float = 1.0
+    retract_budget: float = 0.4
+    lagrange_lr: float = 0.2
+    multiplier: str = "clip"  # how lam enters a retraction's reward (idesign.rl.ClaimRewardConfig)
+    credit: str = "slot"  # each claim's tokens get its own slot's advantage; "completion": one per completion
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -238,6 +248,10 @@ def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> 
          f"{prefix}.abstain_rate": (parsed.outcome == 2).sum() / n_slots,
          f"{prefix}.retract_rate": parsed.claims.retracted.mean() if len(parsed.claims.row) else 0.0,
          f"{prefix}.malformed_rate": parsed.malformed.mean()}
+    # Does the policy retract the claims it gets wrong rather than the ones it gets right? (issue 13 diagnosis)
+    c = parsed.claims
+    m[f"{prefix}.retract_rate_supported"] = c.retracted[c.supported].mean() if c.supported.any() else 0.0
+    m[f"{prefix}.retract_rate_hallucinated"] = c.retracted[~c.supported].mean() if (~c.supported).any() else 0.0
     if p_read is not None:
         kept = parsed.claims.final
         m[f"{prefix}.probe_estimated_rate"] = np.nansum(p_read[kept]) / n_slots
@@ -283,7 +297,8 @@ class Runtime:
         self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
-        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr)
+        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr,
+                                           multiplier=config.multiplier)
 
     def init_params(self, seed: int):
         return ids.init_transformer(self.model_config, seed=seed)[1]
@@ -506,20 +521,38 @@ def fit_probes(rt: Runtime, config: Config, world, base, task: Task, train_rows,
     return ProbeFit(probe, site, attention, logit_features, (tokens, valid, te_claims, labels[te]))
 
 
-def confident_share(rt: Runtime, world, base, task: Task, rows) -> float:
-    """Share of the base model's hallucinated greedy claims whose least confident token has max-prob >= 0.5."""
+def confident_share(rt: Runtime, world, base, task: Task, rows) -> tuple[float, float]:
+    """Share of the base model's hallucinated greedy claims whose least confident token has max-prob >= 0.5, and
+    :func:`confidence_ceiling` of the same claims."""
     gen = rt.generate(base, task.prompts[rows], task.valid[rows])
     tokens, valid = sequences(task, rows, gen)
     claims = parse_batch(world, task, rows, gen["tokens"], gen["valid"]).claims
     logits, _ = rt.forward(base, tokens, valid, sites=rt.sites[:1])
     stats = token_stats(logits, tokens, claims)
-    return float((stats["maxprob_min"][~claims.supported] >= 0.5).mean())
+    return float((stats["maxprob_min"][~claims.supported] >= 0.5).mean()), confidence_ceiling(
+        claims, stats["maxprob_min"], task, rows)
+
+
+def confidence_ceiling(claims: Claims, conf: np.ndarray, task: Task, rows) -> float:
+    """Lowest hallucination rate reachable by retracting the base's kept claims below a confidence threshold
+    while keeping known accuracy within 5 points: is the oracle target reachable with the signal the model has?"""
+    asked, unknown = task.asked(rows), task.unknown[rows]
+    n_slots, n_known = asked.sum(), max(asked[~unknown].sum(), 1)
+    fin, unk = claims.final, unknown[claims.row]
+    known0 = (fin & claims.supported & ~unk).sum() / n_known
+    best = (fin & ~claims.supported).sum() / n_slots
+    for t in np.linspace(0.0, 1.0, 101):
+        keep = fin & (conf >= t)
+        if (keep & claims.supported & ~unk).sum() / n_known >= known0 - 0.05:
+            best = min(best, (keep & ~claims.supported).sum() / n_slots)
+    return float(best)
 
 
 # ---------------------------------------------------------------------------------------------- rewards and RL
 
 
-def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, rows, lam: float) -> np.ndarray:
+def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, rows, lam: float, *,
+                       return_slots: bool = False):
     """Mean slot reward over the slots each prompt asks, plus the format penalty (module docstring)."""
     B, A = parsed.outcome.shape
     c = parsed.claims
@@ -533,7 +566,35 @@ def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, r
     slots = np.asarray(rl.slot_rewards(jnp.asarray(p_kept), jnp.asarray(p_retracted), jnp.asarray(outcome), lam,
                                        rt.reward))
     total = slots.sum(1) / task.asked(rows)
-    return total + np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
+    penalty = np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
+    if return_slots:
+        return total + penalty, slots + penalty[:, None]
+    return total + penalty
+
+
+def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray, slots: np.ndarray, group_size: int,
+                          n_tokens: int) -> np.ndarray:
+    """``[B, T - 1]`` advantages: each claim's tokens (and its retraction / correction) get its slot's advantage.
+
+    A long-form completion makes four claims; with one advantage per completion, the decision to retract a claim
+    is credited with the other three claims' luck. Here a slot's reward is normalised over the group's samples of
+    the same prompt (as :func:`idesign.rl.group_advantages` does for completions); tokens before the first claim
+    keep the completion's advantage. For a QA prompt (one slot) this is the completion advantage.
+    """
+    B, A = slots.shape
+    adv_c = np.asarray(rl.group_advantages(jnp.asarray(rewards, jnp.float32), group_size)[0])
+    g = slots.reshape(-1, group_size, A)
+    std = g.std(1, keepdims=True)
+    adv_s = np.where(std > 1e-6, (g - g.mean(1, keepdims=True)) / (std + 1e-6), 0.0).reshape(B, A)
+    out = np.repeat(adv_c[:, None], n_tokens - 1, 1).astype(np.float32)
+    c = parsed.claims
+    order = np.lexsort((c.start, c.row))
+    for i, k in enumerate(order):
+        r = c.row[k]
+        nxt = order[i + 1] if i + 1 < len(order) and c.row[order[i + 1]] == r else None
+        stop = c.start[nxt] if nxt is not None else n_tokens
+        out[r, c.start[k] - 1:stop - 1] = adv_s[r, c.slot[k]]  # index j predicts token j + 1
+    return out
 
 
 def rewards_for(rt: Runtime, arm: str, student, base, probe, site, parsed: Parsed, tokens, valid) -> np.ndarray:
@@ -559,8 +620,11 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
         p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
         lam = float(lagrange.lam)
-        rewards = completion_rewards(rt, parsed, p, task, rows, lam)
-        adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
+        rewards, slots = completion_rewards(rt, parsed, p, task, rows, lam, return_slots=True)
+        if config.credit == "slot":
+            adv = jnp.asarray(slot_token_advantages(parsed, task, rows, rewards, slots, M, tokens.shape[1]))
+        else:
+            adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
         actions = jnp.asarray(valid[:, 1:] & (np.arange(1, tokens.shape[1]) >= P)[None])
         tj, vj = jnp.asarray(tokens), jnp.asarray(valid)
         batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj))
@@ -639,7 +703,8 @@ def run_seed(rt: Runtime, config: Config, seed: int, progress: bool):
     train_rows = np.flatnonzero(np.isin(task.entity, train_entities))
     eval_rows = np.flatnonzero(~np.isin(task.entity, train_entities))
     out: dict[str, float] = {}
-    out["base.confident_hallucination_share"] = confident_share(rt, world, base, task, eval_rows)
+    out["base.confident_hallucination_share"], ceiling = confident_share(rt, world, base, task, eval_rows)
+    out["base.confidence_ceiling_hallucination_rate"] = ceiling
     fit = fit_probes(rt, config, world, base, task, train_rows, eval_rows, seed, out, progress)
     probe, site = fit.probe, fit.site
     if progress:
@@ -741,14 +806,19 @@ def conclusions(m) -> list[str]:
     baselines = {k.split(".")[1][:-4]: m[k] for k in m if k.startswith("baselines.") and k.endswith("_auc")}
     best_name = max(baselines, key=baselines.get)
     lines = [f"World: {100 * m['base.confident_hallucination_share']:.0f}% of the base model's hallucinated claims "
-             "are confident (least-confident token max-prob >= 0.5).",
+             "are confident (least-confident token max-prob >= 0.5). Retracting its low-confidence claims (known "
+             f"accuracy within 5 points) would reach {m['base.confidence_ceiling_hallucination_rate']:.3f} "
+             f"(target {0.6 * base:.3f}).",
              f"Probe AUC {m['probe.auc']:.3f} (attention {m['probe.attention_auc']:.3f}) vs the best baseline "
              f"{best_name} {baselines[best_name]:.3f}: the span-max probe is "
              f"{'above' if m['probe.auc'] > baselines[best_name] else 'NOT above'} every baseline (means over seeds)."]
     oracle_red, oracle_acc = m["rl_oracle.relative_reduction"], m["rl_oracle.known_acc"] - m["base.known_acc"]
     lines.append(f"Oracle RL: hallucination {base:.3f} -> {rate('rl_oracle'):.3f} ({-100 * oracle_red:+.0f}% relative), "
                  f"known accuracy {100 * oracle_acc:+.1f} points: the fair-test target (<= 0.6 x base, within 5 "
-                 f"points) was met in {m['rl_oracle.meets_target'] * 100:.0f}% of seeds.")
+                 f"points) was met in {m['rl_oracle.meets_target'] * 100:.0f}% of seeds; it retracts "
+                 f"{100 * m['rl_oracle.retract_rate_supported']:.0f}% of its right claims and "
+                 f"{100 * m['rl_oracle.retract_rate_hallucinated']:.0f}% of its wrong ones (base "
+                 f"{100 * m['base.retract_rate_supported']:.0f}% / {100 * m['base.retract_rate_hallucinated']:.0f}%).")
     red = m["rl_frozen_probe.relative_reduction"]
     acc = m["rl_frozen_probe.known_acc"] - m["base.known_acc"]
     lines.append(f"rl_frozen_probe: {base:.3f} -> {rate('rl_frozen_probe'):.3f} ({-100 * red:+.0f}% relative) with known "

@@ -108,7 +108,8 @@ class RLBatch(NamedTuple):
       valid: ``[B, T]`` bool, real tokens.
       action_mask: ``[B, T - 1]`` bool, aligned with ``tokens[:, 1:]``: True where that token was
         *sampled by the policy* (not prompt, padding or injected tokens) and its row is kept.
-      advantages: ``[B]`` float, one per completion (see :func:`group_advantages`).
+      advantages: ``[B]`` float, one per completion (see :func:`group_advantages`), or ``[B, T - 1]``
+        per token (aligned with ``tokens[:, 1:]``), e.g. each claim's tokens get the advantage of its own reward.
       old_logprobs: ``[B, T - 1]`` log-probabilities of ``tokens[:, 1:]`` under the sampling policy.
       ref_logprobs: ``[B, T - 1]`` the same under the KL reference.
     """
@@ -194,7 +195,11 @@ def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
     ref = jnp.where(mask > 0, batch.ref_logprobs, logp)
     ratio = jnp.exp(logp - jax.lax.stop_gradient(old))
     weight = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps))
-    adv = jnp.asarray(batch.advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(batch.advantages, jnp.float32)
+    if adv.ndim == 2 and adv.shape != logp.shape:
+        raise ValueError(f"grpo_loss: per-token advantages have shape {tuple(adv.shape)}; expected "
+                         f"{tuple(logp.shape)} (aligned with tokens[:, 1:]) or [B].")
+    adv = adv[:, None] if adv.ndim == 1 else adv  # per-token advantages: credit each claim's own tokens
     pg = -(weight * adv * logp * mask).sum() / count
     log_ratio_ref = jax.lax.stop_gradient(ref) - logp
     kl = ((jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0) * mask).sum() / count
@@ -436,6 +441,9 @@ class ClaimRewardConfig:
       format_penalty: added to a malformed completion's reward.
       retract_budget: the retraction rate the Lagrange multiplier holds (at most), in ``[0, 1]``.
       lagrange_lr: step size of the multiplier.
+      multiplier: how ``lam`` enters a retraction's reward: ``"clip"`` (RLFR, ``retract_cap * clip(p - lam, 0, 1)``:
+        0 already for a claim with p = 0, so ``lam`` only discourages retracting likely-wrong claims) or
+        ``"cost"`` (``retract_cap * p - lam``, the Lagrangian of "retraction rate <= budget": every retraction pays).
 
     >>> from idesign import rl
     >>> rl.ClaimRewardConfig(retract_budget=1.5)  # doctest: +ELLIPSIS
@@ -449,8 +457,12 @@ class ClaimRewardConfig:
     format_penalty: float = -0.2
     retract_budget: float = 0.4
     lagrange_lr: float = 0.2
+    multiplier: str = "clip"
 
     def __post_init__(self):
+        if self.multiplier not in ("clip", "cost"):
+            raise ValueError(f"ClaimRewardConfig.multiplier={self.multiplier!r}: expected 'clip' (RLFR: "
+                             "retract_cap * clip(p - lam, 0, 1)) or 'cost' (retract_cap * p - lam).")
         if not 0 <= self.retract_budget <= 1:
             raise ValueError(f"ClaimRewardConfig.retract_budget={self.retract_budget!r}: expected a rate in [0, 1] "
                              "(the share of claims retracted), fixed before training.")
@@ -481,7 +493,10 @@ def slot_rewards(p_kept: Array, p_retracted: Array, outcome: Array, lam: Array |
     """
     lo, hi = config.clip
     kept = jnp.clip(1.0 - jnp.nan_to_num(p_kept), lo, hi)
-    retract = config.retract_cap * jnp.clip(jnp.nan_to_num(p_retracted) - lam, 0.0, 1.0)
+    if config.multiplier == "cost":
+        retract = config.retract_cap * jnp.clip(jnp.nan_to_num(p_retracted), 0.0, 1.0) - lam
+    else:
+        retract = config.retract_cap * jnp.clip(jnp.nan_to_num(p_retracted) - lam, 0.0, 1.0)
     outcome = jnp.asarray(outcome)
     return jnp.where(outcome == 0, kept, jnp.where(outcome == 1, retract, lo))
 

@@ -60,3 +60,50 @@ def test_claims_and_slots_are_labelled_exactly():
     assert c.retracted.tolist() == [False, False, True, False, True]
     P = task.prompts.shape[1]
     assert (c.start - P).tolist() == [0, 0, 0, 2, 0] and (c.end - c.start).tolist() == [1] * 5
+
+
+def test_slot_token_advantages_credit_each_claim_with_its_own_slot():
+    from experiments.hallucination import Claims, Parsed, slot_token_advantages
+    # Two samples of one long-form prompt (group of 2), 2 slots each; tokens 0-2 prompt, claims in 3..9.
+    claims = Claims(row=np.array([0, 0, 1, 1]), start=np.array([4, 7, 4, 7]), end=np.array([5, 8, 5, 8]),
+                    supported=np.array([True, False, True, True]), final=np.ones(4, bool),
+                    retracted=np.zeros(4, bool), slot=np.array([0, 1, 0, 1]))
+    parsed = Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims)
+    slots = np.array([[0.95, 0.1, 0.1, 0.1], [0.95, 0.95, 0.1, 0.1]])
+    rewards = slots.mean(1)
+    adv = slot_token_advantages(parsed, None, None, rewards, slots, group_size=2, n_tokens=10)
+    assert adv.shape == (2, 9)
+    # Before the first claim: the completion advantage (-1 / +1); slot 0 equal in both samples: 0; slot 1: -1 / +1.
+    np.testing.assert_allclose(adv[0], [-1, -1, -1, 0, 0, 0, -1, -1, -1], atol=1e-4)
+    np.testing.assert_allclose(adv[1], [1, 1, 1, 0, 0, 0, 1, 1, 1], atol=1e-4)
+
+
+def test_grpo_loss_per_token_advantages_match_broadcast():
+    import jax.numpy as jnp
+    import idesign as ids
+    from idesign import rl
+    apply, params = ids.init_transformer(ids.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=1))
+    t = jnp.array([[1, 2, 3, 4], [4, 3, 2, 1]], jnp.int32)
+    v = jnp.ones_like(t, bool)
+    lp = rl.token_logprobs(apply, params, t, v)
+    mask = jnp.array([[False, True, True], [False, True, True]])
+    a = jnp.array([1.0, -0.5])
+    one = rl.grpo_loss(params, rl.RLBatch(t, v, mask, a, lp, lp), apply=apply)[0]
+    per = rl.grpo_loss(params, rl.RLBatch(t, v, mask, jnp.repeat(a[:, None], 3, 1), lp, lp), apply=apply)[0]
+    assert jnp.allclose(one, per)
+    import pytest
+    with pytest.raises(ValueError, match="per-token advantages"):
+        rl.grpo_loss(params, rl.RLBatch(t, v, mask, jnp.ones((2, 2)), lp, lp), apply=apply)
+
+
+def test_cost_multiplier_charges_every_retraction():
+    import jax.numpy as jnp
+    import pytest
+    from idesign import rl
+    p_kept, p_ret, outcome = jnp.array([0.0, 0.0]), jnp.array([1.0, 0.0]), jnp.array([1, 1])
+    clip = rl.slot_rewards(p_kept, p_ret, outcome, 0.2, rl.ClaimRewardConfig())
+    cost = rl.slot_rewards(p_kept, p_ret, outcome, 0.2, rl.ClaimRewardConfig(multiplier="cost"))
+    np.testing.assert_allclose(clip, [0.65 * 0.8, 0.0], atol=1e-6)  # RLFR: a right claim's retraction is already 0
+    np.testing.assert_allclose(cost, [0.65 - 0.2, -0.2], atol=1e-6)
+    with pytest.raises(ValueError, match="multiplier='x'"):
+        rl.ClaimRewardConfig(multiplier="x")
