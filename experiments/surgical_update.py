@@ -11,6 +11,10 @@ same tensors (by more than 2 paired standard errors).
 A fair test (METHODS.md §8):
 - **Pretrain once.** The base model is trained on T1 + T2 once per (config, seed) and cached with
   ``ids.pretrain.cached``; every arm of a seed starts from the same checkpoint.
+- **The base must know T1 and T2** (a gate fixed before any fine-tuning is judged): pretraining runs in rounds of
+  ``pretrain_steps`` (warmup + cosine, restarted) until held-out T1 and T2 exact match both reach ``base_gate``
+  (0.95), at most ``max_pretrain_rounds`` (3). A seed whose base misses it is refused ("world not fair on seed
+  k", printed and in the report) and no arm is run on it; ``gate.seed<k>.{t1,t2,steps,passed}`` are saved.
 - **The update needs the task token.** T3 lives under T2's task token and *contradicts* what the model knows
   (an earlier version used T3 = copy, T1's format with another token: "copy whatever the token" was the
   cheapest update, and even 50% replay could not keep T1). ``t1_as_t3`` (T1 prompts answered as the edited
@@ -63,6 +67,7 @@ Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_run
   <a>_minus_<b>.<metric>_mean, _se, _n                        paired differences over seeds (see the pairs below)
   targets.t1_retention_met, targets.t3_rel_met, targets.beats_random   1.0 / 0.0 at the headline replay and budget
   targets.upper_bound_met                                     kl_full_ft_unfrozen: T1 ret. ≥ 0.95, T3 ≥ 0.9 × edit
+  gate.seed<k>.t1, .t2, .steps, .passed, gate.n_unfair        the base-quality gate (held-out rows, seed 98)
   n_seeds, minutes
 
 Accuracy is exact match of the whole answer under greedy decoding (``sequence_tasks.answer_correct``) on held-out
