@@ -131,3 +131,17 @@ def test_edit_data_and_the_kl_anchor_are_consistent_with_the_old_model():
              "anchor": {k: v[:8] for k, v in anchor.items()}}
     _, metrics = c["kl_step"](state, batch, su.stack([su.dense(ids.masks.full(params, False), params)]))
     assert abs(float(metrics["kl"][0])) < 1e-5
+
+
+def test_diagnostics_run_on_a_tiny_seed(results):
+    from experiments import surgical_update_diagnostics as diag
+    out = diag.seed_diagnostics(TINY, 0)
+    assert 0.0 <= out["t1_grad_cancellation"] <= 1.0 + 1e-9
+    assert 0.1 <= out["top10_share_attribution"] <= 1.0 and 0.1 <= out["top10_share_fisher"] <= 1.0
+    assert out["mask_share_of_circuit"]["circuit"] == 1.0
+    arms = {"circuit", "random", "circuit_t1t2", "circuit_fisher", "circuit_interference"}
+    assert set(out["update_sq_share"]) == set(out["fisher_damage_share"]) == arms
+    assert set(out["t1_retention"]) == arms | {"full_ft"}
+    # neither the circuit nor its same-count random control holds more damage than the best set of that count
+    best = out["fisher_damage_share_best_possible_same_count"]
+    assert out["fisher_damage_share"]["circuit"] <= best + 1e-9 and out["fisher_damage_share"]["random"] <= best + 1e-9
