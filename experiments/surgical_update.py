@@ -11,6 +11,10 @@ same tensors (by more than 2 paired standard errors).
 A fair test (METHODS.md §8):
 - **Pretrain once.** The base model is trained on T1 + T2 once per (config, seed) and cached with
   ``ids.pretrain.cached``; every arm of a seed starts from the same checkpoint.
+- **The base must know T1 and T2** (a gate fixed before any fine-tuning is judged): pretraining runs in rounds of
+  ``pretrain_steps`` (warmup + cosine, restarted) until held-out T1 and T2 exact match both reach ``base_gate``
+  (0.95), at most ``max_pretrain_rounds`` (3). A seed whose base misses it is refused ("world not fair on seed
+  k", printed and in the report) and no arm is run on it; ``gate.seed<k>.{t1,t2,steps,passed}`` are saved.
 - **The update needs the task token.** T3 lives under T2's task token and *contradicts* what the model knows
   (an earlier version used T3 = copy, T1's format with another token: "copy whatever the token" was the
   cheapest update, and even 50% replay could not keep T1). ``t1_as_t3`` (T1 prompts answered as the edited
@@ -63,6 +67,7 @@ Metrics (``results/surgical_update/metrics.json``, written by ``experiments/_run
   <a>_minus_<b>.<metric>_mean, _se, _n                        paired differences over seeds (see the pairs below)
   targets.t1_retention_met, targets.t3_rel_met, targets.beats_random   1.0 / 0.0 at the headline replay and budget
   targets.upper_bound_met                                     kl_full_ft_unfrozen: T1 ret. ≥ 0.95, T3 ≥ 0.9 × edit
+  gate.seed<k>.t1, .t2, .steps, .passed, gate.n_unfair        the base-quality gate (held-out rows, seed 98)
   n_seeds, minutes
 
 Accuracy is exact match of the whole answer under greedy decoding (``sequence_tasks.answer_correct``) on held-out
@@ -99,7 +104,7 @@ from idesign.data import sequence_tasks  # noqa: E402
 NAME = "surgical_update"
 MASKED = ("circuit", "random", "layers", "elements")
 T1_TARGET, T3_TARGET = 0.95, 0.90
-BASE_VERSION = "1"
+BASE_VERSION = "2"      # 2: the base-quality gate (rounds of the pretraining schedule until T1, T2 >= base_gate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +121,10 @@ class Config:
     n_layers: int = 2
     n_heads: int = 4
     batch_size: int = 64
-    pretrain_steps: int = 700
+    pretrain_steps: int = 700        # one round of the pretraining schedule (warmup + cosine decay to 0)
+    base_gate: float = 0.95          # the base must reach this exact-match accuracy on held-out T1 *and* T2 prompts,
+    max_pretrain_rounds: int = 3     # checked at the end of every round (fixed before any fine-tuning was judged);
+                                     # a base still below it after this many rounds makes its seed unfair (refused)
     pretrain_lr: float = 3e-3
     warmup: int = 100
     finetune_batch: int = 32
@@ -160,6 +168,9 @@ def check_config(config: Config) -> None:
         raise ValueError(f"Config.replay={config.replay} must be one of Config.replays={config.replays}.")
     if config.budget not in config.budgets:
         raise ValueError(f"Config.budget={config.budget} must be one of Config.budgets={config.budgets}.")
+    if not 0.0 <= config.base_gate <= 1.0 or config.max_pretrain_rounds < 1:
+        raise ValueError(f"Config.base_gate={config.base_gate} must be in [0, 1] and Config.max_pretrain_rounds="
+                         f"{config.max_pretrain_rounds} at least 1.")
     if not 1 <= config.n_edit < config.n_symbols:
         raise ValueError(f"Config.n_edit={config.n_edit} must be in [1, n_symbols={config.n_symbols}): some "
                          "T2 facts must stay unedited.")
@@ -186,7 +197,7 @@ def model_config(config: Config) -> ids.TransformerConfig:
 def base_key(config: Config) -> dict[str, Any]:
     """What determines the base model (the cache key): fine-tuning settings are left out on purpose."""
     fields = ("t1", "t2", "length", "n_symbols", "n_train", "d_model", "n_layers", "n_heads", "batch_size",
-              "pretrain_steps", "pretrain_lr", "warmup")
+              "pretrain_steps", "pretrain_lr", "warmup", "base_gate", "max_pretrain_rounds", "n_eval")
     return {f: getattr(config, f) for f in fields}
 
 
@@ -299,24 +310,62 @@ def anchor_pool(config: Config, params: Any, keys: np.ndarray, seed: int) -> dic
     return rows
 
 
-def pretrain_base(key: dict[str, Any], seed: int, *, progress: bool = True) -> Any:
-    """T1 and T2 together from scratch (called by the cache only on a miss); returns the parameters."""
+def gate_accuracy(config: Config, params: Any) -> dict[str, float]:
+    """Exact-match accuracy on the gate's held-out T1 and T2 prompts (``n_eval`` each; not the study's eval rows)."""
+    out = {}
+    for name, task in (("t1", config.t1), ("t2", config.t2)):
+        rows = arrays(task_data(config, (task,), config.n_eval, seed=98))
+        correct = _compiled(config)["correct"](stack([params]), jnp.asarray(rows["tokens"]),
+                                               jnp.asarray(rows["loss_mask"]))
+        out[name] = float(np.asarray(correct).mean())
+    return out
+
+
+def pretrain_base(key: dict[str, Any], seed: int, *, progress: bool = True) -> dict[str, Any]:
+    """T1 and T2 together from scratch (called by the cache only on a miss), gated on the base's quality.
+
+    Trains rounds of ``pretrain_steps`` (each a warmup + cosine decay to 0, Adam moments kept; the first round is
+    the old single schedule) until held-out T1 and T2 accuracy both reach ``base_gate``, for at most
+    ``max_pretrain_rounds`` rounds. Returns ``{"params", "steps", "t1", "t2", "passed"}``: a base that missed the
+    gate is cached too (so the refusal is reproducible), and :func:`main` refuses its seed.
+    """
     config = dataclasses.replace(QUICK, **key)
     apply, params = ids.init_transformer(model_config(config), seed=seed)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.pretrain_lr, config.warmup, config.pretrain_steps)
+    one = optax.warmup_cosine_decay_schedule(0.0, config.pretrain_lr, config.warmup, config.pretrain_steps)
+    schedule = lambda step: one(step % config.pretrain_steps)      # warm restarts at every round
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     data = task_data(config, (config.t1, config.t2), config.n_train, seed=1000 + seed)
-    state, _ = ids.train.train(ids.init_train_state(params, opt), ids.make_train_step(ids.lm_loss(apply), opt),
-                               batches(data, config.batch_size, seed), num_steps=config.pretrain_steps,
-                               log_every=100, progress=progress, desc=f"{NAME} pretrain seed {seed}")
-    return state.params
+    state = ids.init_train_state(params, opt)
+    step_fn, it = ids.make_train_step(ids.lm_loss(apply), opt), batches(data, config.batch_size, seed)
+    for round_ in range(1, config.max_pretrain_rounds + 1):
+        state, _ = ids.train.train(state, step_fn, it, num_steps=config.pretrain_steps, log_every=100,
+                                   progress=progress, desc=f"{NAME} pretrain seed {seed} round {round_}")
+        acc = gate_accuracy(config, state.params)
+        if min(acc.values()) >= config.base_gate:
+            break
+    passed = min(acc.values()) >= config.base_gate
+    return {"params": state.params, "steps": jnp.asarray(round_ * config.pretrain_steps, jnp.int32),
+            "t1": jnp.asarray(acc["t1"], jnp.float32), "t2": jnp.asarray(acc["t2"], jnp.float32),
+            "passed": jnp.asarray(passed)}
 
 
-def base_model(config: Config, seed: int, *, progress: bool = True) -> Any:
-    """The pretrained base for ``seed``: trained once per (base config, seed), then restored from the cache."""
+def base_model(config: Config, seed: int, *, progress: bool = True) -> dict[str, Any]:
+    """The pretrained base for ``seed`` (``{"params", "steps", "t1", "t2", "passed"}``, see :func:`pretrain_base`):
+    trained once per (base config, seed), then restored from the cache."""
+    like = lambda: {"params": ids.init_transformer(model_config(config))[1], "steps": jnp.zeros((), jnp.int32),
+                    "t1": jnp.zeros((), jnp.float32), "t2": jnp.zeros((), jnp.float32),
+                    "passed": jnp.zeros((), bool)}
     return ids.pretrain.cached(f"{NAME}-base", base_key(config), seed,
-                               functools.partial(pretrain_base, progress=progress),
-                               like=lambda: ids.init_transformer(model_config(config))[1], version=BASE_VERSION)
+                               functools.partial(pretrain_base, progress=progress), like=like, version=BASE_VERSION)
+
+
+def base_gate(config: Config, *, progress: bool = True) -> dict[int, dict[str, float]]:
+    """``{seed: {"steps", "t1", "t2", "passed"}}``: every seed's base, pretrained (or restored) before any arm runs."""
+    out = {}
+    for seed in config.seeds:
+        base = base_model(config, seed, progress=progress)
+        out[seed] = {k: float(base[k]) for k in ("steps", "t1", "t2", "passed")}
+    return out
 
 
 # --- masks ---------------------------------------------------------------------------------------
@@ -512,7 +561,7 @@ def run_plan(config: Config, masks: dict[str, Any]) -> list[tuple[str, str, Any]
 
 def run_seed(config: Config, seed: int, *, progress: bool = True,
              keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    params = base_model(config, seed, progress=progress)
+    params = base_model(config, seed, progress=progress)["params"]
     table, keys = edit(config, seed)
     evals = eval_sets(config, table, keys)
     names = evals["names"]
@@ -639,7 +688,8 @@ def plot(config: Config, s: dict[str, Any], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]]) -> str:
+def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]],
+           gate: dict[int, dict[str, float]] | None = None) -> str:
     g = group_name(config.replay)
     pm = lambda k, m: _runner.pm(s, k, m)
     yes = lambda flag: "met" if s[flag] else "NOT met"
@@ -671,6 +721,7 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
         f"T3 {pm('world', 'base_t3_acc')} (old answers to edited prompts: {pm('world', 'base_t3_old')}); T1 prompts "
         f"already answered as the edited lookup: {pm('world', 'base_t1_as_t3')}.",
         "",
+        *(gate_lines(config, gate) if gate else []),
         "**Is the world fair?**",
         f"- Upper bound (`kl_full_ft_unfrozen`: nothing frozen, the edit + {config.kl_weight:g} × KL to the old "
         f"model on unlabelled T1 and unedited T2 prompts): T1 retention {pm('kl_full_ft_unfrozen', 't1_retention')}, "
@@ -735,18 +786,45 @@ def report(config: Config, s: dict[str, Any], leaf: dict[str, dict[str, float]])
     return "\n".join(lines)
 
 
+def gate_lines(config: Config, gate: dict[int, dict[str, float]]) -> list[str]:
+    rows = [[str(seed), f"{g['t1']:.3f}", f"{g['t2']:.3f}", f"{int(g['steps'])}", "yes" if g["passed"] else "**NO**"]
+            for seed, g in gate.items()]
+    unfair = [seed for seed, g in gate.items() if not g["passed"]]
+    return [f"**Base-quality gate** (fixed before fine-tuning is judged): the base must reach {config.base_gate} on "
+            f"held-out T1 *and* T2 prompts ({config.n_eval} each), checked after every round of {config.pretrain_steps} "
+            f"pretraining steps, at most {config.max_pretrain_rounds} rounds.", "",
+            _common.markdown_table(["seed", "base T1 (gate rows)", "base T2 (gate rows)", "pretraining steps",
+                                    "passed"], rows), "",
+            *([f"**World not fair on seed {', '.join(map(str, unfair))}**: the base missed the gate at the step cap; "
+               "that seed is refused (no arm is run or judged on it)."] if unfair else
+              ["Every seed's base passed the gate."]), ""]
+
+
 def main(config: Config = QUICK, *, progress: bool = True) -> dict[str, Any]:
     check_config(config)
+    gate = base_gate(config, progress=progress)       # every base first: an unfair seed is refused, not judged
+    fair = tuple(seed for seed in config.seeds if gate[seed]["passed"])
+    for seed in config.seeds:
+        if not gate[seed]["passed"]:
+            print(f"{NAME}: world not fair on seed {seed} (base T1 {gate[seed]['t1']:.3f}, T2 {gate[seed]['t2']:.3f} "
+                  f"after {int(gate[seed]['steps'])} steps, gate {config.base_gate}); refusing that seed.")
+    gate_metrics = {f"gate.seed{seed}.{k}": v for seed, g in gate.items() for k, v in g.items()}
+    gate_metrics["gate.n_unfair"] = float(len(config.seeds) - len(fair))
+    if not fair:
+        _common.write_metrics(NAME, gate_metrics)
+        _common.write_readme(NAME, "\n".join(["## Surgical update: refused", "", *gate_lines(config, gate)]))
+        return gate_metrics
+    config = dataclasses.replace(config, seeds=fair)
     keep: dict[str, Any] = {}
     result = _runner.run(NAME, config.seeds, lambda seed: run_seed(config, seed, progress=progress, keep=keep),
-                         pairs=pairs(config), progress=progress)
+                         pairs=pairs(config), progress=progress, extra=gate_metrics)
     s = dict(result.summary)
     s.update(targets(config, s))
     _common.write_metrics(NAME, s)
     out = _common.results_dir(NAME)
     (out / "trajectories.json").write_text(json.dumps(keep["trajectories"]) + "\n")
     plot(config, s, out)
-    _common.write_readme(NAME, report(config, s, keep["leaf_fractions"]))
+    _common.write_readme(NAME, report(config, s, keep["leaf_fractions"], gate))
     return s
 
 

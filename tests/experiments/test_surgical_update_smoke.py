@@ -13,7 +13,7 @@ from experiments import surgical_update as su
 TINY = dataclasses.replace(su.QUICK, length=3, n_symbols=4, n_train=64, n_eval=32, n_attribution=32, d_model=16,
                            n_layers=1, n_heads=2, batch_size=16, pretrain_steps=20, warmup=5, finetune_steps=4, finetune_warmup=1,
                            eval_every=2, replays=(0.05,), replay=0.05, budgets=(0.1, 0.5), budget=0.1,
-                           n_edit=1, kl_batch=8, n_anchor=16, seeds=(0, 1))
+                           n_edit=1, kl_batch=8, n_anchor=16, seeds=(0, 1), base_gate=0.0, max_pretrain_rounds=2)
 
 
 def test_main_writes_every_group_arm_and_target(results):
@@ -38,12 +38,28 @@ def test_main_writes_every_group_arm_and_target(results):
     assert saved["r5_random.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
     assert saved["r5_elements.frozen_fraction_mean"] == saved["r5_circuit.frozen_fraction_mean"]
     assert saved["r5_circuit_b50.frozen_fraction_mean"] > saved["r5_circuit.frozen_fraction_mean"]
+    # The base-quality gate ran first: a gate of 0 passes after one round; nothing was refused.
+    assert saved["gate.n_unfair"] == 0.0 and saved["gate.seed0.passed"] == 1.0 and saved["gate.seed1.steps"] == 20.0
     readme = (results / "surgical_update" / "README.md").read_text()
+    assert "Base-quality gate" in readme and "Every seed's base passed the gate." in readme
     assert "| r5_circuit |" in readme and "| kl_circuit |" in readme
     assert "Is the world fair?" in readme and "| embed.embedding |" in readme
     assert (results / "surgical_update" / "retention_vs_t3.png").stat().st_size > 0
     # the base models were cached once per seed, under the test's cache folder
     assert len(list((results / "cache" / "pretrained").iterdir())) == 2
+
+
+def test_a_base_below_the_gate_at_the_step_cap_refuses_its_seed(results, capsys):
+    # 20 steps of a 16-wide model cannot answer every held-out prompt exactly: the gate of 1.0 is missed in
+    # both rounds, the seed is refused and no arm runs.
+    saved = su.main(dataclasses.replace(TINY, base_gate=1.0, seeds=(0,)), progress=False)
+    assert saved["gate.n_unfair"] == 1.0 and saved["gate.seed0.passed"] == 0.0 and saved["gate.seed0.steps"] == 40.0
+    assert not any(k.startswith(("r5_", "kl_", "targets.")) for k in saved)
+    assert "world not fair on seed 0" in capsys.readouterr().out
+    assert "World not fair on seed 0" in (results / "surgical_update" / "README.md").read_text()
+    # the refused base is cached like any other (the refusal is reproducible without retraining)
+    base = su.base_model(dataclasses.replace(TINY, base_gate=1.0), 0, progress=False)
+    assert int(base["steps"]) == 40 and not bool(base["passed"])
 
 
 def test_masks_keep_their_promises_and_freezing_is_bit_exact():
@@ -115,3 +131,17 @@ def test_edit_data_and_the_kl_anchor_are_consistent_with_the_old_model():
              "anchor": {k: v[:8] for k, v in anchor.items()}}
     _, metrics = c["kl_step"](state, batch, su.stack([su.dense(ids.masks.full(params, False), params)]))
     assert abs(float(metrics["kl"][0])) < 1e-5
+
+
+def test_diagnostics_run_on_a_tiny_seed(results):
+    from experiments import surgical_update_diagnostics as diag
+    out = diag.seed_diagnostics(TINY, 0)
+    assert 0.0 <= out["t1_grad_cancellation"] <= 1.0 + 1e-9
+    assert 0.1 <= out["top10_share_attribution"] <= 1.0 and 0.1 <= out["top10_share_fisher"] <= 1.0
+    assert out["mask_share_of_circuit"]["circuit"] == 1.0
+    arms = {"circuit", "random", "circuit_t1t2", "circuit_fisher", "circuit_interference"}
+    assert set(out["update_sq_share"]) == set(out["fisher_damage_share"]) == arms
+    assert set(out["t1_retention"]) == arms | {"full_ft"}
+    # neither the circuit nor its same-count random control holds more damage than the best set of that count
+    best = out["fisher_damage_share_best_possible_same_count"]
+    assert out["fisher_damage_share"]["circuit"] <= best + 1e-9 and out["fisher_damage_share"]["random"] <= best + 1e-9
