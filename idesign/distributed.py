@@ -383,7 +383,9 @@ def run_local_processes(args: Sequence[str], *, num_processes: int = 2, devices_
       TimeoutError: the processes did not all finish within ``timeout_s`` (their output is in the message).
     """
     port = free_port()
-    base = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
+    # PYTHONFAULTHANDLER: a process that has to be stopped at the deadline is sent SIGABRT first, so it prints
+    # every thread's Python stack (where it hung) into the TimeoutError's message before it is killed.
+    base = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={int(devices_per_process)}",
             "IDESIGN_COORDINATOR": f"127.0.0.1:{port}", "IDESIGN_NUM_PROCESSES": str(int(num_processes))}
     procs = [subprocess.Popen([sys.executable, *args], cwd=cwd, env={**base, "IDESIGN_PROCESS_ID": str(i)},
@@ -399,25 +401,46 @@ def run_local_processes(args: Sequence[str], *, num_processes: int = 2, devices_
     threads = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in threads:
         t.start()
+    timed_out = False
     try:
         while any(t.is_alive() for t in threads):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run_local_processes: {num_processes} processes did not finish within "
-                                   f"{timeout_s:g} s; killed.")
+                timed_out = True
+                _signal_running(procs, signal.SIGABRT)
+                for t in threads:                                # the stack dumps reach the pipes
+                    t.join(timeout=10)
+                break
             if any(p.poll() not in (None, 0) for p in procs):   # one failed: the others would wait forever
                 time.sleep(2.0)                                  # let its peers report their own errors first
                 break
             time.sleep(0.05)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+        _signal_running(procs, signal.SIGKILL)
         for p in procs:
             p.wait()
         for t in threads:
             t.join(timeout=5)
+    if timed_out:
+        raise TimeoutError(f"run_local_processes: {num_processes} processes did not finish within {timeout_s:g} s; "
+                           "killed. Their output (a process still running was stopped with SIGABRT, so its stderr "
+                           "ends with every thread's Python stack):\n" + _output_tails(outputs, num_processes))
     return [ProcessResult(i, p.returncode, *outputs.get(i, ("", ""))) for i, p in enumerate(procs)]
+
+
+def _signal_running(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+
+
+def _output_tails(outputs: Mapping[int, tuple[str, str]], num_processes: int, chars: int = 3000) -> str:
+    parts = []
+    for i in range(num_processes):
+        out, err = outputs.get(i, ("", ""))
+        parts.append(f"--- process {i} stdout (last {chars} chars) ---\n{(out or '')[-chars:]}\n"
+                     f"--- process {i} stderr (last {chars} chars) ---\n{(err or '')[-chars:]}")
+    return "\n".join(parts)
 
 
 def initialize_from_env(*, timeout_s: float = 60.0, config: Any = None) -> ProcessInfo:

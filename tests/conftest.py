@@ -1,3 +1,4 @@
+import gc
 import os
 
 # Tests run on the CPU; keep XLA from grabbing every core per test worker.
@@ -15,6 +16,20 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import idesign as ids  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code_after_each_module():
+    """Drops jax's compilation caches and collects garbage after every test module.
+
+    Without it each xdist worker keeps every executable it ever compiled: measured 1.8 -> 6.2 GB per worker over the
+    suite, beside the multi-process tests' children on a 24 GiB CI machine where a worker once died mid-run. On
+    tests/optim, test_curvature, test_circuits and test_shaping in one process: 3.4 GB at the end without it, 1.6 GB
+    with it. Sharing compiled code across modules saves little: each module builds its own models and steps.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -75,3 +75,14 @@ def test_initialize_from_env_without_a_coordinator_is_one_process(monkeypatch):
     monkeypatch.delenv("IDESIGN_COORDINATOR", raising=False)
     info = dist.initialize_from_env(config={"x": 1})
     assert (info.process_index, info.process_count) == (0, 1) and info.config_hash == dist.config_hash({"x": 1})
+
+
+def test_a_hung_process_is_stopped_at_the_deadline_and_its_stack_is_in_the_error():
+    # A stand-in for a process stuck in a collective: the error must say where each one was, not only that it hung.
+    code = "import time; print('started', flush=True); time.sleep(600)"
+    with pytest.raises(TimeoutError) as caught:
+        ids.distributed.run_local_processes(["-c", code], num_processes=2, timeout_s=3)
+    message = str(caught.value)
+    assert "within 3 s" in message and message.count("started") == 2
+    assert "time.sleep" in message or "<string>" in message      # faulthandler's stack of the sleeping line
+    assert "process 1 stderr" in message
