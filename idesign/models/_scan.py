@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idesign._stacking import stack_layers, unstack_layers
 from idesign._types import Array
 from idesign.hooks import Apply, Capture, Intervention, SiteRunner
 
@@ -208,7 +209,7 @@ def stack_blocks(tree: Any) -> Any:
     if is_stacked(tree):
         return tree
     blocks = tree["blocks"]
-    return {**tree, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(len(blocks))])}
+    return {**tree, "blocks": stack_layers([blocks[i] for i in range(len(blocks))])}
 
 
 def unstack_blocks(tree: Any) -> Any:
@@ -229,7 +230,7 @@ def unstack_blocks(tree: Any) -> Any:
         return tree
     blocks = tree["blocks"]
     n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
-    return {**tree, "blocks": {i: jax.tree_util.tree_map(lambda x: x[i], blocks) for i in range(n)}}
+    return {**tree, "blocks": unstack_layers(blocks, n)}
 
 
 def layer_params(tree: Any, i: int) -> Any:

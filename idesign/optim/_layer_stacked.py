@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 
+from idesign._stacking import stack_layers, unstack_layers
 from idesign._types import PyTree
 
 
@@ -48,14 +47,8 @@ def _stack(tree: Any) -> Any:
         return tree
     n = len(blocks)
 
-    def stack(*xs):
-        real = [x for x in xs if not _is_node(x)]
-        if not real:
-            return xs[0]
-        return jnp.stack([jnp.zeros_like(real[0]) if _is_node(x) else x for x in xs])
-
     try:
-        stacked = jax.tree_util.tree_map(stack, *[blocks[i] for i in range(n)], is_leaf=_is_node)
+        stacked = stack_layers([blocks[i] for i in range(n)], is_placeholder=_is_node)
     except ValueError as e:
         raise ValueError(f"layer_stacked: the {n} blocks differ in structure ({e}); stacking needs identical "
                          "blocks, as scan_layers does.") from e
@@ -67,10 +60,8 @@ def _unstack(stacked: Any, like: Any) -> Any:
     blocks = _per_layer_blocks(like)
     if blocks is None:
         return stacked
-    layers = {}
-    for i in range(len(blocks)):
-        layers[i] = jax.tree_util.tree_map(lambda s, ref: ref if _is_node(ref) else s[i], stacked["blocks"], blocks[i],
-                                           is_leaf=_is_node)
+    n = len(blocks)
+    layers = unstack_layers(stacked["blocks"], n, like=[blocks[i] for i in range(n)], is_placeholder=_is_node)
     return {**stacked, "blocks": layers}
 
 
