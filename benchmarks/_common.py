@@ -15,6 +15,19 @@ from typing import Any
 import jax
 
 
+@dataclasses.dataclass(frozen=True)
+class ReferenceSize:
+    """The reference transformer's size (:func:`reference_model`), the first fields of several benchmarks' configs.
+
+    A benchmark's ``Config`` subclasses it (frozen too) and adds its own fields after these four, so
+    ``dataclasses.asdict(config)`` lists them first, as when each config spelled them out.
+    """
+    vocab_size: int = 1000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+
+
 def block(tree: Any) -> Any:
     """Waits for every array in ``tree``."""
     return jax.block_until_ready(tree)
@@ -52,6 +65,33 @@ def median(xs: Sequence[float]) -> float:
 def spread(xs: Sequence[float]) -> dict[str, float]:
     """Median, min and max of a list of timings, in seconds."""
     return {"median_s": median(xs), "min_s": float(min(xs)), "max_s": float(max(xs)), "n": len(xs)}
+
+
+def pair_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """Per-round ratios ``times[num][i] / times[den][i]`` of interleaved timings (each pair ran back to back).
+
+    >>> pair_ratios({"a": [2.0, 3.0], "b": [1.0, 2.0]}, "a", "b")
+    [2.0, 1.5]
+    """
+    return [n / d for n, d in zip(times[num], times[den], strict=True)]
+
+
+def ratio_record(times: dict[str, list[float]], num: str, den: str, ratio_key: str, *,
+                 medians: dict[str, str] | None = None, bounds: tuple[str, str] | None = None) -> dict[str, float]:
+    """The "ratio against a named baseline" record: the median per-round ratio ``num / den`` under
+    ``ratio_key``, each ``medians`` key's median time (``{key: timing name}``), and the ratio's min and
+    max under ``bounds = (min_key, max_key)``.
+
+    >>> ratio_record({"ours": [2.0, 4.0, 3.0], "base": [1.0, 2.0, 2.0]}, "ours", "base", "ratio",
+    ...              medians={"ours_s": "ours"}, bounds=("lo", "hi"))
+    {'ratio': 2.0, 'ours_s': 3.0, 'lo': 1.5, 'hi': 2.0}
+    """
+    ratios = pair_ratios(times, num, den)
+    record = {ratio_key: median(ratios)}
+    record.update({key: median(times[name]) for key, name in (medians or {}).items()})
+    if bounds is not None:
+        record.update({bounds[0]: float(min(ratios)), bounds[1]: float(max(ratios))})
+    return record
 
 
 def environment() -> dict[str, Any]:

@@ -104,7 +104,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
         writer.close()
         async_writer.close()
         shutil.rmtree(root, ignore_errors=True)
-    ratio = lambda a, b: _common.median([x / y for x, y in zip(times[a], times[b])])
+    ratio = lambda a, b: _common.median(_common.pair_ratios(times, a, b))
     metrics = {
         "save_time_ratio": ratio("save_checked", "save_unchecked"),
         "restore_time_ratio": ratio("restore_checked", "restore_unchecked"),

@@ -147,7 +147,7 @@ def bench_depth(config: Config, n_layers: int) -> dict[str, Any]:
         out[name] = {"unrolled_compile_s": compile_s, "scanned_compile_s": s_compile_s,
                      "unrolled_step_s": _common.median(times["unrolled"]),
                      "scanned_step_s": _common.median(times["scanned"]),
-                     "runtime_ratio": _common.median([s / u for s, u in zip(times["scanned"], times["unrolled"])])}
+                     "runtime_ratio": _common.median(_common.pair_ratios(times, "scanned", "unrolled"))}
     # What the scanned forward adds: one stack of the per-layer block parameters.
     stack = jax.jit(lambda blocks: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(n_layers)]))
     _common.block(stack(params["blocks"]))

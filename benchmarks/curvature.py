@@ -40,11 +40,7 @@ MLP_LAYERS = "blocks.*.mlp.*"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    vocab_size: int = 1000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+class Config(_common.ReferenceSize):
     batch: int = 32
     seq: int = 128
     repeats: int = 15
@@ -76,13 +72,10 @@ def bench_collection(apply, params, batch, config: Config) -> dict[str, Any]:
     state = ids.init_train_state(params, optimizer)
     train = lambda: train_step(state, batch)
     times = _common.time_interleaved({"collect": collect, "train": train}, config.repeats)
-    ratios = [c / t for c, t in zip(times["collect"], times["train"])]
     return {
-        "collection_vs_train_step_ratio": _common.median(ratios),
-        "collection_median_s": _common.median(times["collect"]),
-        "train_step_median_s": _common.median(times["train"]),
-        "collection_ratio_min": float(min(ratios)),
-        "collection_ratio_max": float(max(ratios)),
+        **_common.ratio_record(times, "collect", "train", "collection_vs_train_step_ratio",
+                               medians={"collection_median_s": "collect", "train_step_median_s": "train"},
+                               bounds=("collection_ratio_min", "collection_ratio_max")),
         "layers": list(layers),
     }
 

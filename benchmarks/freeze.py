@@ -22,7 +22,6 @@ Usage: ``python -m benchmarks.freeze [--quick] [--out PATH]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
@@ -104,11 +103,7 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model, also allocated for real")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON")
-    args = parser.parse_args(argv)
-    return main(QUICK if args.quick else FULL, out=args.out)
+    return _common.cli(__doc__, main, QUICK, FULL, DEFAULT_OUT, argv, quick_help="a small model, also allocated for real")
 
 
 if __name__ == "__main__":

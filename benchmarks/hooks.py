@@ -40,11 +40,7 @@ DEFAULT_OUT = "results/benchmarks/hooks.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    vocab_size: int = 1000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+class Config(_common.ReferenceSize):
     forward_batch: int = 32
     forward_seq: int = 128
     forward_repeats: int = 20
@@ -72,14 +68,9 @@ def bench_capture(apply, params, config: Config) -> dict[str, Any]:
     captured = jax.jit(lambda p, t: apply(p, t, hooks=hooks))
     times = _common.time_interleaved({"plain": lambda: plain(params, tokens),
                                       "capture": lambda: captured(params, tokens)}, config.forward_repeats)
-    pair_ratios = [c / p for c, p in zip(times["capture"], times["plain"])]
-    return {
-        "capture_overhead_ratio": _common.median(pair_ratios),
-        "forward_plain_median_s": _common.median(times["plain"]),
-        "forward_capture_median_s": _common.median(times["capture"]),
-        "capture_ratio_min": float(min(pair_ratios)),
-        "capture_ratio_max": float(max(pair_ratios)),
-    }
+    return _common.ratio_record(times, "capture", "plain", "capture_overhead_ratio",
+                                medians={"forward_plain_median_s": "plain", "forward_capture_median_s": "capture"},
+                                bounds=("capture_ratio_min", "capture_ratio_max"))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

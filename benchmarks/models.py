@@ -100,10 +100,9 @@ def bench_one(kind: str, config: Config) -> dict[str, Any]:
     diff = float(np.abs(ours_logits - theirs().numpy()).max())
     times = _common.time_interleaved({"ours": lambda: forward(params, ours_tokens), "torch": theirs},
                                      config.repeats)
-    ratios = [o / t for o, t in zip(times["ours"], times["torch"])]
-    return {f"{kind}_ratio": _common.median(ratios), f"{kind}_ours_median_s": _common.median(times["ours"]),
-            f"{kind}_torch_median_s": _common.median(times["torch"]), f"{kind}_logits_max_diff": diff,
-            f"{kind}_compile_s": compile_s}
+    return {**_common.ratio_record(times, "ours", "torch", f"{kind}_ratio",
+                                   medians={f"{kind}_ours_median_s": "ours", f"{kind}_torch_median_s": "torch"}),
+            f"{kind}_logits_max_diff": diff, f"{kind}_compile_s": compile_s}
 
 
 def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]:

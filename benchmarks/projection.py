@@ -34,11 +34,7 @@ DEFAULT_OUT = "results/benchmarks/projection.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    vocab_size: int = 1000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+class Config(_common.ReferenceSize):
     batch: int = 32
     seq: int = 128
     rank: int = 16
@@ -86,14 +82,9 @@ def main(config: Config = FULL, out: str | None = DEFAULT_OUT) -> dict[str, Any]
     # Each call steps from the same initial state (no donation), so every timed call does equal work.
     fns = {name: (lambda name=name: steps[name](states[name], batch)) for name in steps}
     times = _common.time_interleaved(fns, config.repeats, warmup=2)
-    pair_ratios = [p / a for p, a in zip(times["projected"], times["adamw"])]
-    metrics = {
-        "step_time_ratio": _common.median(pair_ratios),
-        "adamw_step_median_s": _common.median(times["adamw"]),
-        "projected_step_median_s": _common.median(times["projected"]),
-        "ratio_min": float(min(pair_ratios)),
-        "ratio_max": float(max(pair_ratios)),
-    }
+    metrics = _common.ratio_record(times, "projected", "adamw", "step_time_ratio",
+                                   medians={"adamw_step_median_s": "adamw", "projected_step_median_s": "projected"},
+                                   bounds=("ratio_min", "ratio_max"))
     return _common.finish(metrics, GOALS, config, out, n_projected_kernels=parts["n_projected_kernels"])
 
 

@@ -47,11 +47,7 @@ DEFAULT_OUT = "results/benchmarks/store.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    vocab_size: int = 1000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+class Config(_common.ReferenceSize):
     seq: int = 128
     batch_size: int = 16
     batches_per_shard: int = 4
@@ -102,15 +98,13 @@ def bench_throughput(apply, params, config: Config) -> dict[str, Any]:
         times = _common.time_interleaved({"forward": forward_only, "write": write}, config.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    pair = [f / w for f, w in zip(times["forward"], times["write"])]
     rows = config.throughput_rows
     return {
-        "store_write_ratio": _common.median(pair),
+        **_common.ratio_record(times, "forward", "write", "store_write_ratio",
+                               bounds=("write_ratio_min", "write_ratio_max")),
         "forward_rows_per_s": rows / _common.median(times["forward"]),
         "write_rows_per_s": rows / _common.median(times["write"]),
         "write_mb_per_s": rows * _row_bytes(config) / 2**20 / _common.median(times["write"]),
-        "write_ratio_min": float(min(pair)),
-        "write_ratio_max": float(max(pair)),
     }
 
 
