@@ -34,7 +34,11 @@ in a kept claim (maintained, or a correction after ``<retract>``) earns ``clip(1
 ends retracted earns ``0.65 * clip(p(retracted claim) - lam, 0, 1)``; an unaddressed slot (or ``unknown`` without a claim) ``0.1``, what a sure hallucination earns. A completion
 earns the mean over the slots its prompt asks (1 for QA, 4 for long-form) plus ``-0.2`` if malformed. ``lam``
 holds the retraction rate at most ``retract_budget`` (0.4, RLFR's value, fixed before the first run; run 2's 0.3 was
-chosen after run 1 failed and is reverted). Credit (``credit="slot"``, issue 13 diagnosis): each claim's tokens,
+chosen after run 1 failed and is reverted). ``lam`` is a PI multiplier (:func:`idesign.rl.retraction_multiplier`,
+issue 13 h13): the integral term moves by ``lagrange_lr`` per step as before, and a proportional term on the
+batch's *own* retraction rate, with the gain :func:`idesign.rl.retraction_gain` fixed from the reward
+(``pi_overshoot`` = 0.1 above the budget removes any reward for retracting), penalises an overshoot in the step
+it happens; the integral-only multiplier reacted ~10 steps late. Credit (``credit="slot"``, issue 13 diagnosis): each claim's tokens,
 its retraction and its correction get the advantage of *their own slot's* reward (normalised over the group's
 samples of the prompt), not the completion mean; with one advantage per completion a long-form answer's decision to
 retract a claim was credited with the luck of its three other claims, and the oracle policy retracted right claims
@@ -102,7 +106,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
-_VERSION = "3"  # bump when the study's code changes what a seed computes
+_VERSION = "4"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,10 @@ class Config:
     retract_budget: float = 0.4
     lagrange_lr: float = 0.2
     multiplier: str = "clip"  # how lam enters a retraction's reward (idesign.rl.ClaimRewardConfig)
+    # The multiplier's proportional gain (issue 13, h13, fixed before the run): kp = rl.retraction_gain(reward,
+    # pi_overshoot), so a batch retracting pi_overshoot above the budget gets, from the P term alone, the multiplier
+    # at which retracting even a sure hallucination earns no more than keeping it. 0: integral only (runs 1-5).
+    pi_overshoot: float = 0.1
     credit: str = "slot"  # each claim's tokens get its own slot's advantage; "completion": one per completion
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -297,8 +305,10 @@ class Runtime:
         self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
-        self.reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr,
-                                           multiplier=config.multiplier)
+        reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr,
+                                      multiplier=config.multiplier)
+        kp = rl.retraction_gain(reward, config.pi_overshoot) if config.pi_overshoot else 0.0
+        self.reward = dataclasses.replace(reward, lagrange_kp=kp)
 
     def init_params(self, seed: int):
         return ids.init_transformer(self.model_config, seed=seed)[1]
@@ -619,7 +629,10 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         tokens, valid = sequences(task, rows, gen)
         parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
         p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
-        lam = float(lagrange.lam)
+        # The multiplier reads this batch's own retraction rate (P term) before rewarding it, so an overshoot is
+        # penalised in the step it happens; the integral term is updated after, as before.
+        retract_rate = float(parsed.claims.retracted.mean()) if len(parsed.claims.row) else 0.0
+        lam = float(rl.retraction_multiplier(lagrange, retract_rate, rt.reward))
         rewards, slots = completion_rewards(rt, parsed, p, task, rows, lam, return_slots=True)
         if config.credit == "slot":
             adv = jnp.asarray(slot_token_advantages(parsed, task, rows, rewards, slots, M, tokens.shape[1]))
@@ -629,7 +642,6 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         tj, vj = jnp.asarray(tokens), jnp.asarray(valid)
         batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj))
         state, metrics = rt.rl_step(state, batch)
-        retract_rate = float(parsed.claims.retracted.mean()) if len(parsed.claims.row) else 0.0
         lagrange = rl.retraction_lagrange_update(lagrange, retract_rate, rt.reward)
         m = slot_metrics("s", parsed, task, rows)
         history.append({"step": t, "reward": float(rewards.mean()), "true_rate": m["s.hallucination_rate"],

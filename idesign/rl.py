@@ -20,6 +20,9 @@ The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067)
 * :class:`LagrangeState` / :func:`lagrange_update`: a multiplier ``lam`` on a rate constraint
   (e.g. "abstain on about a share ``target`` of prompts"), ``lam <- lam + lr * (rate - target)``
   from online statistics; subtract ``lam`` from the reward of the constrained action.
+  :func:`pi_multiplier` adds a proportional term on the batch's own rate (a PI Lagrangian) so a
+  sudden jump of the rate is penalised in the step it happens; :func:`retraction_multiplier`,
+  :func:`retraction_gain` and :func:`neutral_retraction_multiplier` apply it to claim retractions.
 * :func:`format_penalty`: a fixed reward for malformed completions.
 
 Example (a GRPO step on a tiny model):
@@ -293,6 +296,42 @@ def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, targe
     return LagrangeState(lam, rate)
 
 
+def pi_multiplier(state: LagrangeState, observed_rate: Array | float, *, target: float, kp: float,
+                  bounds: tuple[float | None, float | None] | None = (0.0, None)) -> Array:
+    """The multiplier to apply to *this* batch: ``clip(state.lam + kp * (observed_rate - target), *bounds)``.
+
+    The proportional-integral Lagrangian (Stooke, Achiam & Abbeel 2020, "Responsive Safety in RL by PID
+    Lagrangian Methods"): ``state.lam`` is the integral term (:func:`lagrange_update`, which moves only by
+    ``lr`` per step and so reacts to a sudden jump of the rate many steps late); the proportional term
+    ``kp * (rate - target)`` reacts in the same step. Call it with the rate of the batch just sampled,
+    before its rewards are computed, so a batch that overshoots is penalised itself; then update the
+    integral with :func:`lagrange_update` as before. ``kp = 0`` gives back ``state.lam`` (clipped).
+
+    Args:
+      state: the :class:`LagrangeState` whose ``lam`` is the integral term.
+      observed_rate: the rate in the batch being rewarded.
+      target: the rate to hold.
+      kp: proportional gain, ``>= 0``.
+      bounds: ``(low, high)`` clip of the result (either may be None; None: no clip). The default
+        ``(0.0, None)`` is an inequality constraint ("at most ``target``").
+
+    Returns:
+      ``[]`` the multiplier for this batch.
+
+    >>> from idesign import rl
+    >>> round(float(rl.pi_multiplier(rl.lagrange_init(0.1), 0.6, target=0.4, kp=2.0)), 4)   # 0.1 + 2 * 0.2
+    0.5
+    >>> float(rl.pi_multiplier(rl.lagrange_init(0.1), 0.2, target=0.4, kp=2.0))             # under budget: 0
+    0.0
+    """
+    if not (isinstance(kp, (int, float)) and np.isfinite(kp) and kp >= 0):
+        raise ValueError(f"pi_multiplier: kp={kp!r}; expected a finite number >= 0 (the proportional gain).")
+    lam = state.lam + kp * (jnp.asarray(observed_rate, jnp.float32) - target)
+    if bounds is not None:
+        lam = jnp.clip(lam, *bounds)
+    return lam
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewards
 
@@ -444,6 +483,8 @@ class ClaimRewardConfig:
       multiplier: how ``lam`` enters a retraction's reward: ``"clip"`` (RLFR, ``retract_cap * clip(p - lam, 0, 1)``:
         0 already for a claim with p = 0, so ``lam`` only discourages retracting likely-wrong claims) or
         ``"cost"`` (``retract_cap * p - lam``, the Lagrangian of "retraction rate <= budget": every retraction pays).
+      lagrange_kp: proportional gain of the multiplier (:func:`retraction_multiplier`), ``>= 0``; 0 (the
+        default, RLFR) is the integral-only multiplier. :func:`retraction_gain` derives one from the reward.
 
     >>> from idesign import rl
     >>> rl.ClaimRewardConfig(retract_budget=1.5)  # doctest: +ELLIPSIS
@@ -458,8 +499,12 @@ class ClaimRewardConfig:
     retract_budget: float = 0.4
     lagrange_lr: float = 0.2
     multiplier: str = "clip"
+    lagrange_kp: float = 0.0
 
     def __post_init__(self):
+        if not (isinstance(self.lagrange_kp, (int, float)) and np.isfinite(self.lagrange_kp) and self.lagrange_kp >= 0):
+            raise ValueError(f"ClaimRewardConfig.lagrange_kp={self.lagrange_kp!r}: expected a finite number >= 0 "
+                             "(the multiplier's proportional gain; 0 for the integral-only multiplier).")
         if self.multiplier not in ("clip", "cost"):
             raise ValueError(f"ClaimRewardConfig.multiplier={self.multiplier!r}: expected 'clip' (RLFR: "
                              "retract_cap * clip(p - lam, 0, 1)) or 'cost' (retract_cap * p - lam).")
@@ -511,3 +556,59 @@ def retraction_lagrange_update(state: LagrangeState, retract_rate: Array | float
     """
     return lagrange_update(state, retract_rate, target=config.retract_budget, lr=config.lagrange_lr,
                            bounds=(0.0, None))
+
+
+def retraction_multiplier(state: LagrangeState, retract_rate: Array | float,
+                          config: ClaimRewardConfig = ClaimRewardConfig()) -> Array:
+    """The multiplier for the batch whose retraction rate is ``retract_rate`` (:func:`pi_multiplier`, ``lam >= 0``).
+
+    With ``config.lagrange_kp = 0`` this is ``state.lam``: the integral-only multiplier of RLFR.
+
+    >>> from idesign import rl
+    >>> c = rl.ClaimRewardConfig(retract_budget=0.4, lagrange_kp=5.0)
+    >>> round(float(rl.retraction_multiplier(rl.lagrange_init(), 0.5, c)), 4)   # 5 * (0.5 - 0.4)
+    0.5
+    """
+    return pi_multiplier(state, retract_rate, target=config.retract_budget, kp=config.lagrange_kp)
+
+
+def neutral_retraction_multiplier(config: ClaimRewardConfig = ClaimRewardConfig()) -> float:
+    """The ``lam`` at which retracting a sure hallucination (p = 1) earns what keeping it earns (``clip[0]``).
+
+    Above it no retraction is worth more than keeping the claim, so the policy is pushed away from
+    retracting at all. ``"clip"``: ``retract_cap * (1 - lam) = clip[0]``; ``"cost"``: ``retract_cap - lam = clip[0]``.
+
+    >>> from idesign import rl
+    >>> round(rl.neutral_retraction_multiplier(rl.ClaimRewardConfig(clip=(0.1, 0.95), retract_cap=0.5)), 4)
+    0.8
+    >>> round(rl.neutral_retraction_multiplier(rl.ClaimRewardConfig(clip=(0.1, 0.95), retract_cap=0.5,
+    ...                                                               multiplier="cost")), 4)
+    0.4
+    """
+    lo = config.clip[0]
+    if config.retract_cap <= lo:
+        return 0.0  # a retraction never beats keeping even a sure hallucination
+    if config.multiplier == "cost":
+        return float(config.retract_cap - lo)
+    return float(1.0 - lo / config.retract_cap)
+
+
+def retraction_gain(config: ClaimRewardConfig, overshoot: float) -> float:
+    """A proportional gain fixed from the reward alone: ``neutral_retraction_multiplier(config) / overshoot``.
+
+    With it, a batch whose retraction rate is ``overshoot`` above the budget gets (at least) the neutral
+    multiplier from the proportional term alone: retracting is then worth no more than keeping even a
+    sure hallucination, whatever the integral term has reached.
+
+    >>> from idesign import rl
+    >>> round(rl.retraction_gain(rl.ClaimRewardConfig(clip=(0.1, 0.95), retract_cap=0.5), 0.1), 4)
+    8.0
+    >>> rl.retraction_gain(rl.ClaimRewardConfig(), 0.0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: retraction_gain: overshoot=0.0; expected a rate in (0, 1] ...
+    """
+    if not (isinstance(overshoot, (int, float)) and 0 < overshoot <= 1):
+        raise ValueError(f"retraction_gain: overshoot={overshoot!r}; expected a rate in (0, 1] (how far above the "
+                         "budget the retraction rate may go before retracting earns nothing extra).")
+    return neutral_retraction_multiplier(config) / overshoot

@@ -219,8 +219,8 @@ def test_frozen_teacher_is_bit_identical_after_rl():
 # --------------------------------------------------------------------------------------------- Lagrange
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
-def _toy_run(lagrange_lr: float, target: float, steps: int = 200, seed: int = 0):
+@functools.partial(jax.jit, static_argnames=("steps", "kp"))
+def _toy_run(lagrange_lr: float, target: float, steps: int = 200, seed: int = 0, kp: float = 0.0):
     """A one-parameter policy choosing "abstain" with probability sigmoid(theta), trained by group-normalised PG.
 
     Answering earns 0.3 on average, abstaining 0.5 - lam: without the multiplier the policy learns to
@@ -231,10 +231,11 @@ def _toy_run(lagrange_lr: float, target: float, steps: int = 200, seed: int = 0)
         k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), t))
         abstain = jax.random.bernoulli(k1, jax.nn.sigmoid(theta), (64,))
         answer_reward = jax.random.bernoulli(k2, 0.3, (64,)).astype(jnp.float32)
-        rewards = jnp.where(abstain, 0.5 - state.lam, answer_reward)
+        rate = abstain.mean()
+        lam = rl.pi_multiplier(state, rate, target=target, kp=kp, bounds=None)  # kp = 0: state.lam
+        rewards = jnp.where(abstain, 0.5 - lam, answer_reward)
         adv, _ = rl.group_advantages(rewards, group_size=64)
         grad = jax.grad(lambda th: (adv * jnp.where(abstain, jax.nn.log_sigmoid(th), jax.nn.log_sigmoid(-th))).mean())(theta)
-        rate = abstain.mean()
         return (theta + 0.5 * grad, rl.lagrange_update(state, rate, target=target, lr=lagrange_lr)), rate
 
     _, rates = jax.lax.scan(step, (jnp.float32(-2.0), rl.lagrange_init()), jnp.arange(steps))
@@ -248,6 +249,46 @@ def test_lagrange_multiplier_moves_the_rate_toward_its_target():
     assert free > 0.9, free                     # without the constraint the policy abstains almost always
     assert abs(mid - 0.4) < 0.15, mid           # with it, the rate oscillates around the target
     assert low < mid < high, (low, mid, high)   # and follows the target when it moves
+
+
+def test_a_proportional_term_holds_the_rate_closer_than_the_integral_alone():
+    # Abstaining beats answering by 0.2 (0.5 vs 0.3); kp = 0.2 / 0.1 removes that edge at 0.1 above the target.
+    integral = np.asarray(_toy_run(0.2, 0.4))
+    pi = np.asarray(_toy_run(0.2, 0.4, kp=2.0))
+    assert pi.max() < integral.max(), (pi.max(), integral.max())  # the overshoot is caught as it happens
+    assert np.abs(pi[50:] - 0.4).mean() < np.abs(integral[50:] - 0.4).mean()
+
+
+def test_pi_multiplier_is_the_integral_plus_the_gain_times_the_batch_error():
+    state = rl.LagrangeState(jnp.float32(0.25), jnp.float32(0.0))
+    for rate, want in ((0.5, 0.25 + 3 * 0.1), (0.4, 0.25), (0.3, 0.0), (0.1, 0.0)):  # (0.0, None): lam >= 0
+        assert float(rl.pi_multiplier(state, rate, target=0.4, kp=3.0)) == pytest.approx(want, abs=1e-6)
+    assert float(rl.pi_multiplier(state, 0.1, target=0.4, kp=3.0, bounds=None)) == pytest.approx(-0.65, abs=1e-6)
+    assert float(rl.pi_multiplier(state, 0.9, target=0.4, kp=0.0)) == pytest.approx(0.25)  # kp = 0: the integral
+    jitted = jax.jit(lambda s, r: rl.pi_multiplier(s, r, target=0.4, kp=3.0))(state, 0.5)
+    assert float(jitted) == pytest.approx(0.55, abs=1e-6)
+    for kp in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="kp="):
+            rl.pi_multiplier(state, 0.5, target=0.4, kp=kp)
+
+
+def test_the_neutral_multiplier_makes_retracting_a_sure_hallucination_worth_keeping_it():
+    for multiplier in ("clip", "cost"):
+        config = rl.ClaimRewardConfig(multiplier=multiplier)
+        lam = rl.neutral_retraction_multiplier(config)
+        kept, retracted = (float(r) for r in rl.slot_rewards(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
+                                                             jnp.array([0, 1]), lam, config))
+        assert retracted == pytest.approx(kept, abs=1e-6) and kept == pytest.approx(config.clip[0])
+    # RLFR's numbers by hand: 0.65 * (1 - lam) = 0.1 -> lam = 1 - 0.1 / 0.65; the gain reaches it 0.1 over budget.
+    assert rl.retraction_gain(rl.ClaimRewardConfig(), 0.1) == pytest.approx((1 - 0.1 / 0.65) / 0.1)
+    config = rl.ClaimRewardConfig(retract_budget=0.4, lagrange_kp=rl.retraction_gain(rl.ClaimRewardConfig(), 0.1))
+    assert float(rl.retraction_multiplier(rl.lagrange_init(), 0.5, config)) == pytest.approx(1 - 0.1 / 0.65, abs=1e-5)
+    assert float(rl.retraction_multiplier(rl.lagrange_init(0.2), 0.9, rl.ClaimRewardConfig())) == pytest.approx(0.2)
+    for overshoot in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"overshoot={overshoot}"):
+            rl.retraction_gain(rl.ClaimRewardConfig(), overshoot)
+    with pytest.raises(ValueError, match="lagrange_kp=-1.0"):
+        rl.ClaimRewardConfig(lagrange_kp=-1.0)
 
 
 def test_lagrange_update_is_jittable_and_checks_ema():
