@@ -116,9 +116,12 @@ class Config:
     corpus: skills.SkillConfig = skills.SkillConfig(n_strings=32, string_len=10, prefix_len=3, string_repeats=40,
                                                     min_fact_repeats=3, arithmetic_train_fraction=0.8)
     # candidate edit sites: (name, layers); the layer set is chosen with ρ on the sweep split
+    # Single matrices too: the paper edits and measures weight matrices one at a time (issue 14.4, h14m).
     lm_layer_sets: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("block 0", ("blocks.0.mlp.up", "blocks.0.mlp.down")), ("block 1", ("blocks.1.mlp.up", "blocks.1.mlp.down")),
-        ("both", ("blocks.0.mlp.up", "blocks.0.mlp.down", "blocks.1.mlp.up", "blocks.1.mlp.down")))
+        ("both", ("blocks.0.mlp.up", "blocks.0.mlp.down", "blocks.1.mlp.up", "blocks.1.mlp.down")),
+        ("b0.up", ("blocks.0.mlp.up",)), ("b0.down", ("blocks.0.mlp.down",)),
+        ("b1.up", ("blocks.1.mlp.up",)), ("b1.down", ("blocks.1.mlp.down",)))
     band_layer: str = "blocks.0.mlp.up"
     oracle_seeds: int = 2             # the retrain-without-memorized-strings oracle runs on the first seeds
     d_model: int = 64
@@ -134,6 +137,8 @@ class Config:
     # both
     fisher: str = "true"
     rhos: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
+    # LM ρ grid (None: ``rhos``): 0.01 steps where memorized recall falls from 1 to 0 (K-FAC, seed 0, 0.88-0.92).
+    lm_rhos: tuple[float, ...] | None = (0.8, 0.86, 0.88, 0.89, 0.9, 0.91, 0.92, 0.95, 0.98)
     n_bands: int = 10
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
 
@@ -145,7 +150,7 @@ FULL = Config(cls_features=32, cls_classes=10, cls_train=10_000, cls_val=10_000,
                                         n_pattern_train=40_000, n_eval=1000, n_heldout_text=2000),
               d_model=256, n_layers=6, n_heads=8, batch_size=128, steps=20_000, learning_rate=1e-3,
               lm_layer_sets=tuple((f"block {i}", (f"blocks.{i}.mlp.up", f"blocks.{i}.mlp.down")) for i in range(6)),
-              oracle_seeds=5,
+              oracle_seeds=5, lm_rhos=None,
               rhos=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99), seeds=(0, 1, 2, 3, 4))
 
 
@@ -364,6 +369,10 @@ def _report_arm(row: dict, arm: str, after: dict, before: dict) -> None:
         row[f"lm.{arm}.gap.{a}.{b}"] = row[f"lm.{arm}.retention.{b}"] - row[f"lm.{arm}.retention.{a}"]
 
 
+def _lm_rhos(config: Config) -> tuple[float, ...]:
+    return config.rhos if config.lm_rhos is None else config.lm_rhos
+
+
 def run_lm(config: Config, seed: int, *, progress: bool = False) -> tuple[dict[str, float], dict]:
     corpus = skills.make_skill_corpus(dataclasses.replace(config.corpus, seed=seed))
     apply, params, train_loss = train_lm(config, corpus, seed, progress=progress)
@@ -378,7 +387,7 @@ def run_lm(config: Config, seed: int, *, progress: bool = False) -> tuple[dict[s
     before = _lm_scores(apply, params, report_items, report_text)
     row = {"lm.train_loss_final": train_loss, "lm.heldout_ppl_before": before["ppl"]}
     row.update({f"lm.before.acc.{s}": before[s] for s in EVAL_SKILLS})
-    grid = [(i, rho) for i in range(len(config.lm_layer_sets)) for rho in config.rhos]
+    grid = [(i, rho) for i in range(len(config.lm_layer_sets)) for rho in _lm_rhos(config)]
     curves, chosen = {}, {}
     for method in METHODS:
         sweep = [_lm_scores(apply, _edit(method, params, eigen, config.lm_layer_sets[i][1], rho, seed),
@@ -440,7 +449,7 @@ def ordering_verdict(metrics: dict[str, float], method: str) -> tuple[list[tuple
 
 
 def plot(config: Config, cls_curves: list[dict], lm_curves: list[dict], metrics: dict[str, float], out_dir) -> None:
-    rhos = np.asarray(config.rhos)
+    rhos = np.asarray(_lm_rhos(config))
     # LM curves on the layer set the K-FAC arm chose most often (all arms on that set, for comparability).
     set_index = int(np.bincount([c["chosen"]["kfac"] for c in lm_curves]).argmax())
     cols = [k for k, (i, _) in enumerate(lm_curves[0]["grid"]) if i == set_index]
@@ -466,8 +475,8 @@ def plot(config: Config, cls_curves: list[dict], lm_curves: list[dict], metrics:
     for ax, method in zip(axes, METHODS):
         for key, label in (("memorized_recall", "noisy label recalled"), ("true_label_recovery", "true label recovered"),
                            ("val_acc", "validation accuracy")):
-            vals = np.array([[c["curves"][method][i][key] for i in range(len(rhos))] for c in cls_curves])
-            ax.errorbar(rhos, vals.mean(0), yerr=vals.std(0), marker="o", ms=3, capsize=2, label=label)
+            vals = np.array([[c["curves"][method][i][key] for i in range(len(config.rhos))] for c in cls_curves])
+            ax.errorbar(config.rhos, vals.mean(0), yerr=vals.std(0), marker="o", ms=3, capsize=2, label=label)
         ax.axvline(metrics[f"classification.{method}.rho"], color="gray", lw=0.8, ls=":")
         ax.set(xlabel="ρ", title=f"classification, {method} (sweep split)", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=7)
