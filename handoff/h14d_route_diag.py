@@ -1,6 +1,6 @@
 # Issue 14.3 (h14d) gradient-routing diagnostic: the arm's metrics with and without its inference ablation.
 # Run from the repo root: PYTHONPATH=. python handoff/h14d_route_diag.py SEED
-import sys, numpy as np
+import sys
 from experiments import dont_fight_backprop as d
 seed = int(sys.argv[1])
 w = d.make_world(d.QUICK, seed)
