@@ -1,0 +1,11 @@
+# Issue 14.3 (h14d) gradient-routing diagnostic: the arm's metrics with and without its inference ablation.
+# Run from the repo root: PYTHONPATH=. python handoff/h14d_route_diag.py SEED
+import sys
+from experiments import dont_fight_backprop as d
+seed = int(sys.argv[1])
+w = d.make_world(d.QUICK, seed)
+plain = d.run_arm("plain", w)[1]
+m, p = d.run_arm("gradient_routing", w, plain)
+off = d.evaluate(w, p)
+print(seed, "routing: region ablated id/ood %.3f/%.3f; not ablated id/ood %.3f/%.3f follows cue %.3f" % (
+    m["id_acc"], m["ood_acc"], off["id_acc"], off["ood_acc"], off["ood_follows_cue"]), flush=True)
