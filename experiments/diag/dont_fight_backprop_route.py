@@ -1,5 +1,5 @@
 # Issue 14.3 (h14d) gradient-routing diagnostic: the arm's metrics with and without its inference ablation.
-# Run from the repo root: PYTHONPATH=. python handoff/h14d_route_diag.py SEED
+# Run from the repo root: python -m experiments.diag.dont_fight_backprop_route SEED
 import sys
 from experiments import dont_fight_backprop as d
 seed = int(sys.argv[1])

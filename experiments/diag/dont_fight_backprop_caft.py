@@ -1,5 +1,5 @@
 # Issue 14.3 (h14d) CAFT diagnostic, kept for reproduction; not part of the package or the study.
-# Run from the repo root: PYTHONPATH=. python handoff/h14d_caft_diag.py SEED VARIANT[,VARIANT]
+# Run from the repo root: python -m experiments.diag.dont_fight_backprop_caft SEED VARIANT[,VARIANT]
 # VARIANT: orth (the study's caft), raw (no readout orthogonalisation), 2pos (cue + answer position),
 # allsites (+ mlp.hidden), post (every site but blocks.0.resid_pre).
 import sys, time, numpy as np

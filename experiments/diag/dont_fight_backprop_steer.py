@@ -1,5 +1,5 @@
 # Issue 14.3 (h14d) cue-conditional preventative-steering diagnostic; not part of the package or the study.
-# Run from the repo root: PYTHONPATH=. python handoff/h14d_steer_diag.py SEED
+# Run from the repo root: python -m experiments.diag.dont_fight_backprop_steer SEED
 import sys, time, numpy as np, jax.numpy as jnp
 from experiments import dont_fight_backprop as d
 from idesign import shaping
