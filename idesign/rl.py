@@ -296,6 +296,11 @@ def lagrange_update(state: LagrangeState, observed_rate: Array | float, *, targe
     return LagrangeState(lam, rate)
 
 
+def _check_gain(name: str, value: Any, meaning: str) -> None:
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value!r}; expected a finite number >= 0 ({meaning}).")
+
+
 def pi_multiplier(state: LagrangeState, observed_rate: Array | float, *, target: float, kp: float,
                   bounds: tuple[float | None, float | None] | None = (0.0, None)) -> Array:
     """The multiplier to apply to *this* batch: ``clip(state.lam + kp * (observed_rate - target), *bounds)``.
@@ -324,8 +329,7 @@ def pi_multiplier(state: LagrangeState, observed_rate: Array | float, *, target:
     >>> float(rl.pi_multiplier(rl.lagrange_init(0.1), 0.2, target=0.4, kp=2.0))             # under budget: 0
     0.0
     """
-    if not (isinstance(kp, (int, float)) and np.isfinite(kp) and kp >= 0):
-        raise ValueError(f"pi_multiplier: kp={kp!r}; expected a finite number >= 0 (the proportional gain).")
+    _check_gain("pi_multiplier: kp", kp, "the proportional gain")
     lam = state.lam + kp * (jnp.asarray(observed_rate, jnp.float32) - target)
     if bounds is not None:
         lam = jnp.clip(lam, *bounds)
@@ -502,9 +506,8 @@ class ClaimRewardConfig:
     lagrange_kp: float = 0.0
 
     def __post_init__(self):
-        if not (isinstance(self.lagrange_kp, (int, float)) and np.isfinite(self.lagrange_kp) and self.lagrange_kp >= 0):
-            raise ValueError(f"ClaimRewardConfig.lagrange_kp={self.lagrange_kp!r}: expected a finite number >= 0 "
-                             "(the multiplier's proportional gain; 0 for the integral-only multiplier).")
+        _check_gain("ClaimRewardConfig.lagrange_kp", self.lagrange_kp,
+                    "the multiplier's proportional gain; 0 for the integral-only multiplier")
         if self.multiplier not in ("clip", "cost"):
             raise ValueError(f"ClaimRewardConfig.multiplier={self.multiplier!r}: expected 'clip' (RLFR: "
                              "retract_cap * clip(p - lam, 0, 1)) or 'cost' (retract_cap * p - lam).")
