@@ -106,6 +106,7 @@ RL_ARMS = ("rl_oracle", "rl_frozen_probe", "rl_live_probe")
 BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
+CREDITS = ("slot", "claim", "completion")
 _VERSION = "4"  # bump when the study's code changes what a seed computes
 
 
@@ -150,6 +151,7 @@ class Config:
     prompts_per_step: int = 16
     group_size: int = 8
     rl_learning_rate: float = 2e-4
+    rl_temperature: float = 1.0  # sampling temperature of the RL rollouts (0.5 measured on seed 2: no better)
     kl_coef: float = 0.1
     clip_eps: float = 0.2
     retract_budget: float = 0.4
@@ -159,7 +161,10 @@ class Config:
     # pi_overshoot), so a batch retracting pi_overshoot above the budget gets, from the P term alone, the multiplier
     # at which retracting even a sure hallucination earns no more than keeping it. 0: integral only (runs 1-5).
     pi_overshoot: float = 0.1
-    credit: str = "slot"  # each claim's tokens get its own slot's advantage; "completion": one per completion
+    # "slot": each claim's tokens get its own slot's advantage; "completion": one per completion; "claim": a claim's
+    # own tokens get its kept-claim quality, the retraction decision the slot's (slot_token_advantages; measured by
+    # experiments.diag.hallucination_oracle, not the preset: see experiments/README.md).
+    credit: str = "slot"
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -313,10 +318,10 @@ class Runtime:
     def init_params(self, seed: int):
         return ids.init_transformer(self.model_config, seed=seed)[1]
 
-    def generate(self, params, prompts, valid, *, key=None, monitor=None, max_new_tokens=None):
+    def generate(self, params, prompts, valid, *, key=None, monitor=None, max_new_tokens=None, temperature=1.0):
         """Completions in fixed-size batches (one compiled shape); greedy without ``key``."""
         G, N = self.config.gen_batch, max_new_tokens or self.config.max_new_tokens
-        sampling = ids.SamplingConfig(temperature=1.0 if key is not None else 0.0)
+        sampling = ids.SamplingConfig(temperature=temperature if key is not None else 0.0)
         parts = {k: [] for k in ("tokens", "valid", "fired")}
         for i in range(0, len(prompts), G):
             n = min(G, len(prompts) - i)
@@ -583,13 +588,20 @@ def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, r
 
 
 def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray, slots: np.ndarray, group_size: int,
-                          n_tokens: int) -> np.ndarray:
+                          n_tokens: int, claim_quality: np.ndarray | None = None) -> np.ndarray:
     """``[B, T - 1]`` advantages: each claim's tokens (and its retraction / correction) get its slot's advantage.
 
     A long-form completion makes four claims; with one advantage per completion, the decision to retract a claim
     is credited with the other three claims' luck. Here a slot's reward is normalised over the group's samples of
     the same prompt (as :func:`idesign.rl.group_advantages` does for completions); tokens before the first claim
     keep the completion's advantage. For a QA prompt (one slot) this is the completion advantage.
+
+    With ``claim_quality`` (``[C]``, what each claim would earn if kept: ``clip(1 - p)``; ``credit="claim"``), a
+    claim's *own* tokens get the advantage of that quality, normalised over the group's claims on the same slot,
+    and only the tokens after it (the decision to retract or go on, and a correction) get the slot's advantage. As
+    in RLFR, where the retraction reward pays the intervention, not the claim: with slot credit the claim's tokens
+    shared the retraction's 0.65, so for an unsure slot a deliberately wrong claim followed by ``<retract>`` paid
+    more than an honest guess (issue 13: the oracle's first claims on known entities fell 0.376 -> 0.314).
     """
     B, A = slots.shape
     adv_c = np.asarray(rl.group_advantages(jnp.asarray(rewards, jnp.float32), group_size)[0])
@@ -598,13 +610,28 @@ def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray,
     adv_s = np.where(std > 1e-6, (g - g.mean(1, keepdims=True)) / (std + 1e-6), 0.0).reshape(B, A)
     out = np.repeat(adv_c[:, None], n_tokens - 1, 1).astype(np.float32)
     c = parsed.claims
+    adv_q = None if claim_quality is None else _claim_quality_advantages(c, claim_quality, group_size)
     order = np.lexsort((c.start, c.row))
     for i, k in enumerate(order):
         r = c.row[k]
         nxt = order[i + 1] if i + 1 < len(order) and c.row[order[i + 1]] == r else None
         stop = c.start[nxt] if nxt is not None else n_tokens
         out[r, c.start[k] - 1:stop - 1] = adv_s[r, c.slot[k]]  # index j predicts token j + 1
+        if adv_q is not None:
+            out[r, c.start[k] - 1:c.end[k] - 1] = adv_q[k]
     return out
+
+
+def _claim_quality_advantages(c: Claims, quality: np.ndarray, group_size: int) -> np.ndarray:
+    """Each claim's quality normalised over the claims on the same slot in the same group (0 where they agree)."""
+    key = (c.row // group_size) * len(cw.ATTRIBUTES) + c.slot
+    adv = np.zeros(len(c.row), np.float32)
+    for g in np.unique(key):
+        m = key == g
+        q = quality[m]
+        sd = q.std()
+        adv[m] = (q - q.mean()) / (sd + 1e-6) if sd > 1e-6 else 0.0
+    return adv
 
 
 def rewards_for(rt: Runtime, arm: str, student, base, probe, site, parsed: Parsed, tokens, valid) -> np.ndarray:
@@ -617,6 +644,8 @@ def rewards_for(rt: Runtime, arm: str, student, base, probe, site, parsed: Parse
 
 def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, task: Task, rl_rows, seed: int,
              progress: bool):
+    if config.credit not in CREDITS:
+        raise ValueError(f"Config.credit must be one of {CREDITS}; got {config.credit!r}")
     state = ids.init_train_state(base, rt.rl_opt)
     lagrange = rl.lagrange_init()
     rng = np.random.default_rng([seed, 11, RL_ARMS.index(arm)])
@@ -625,7 +654,8 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
     history = []
     for t in range(config.rl_steps):
         rows = np.repeat(rng.choice(rl_rows, G, replace=False), M)
-        gen = rt.generate(state.params, task.prompts[rows], task.valid[rows], key=jax.random.fold_in(key, t))
+        gen = rt.generate(state.params, task.prompts[rows], task.valid[rows], key=jax.random.fold_in(key, t),
+                          temperature=config.rl_temperature)
         tokens, valid = sequences(task, rows, gen)
         parsed = parse_batch(world, task, rows, gen["tokens"], gen["valid"])
         p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
@@ -634,8 +664,9 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         retract_rate = float(parsed.claims.retracted.mean()) if len(parsed.claims.row) else 0.0
         lam = float(rl.retraction_multiplier(lagrange, retract_rate, rt.reward))
         rewards, slots = completion_rewards(rt, parsed, p, task, rows, lam, return_slots=True)
-        if config.credit == "slot":
-            adv = jnp.asarray(slot_token_advantages(parsed, task, rows, rewards, slots, M, tokens.shape[1]))
+        if config.credit in ("slot", "claim"):
+            quality = np.clip(1.0 - p, *rt.reward.clip) if config.credit == "claim" else None
+            adv = jnp.asarray(slot_token_advantages(parsed, task, rows, rewards, slots, M, tokens.shape[1], quality))
         else:
             adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
         actions = jnp.asarray(valid[:, 1:] & (np.arange(1, tokens.shape[1]) >= P)[None])

@@ -78,6 +78,36 @@ def test_slot_token_advantages_credit_each_claim_with_its_own_slot():
     np.testing.assert_allclose(adv[1], [1, 1, 1, 0, 0, 0, 1, 1, 1], atol=1e-4)
 
 
+def test_claim_credit_pays_a_claim_for_itself_and_the_retraction_for_what_follows():
+    from experiments.hallucination import Claims, Parsed, slot_token_advantages
+    # Two QA samples of one prompt: a right claim kept (slot reward 0.95) and a wrong claim retracted (0.65 on the
+    # slot). Slot credit would give the wrong claim's own tokens the retraction's advantage; claim credit gives them
+    # the wrong claim's quality (0.1 < 0.95: negative) and keeps the slot advantage for the retraction token.
+    claims = Claims(row=np.array([0, 1]), start=np.array([3, 3]), end=np.array([5, 5]),
+                    supported=np.array([True, False]), final=np.array([True, False]),
+                    retracted=np.array([False, True]), slot=np.array([0, 0]))
+    parsed = Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims)
+    slots = np.array([[0.95, 0, 0, 0], [0.65, 0, 0, 0]])
+    rewards = slots[:, 0]
+    quality = np.array([0.95, 0.1])
+    slot = slot_token_advantages(parsed, None, None, rewards, slots, group_size=2, n_tokens=7)
+    claim = slot_token_advantages(parsed, None, None, rewards, slots, group_size=2, n_tokens=7,
+                                  claim_quality=quality)
+    # Index j predicts token j + 1: claim tokens 3-4 are predicted at 2-3, the decision after them at 4-5.
+    np.testing.assert_allclose(slot[1], [-1] * 6, atol=1e-4)
+    np.testing.assert_allclose(claim[1], [-1, -1, -1, -1, -1, -1], atol=1e-4)
+    # Now the retracted wrong claim's slot beats a kept wrong claim: the retraction is paid, the claim is not.
+    slots2 = np.array([[0.1, 0, 0, 0], [0.65, 0, 0, 0]])
+    claims2 = claims._replace(supported=np.array([False, False]))
+    parsed2 = Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims2)
+    slot2 = slot_token_advantages(parsed2, None, None, slots2[:, 0], slots2, group_size=2, n_tokens=7)
+    claim2 = slot_token_advantages(parsed2, None, None, slots2[:, 0], slots2, group_size=2, n_tokens=7,
+                                   claim_quality=np.array([0.1, 0.1]))
+    np.testing.assert_allclose(slot2[1, 2:4], [1, 1], atol=1e-4)   # slot credit rewards making the wrong claim
+    np.testing.assert_allclose(claim2[1, 2:4], [0, 0], atol=1e-4)  # claim credit: both claims equally wrong
+    np.testing.assert_allclose(claim2[1, 4:6], [1, 1], atol=1e-4)  # the retraction decision is still paid
+
+
 def test_grpo_loss_per_token_advantages_match_broadcast():
     import jax.numpy as jnp
     import idesign as ids
@@ -107,3 +137,36 @@ def test_cost_multiplier_charges_every_retraction():
     np.testing.assert_allclose(cost, [0.65 - 0.2, -0.2], atol=1e-6)
     with pytest.raises(ValueError, match="multiplier='x'"):
         rl.ClaimRewardConfig(multiplier="x")
+
+
+def test_an_unknown_credit_scheme_is_refused_by_name():
+    import pytest
+    bad = dataclasses.replace(hallucination.QUICK, credit="token")
+    with pytest.raises(ValueError, match="credit must be one of .*'token'"):
+        hallucination.train_rl(None, bad, None, "rl_oracle", None, None, None, None, None, 0, False)
+
+
+def test_first_claim_stats_count_first_claims_and_what_follows_a_retraction():
+    from experiments.diag.hallucination_oracle import first_claim_stats
+    from experiments.hallucination import Claims, Parsed, Task
+    # Three QA rows: known (wrong, retracted, then a right correction), unknown (wrong, kept), known (right, kept).
+    task = Task(np.zeros((3, 2), np.int32), np.ones((3, 2), bool), np.array(["qa"] * 3), np.array(["city"] * 3),
+                np.arange(3), np.array([False, True, False]))
+    claims = Claims(row=np.array([0, 0, 1, 2]), start=np.array([2, 5, 2, 2]), end=np.array([3, 6, 3, 3]),
+                    supported=np.array([False, True, False, True]), final=np.array([False, True, True, True]),
+                    retracted=np.array([True, False, False, False]), slot=np.zeros(4, np.int64))
+    outcome = np.full((3, 4), 3)
+    outcome[:, 0] = [0, 1, 0]
+    s = first_claim_stats("x", Parsed(outcome, np.zeros(3, bool), claims), task, np.arange(3))
+    assert s["x.known_first_claim_acc"] == 0.5  # of 2 known slots, only row 2's first claim is right
+    assert s["x.first_retract_wrong"] == 1.0 and s["x.first_retract_right"] == 0.0
+    assert s["x.first_retract_unknown"] == 0.0
+    assert s["x.after_retract_fixed"] == 1.0 and s["x.after_retract_wrong"] == 0.0
+
+
+def test_every_diagnostic_module_imports_without_running():
+    import importlib
+    import pkgutil
+    import experiments.diag as diag
+    for m in pkgutil.iter_modules(diag.__path__):
+        assert callable(importlib.import_module(f"experiments.diag.{m.name}").main), m.name
