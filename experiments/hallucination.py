@@ -735,16 +735,21 @@ def best_of_n(rt: Runtime, config: Config, world, base, probe, site, task: Task,
     return out
 
 
+def entity_split(task: Task, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the probe / RL half of the entities and of the held-out half (every reported number)."""
+    entities = np.unique(task.entity)
+    train_entities = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
+    train = np.isin(task.entity, train_entities)
+    return np.flatnonzero(train), np.flatnonzero(~train)
+
+
 def run_seed(rt: Runtime, config: Config, seed: int, progress: bool):
     world = cw.make_claim_world(world_config(config, seed))
     task = make_task(world)
     rt.tokenizer = world.tokenizer
     rt.config_prompt_len = task.prompts.shape[1]
     base = pretrain(rt, config, seed, progress)
-    entities = np.unique(task.entity)
-    train_entities = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
-    train_rows = np.flatnonzero(np.isin(task.entity, train_entities))
-    eval_rows = np.flatnonzero(~np.isin(task.entity, train_entities))
+    train_rows, eval_rows = entity_split(task, seed)
     out: dict[str, float] = {}
     out["base.confident_hallucination_share"], ceiling = confident_share(rt, world, base, task, eval_rows)
     out["base.confidence_ceiling_hallucination_rate"] = ceiling

@@ -5,10 +5,9 @@ Run: ``python -m experiments.diag.hallucination_confidence`` (cached quick bases
 the hallucination rate, the known accuracy and the share of right claims retracted; then P(claim is right) and the
 share of unknown-entity claims per confidence bin (how calibrated the base is and where unknown entities sit).
 """
-import numpy as np
 
 from experiments import hallucination as H
-from idesign.data import claim_world as cw
+from experiments.diag.hallucination_oracle import seed_setup
 
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8)
 BINS = ((0.0, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01))
@@ -17,14 +16,7 @@ BINS = ((0.0, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01))
 def main(seeds=(0, 1, 2)) -> None:
     config, rt = H.QUICK, None
     for seed in seeds:
-        world = cw.make_claim_world(H.world_config(config, seed))
-        task = H.make_task(world)
-        rt = rt or H.Runtime(config, world.tokenizer.vocab_size)
-        rt.tokenizer, rt.config_prompt_len = world.tokenizer, task.prompts.shape[1]
-        base = H.pretrain(rt, config, seed, progress=False)
-        entities = np.unique(task.entity)
-        train = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
-        rows = np.flatnonzero(~np.isin(task.entity, train))  # the study's held-out rows
+        world, task, rt, base, _, rows = seed_setup(config, seed, rt)  # rows: the study's held-out half
         gen = rt.generate(base, task.prompts[rows], task.valid[rows])
         tokens, valid = H.sequences(task, rows, gen)
         claims = H.parse_batch(world, task, rows, gen["tokens"], gen["valid"]).claims

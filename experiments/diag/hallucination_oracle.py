@@ -51,16 +51,18 @@ def first_claim_stats(prefix: str, parsed: H.Parsed, task: H.Task, rows) -> dict
             f"{prefix}.after_retract_wrong": share(fate == 1)}
 
 
-def oracle_on_seed(config: H.Config, seed: int, rt: H.Runtime | None = None) -> dict[str, float]:
+def seed_setup(config: H.Config, seed: int, rt: H.Runtime | None = None):
+    """The seed's world, task, runtime, cached base model and the study's entity split (as in the study)."""
     world = cw.make_claim_world(H.world_config(config, seed))
     task = H.make_task(world)
     rt = rt or H.Runtime(config, world.tokenizer.vocab_size)
     rt.tokenizer, rt.config_prompt_len = world.tokenizer, task.prompts.shape[1]
     base = H.pretrain(rt, config, seed, progress=False)
-    entities = np.unique(task.entity)
-    train_entities = np.random.default_rng([seed, 5]).choice(entities, len(entities) // 2, replace=False)
-    train_rows = np.flatnonzero(np.isin(task.entity, train_entities))
-    eval_rows = np.flatnonzero(~np.isin(task.entity, train_entities))
+    return world, task, rt, base, *H.entity_split(task, seed)
+
+
+def oracle_on_seed(config: H.Config, seed: int, rt: H.Runtime | None = None) -> dict[str, float]:
+    world, task, rt, base, train_rows, eval_rows = seed_setup(config, seed, rt)
     out = {}
     for name, params in (("base", base),):
         gen = rt.generate(params, task.prompts[eval_rows], task.valid[eval_rows])
