@@ -61,21 +61,21 @@ def seed_setup(config: H.Config, seed: int, rt: H.Runtime | None = None):
     return world, task, rt, base, *H.entity_split(task, seed)
 
 
-def oracle_on_seed(config: H.Config, seed: int, rt: H.Runtime | None = None) -> dict[str, float]:
+def greedy_stats(name: str, params, world, task: H.Task, rt: H.Runtime, rows) -> dict[str, float]:
+    """The study's slot metrics and :func:`first_claim_stats` of ``params``' greedy completions on ``rows``."""
+    gen = rt.generate(params, task.prompts[rows], task.valid[rows])
+    parsed = H.parse_batch(world, task, rows, gen["tokens"], gen["valid"])
+    return {**H.slot_metrics(name, parsed, task, rows), **first_claim_stats(name, parsed, task, rows)}
+
+
+def oracle_on_seed(config: H.Config, seed: int, rt: H.Runtime | None = None) -> tuple[dict[str, float], H.Runtime]:
+    """The base's and the RL oracle's held-out metrics on one seed, and the runtime (reused across seeds)."""
     world, task, rt, base, train_rows, eval_rows = seed_setup(config, seed, rt)
-    out = {}
-    for name, params in (("base", base),):
-        gen = rt.generate(params, task.prompts[eval_rows], task.valid[eval_rows])
-        parsed = H.parse_batch(world, task, eval_rows, gen["tokens"], gen["valid"])
-        out.update(H.slot_metrics(name, parsed, task, eval_rows))
-        out.update(first_claim_stats(name, parsed, task, eval_rows))
+    out = greedy_stats("base", base, world, task, rt, eval_rows)
     t0 = time.time()
-    student, history = H.train_rl(rt, config, world, "rl_oracle", base, None, None, task, train_rows, seed, True)
+    student, _ = H.train_rl(rt, config, world, "rl_oracle", base, None, None, task, train_rows, seed, True)
     out["rl_seconds"] = time.time() - t0
-    gen = rt.generate(student, task.prompts[eval_rows], task.valid[eval_rows])
-    parsed = H.parse_batch(world, task, eval_rows, gen["tokens"], gen["valid"])
-    out.update(H.slot_metrics("oracle", parsed, task, eval_rows))
-    out.update(first_claim_stats("oracle", parsed, task, eval_rows))
+    out.update(greedy_stats("oracle", student, world, task, rt, eval_rows))
     out["target"] = 0.6 * out["base.hallucination_rate"]
     out["meets"] = float(out["oracle.hallucination_rate"] <= out["target"]
                          and out["oracle.known_acc"] >= out["base.known_acc"] - 0.05)

@@ -80,32 +80,26 @@ def test_slot_token_advantages_credit_each_claim_with_its_own_slot():
 
 def test_claim_credit_pays_a_claim_for_itself_and_the_retraction_for_what_follows():
     from experiments.hallucination import Claims, Parsed, slot_token_advantages
-    # Two QA samples of one prompt: a right claim kept (slot reward 0.95) and a wrong claim retracted (0.65 on the
-    # slot). Slot credit would give the wrong claim's own tokens the retraction's advantage; claim credit gives them
-    # the wrong claim's quality (0.1 < 0.95: negative) and keeps the slot advantage for the retraction token.
+    # Two QA samples of one prompt, both making the same wrong claim (tokens 3-4); sample 0 keeps it (slot reward
+    # 0.1), sample 1 retracts it (0.65). Index j of the advantages predicts token j + 1: the claim's tokens are
+    # predicted at 2-3, the decision after it at 4-5.
     claims = Claims(row=np.array([0, 1]), start=np.array([3, 3]), end=np.array([5, 5]),
-                    supported=np.array([True, False]), final=np.array([True, False]),
+                    supported=np.array([False, False]), final=np.array([True, False]),
                     retracted=np.array([False, True]), slot=np.array([0, 0]))
     parsed = Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims)
-    slots = np.array([[0.95, 0, 0, 0], [0.65, 0, 0, 0]])
-    rewards = slots[:, 0]
-    quality = np.array([0.95, 0.1])
-    slot = slot_token_advantages(parsed, None, None, rewards, slots, group_size=2, n_tokens=7)
-    claim = slot_token_advantages(parsed, None, None, rewards, slots, group_size=2, n_tokens=7,
-                                  claim_quality=quality)
-    # Index j predicts token j + 1: claim tokens 3-4 are predicted at 2-3, the decision after them at 4-5.
-    np.testing.assert_allclose(slot[1], [-1] * 6, atol=1e-4)
-    np.testing.assert_allclose(claim[1], [-1, -1, -1, -1, -1, -1], atol=1e-4)
-    # Now the retracted wrong claim's slot beats a kept wrong claim: the retraction is paid, the claim is not.
-    slots2 = np.array([[0.1, 0, 0, 0], [0.65, 0, 0, 0]])
-    claims2 = claims._replace(supported=np.array([False, False]))
-    parsed2 = Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims2)
-    slot2 = slot_token_advantages(parsed2, None, None, slots2[:, 0], slots2, group_size=2, n_tokens=7)
-    claim2 = slot_token_advantages(parsed2, None, None, slots2[:, 0], slots2, group_size=2, n_tokens=7,
-                                   claim_quality=np.array([0.1, 0.1]))
-    np.testing.assert_allclose(slot2[1, 2:4], [1, 1], atol=1e-4)   # slot credit rewards making the wrong claim
-    np.testing.assert_allclose(claim2[1, 2:4], [0, 0], atol=1e-4)  # claim credit: both claims equally wrong
-    np.testing.assert_allclose(claim2[1, 4:6], [1, 1], atol=1e-4)  # the retraction decision is still paid
+    slots = np.array([[0.1, 0, 0, 0], [0.65, 0, 0, 0]])
+    slot = slot_token_advantages(parsed, None, None, slots[:, 0], slots, group_size=2, n_tokens=7)
+    claim = slot_token_advantages(parsed, None, None, slots[:, 0], slots, group_size=2, n_tokens=7,
+                                  claim_quality=np.array([0.1, 0.1]))
+    np.testing.assert_allclose(slot[1, 2:4], [1, 1], atol=1e-4)   # slot credit rewards making the wrong claim
+    np.testing.assert_allclose(claim[1, 2:4], [0, 0], atol=1e-4)  # claim credit: both claims equally wrong
+    np.testing.assert_allclose(claim[1, 4:6], [1, 1], atol=1e-4)  # the retraction decision is still paid
+    np.testing.assert_allclose(claim[0, 4:6], [-1, -1], atol=1e-4)  # and keeping the wrong claim is not
+    # A right claim against a wrong one on the same slot: the right claim's own tokens are paid for it.
+    right = claims._replace(supported=np.array([True, False]))
+    claim2 = slot_token_advantages(Parsed(parsed.outcome, parsed.malformed, right), None, None, slots[:, 0], slots,
+                                   group_size=2, n_tokens=7, claim_quality=np.array([0.95, 0.1]))
+    np.testing.assert_allclose(claim2[:, 2:4], [[1, 1], [-1, -1]], atol=1e-4)
 
 
 def test_grpo_loss_per_token_advantages_match_broadcast():
