@@ -43,7 +43,10 @@ its retraction and its correction get the advantage of *their own slot's* reward
 samples of the prompt), not the completion mean; with one advantage per completion a long-form answer's decision to
 retract a claim was credited with the luck of its three other claims, and the oracle policy retracted right claims
 at half the rate of wrong ones. The oracle arm uses the true
-labels as ``p``; the live arm reads the student's own activations.
+labels as ``p``; the live arm reads the student's own activations. Options measured but not in the preset
+(``experiments/README.md``): ``retract_choice`` teaches the retraction decision by its expected value at every claim
+(:func:`choice_advantages`), after the claim or also inside it, where a claim broken off by ``<retract>``
+(:class:`idesign.data.claim_world.Cut`) ends its slot retracted with no label and no reward signal.
 
 Arms (greedy on held-out prompts): ``base``; ``base_monitor`` (:class:`idesign.monitoring.ProbeMonitor`
 scores each claim when it completes and injects ``<retract>`` above ``threshold``, at most ``max_events``
@@ -81,6 +84,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -107,7 +111,8 @@ BON_NS = (1, 2, 4, 8, 16)
 READING = "both"  # the prediction position and the claim's tokens (see idesign.probes.read_span)
 KEPT, RETRACTED, NOTHING = 0, 1, 2
 CREDITS = ("slot", "claim", "completion")
-_VERSION = "4"  # bump when the study's code changes what a seed computes
+RETRACT_CHOICES = ("sampled", "expected", "within", "inside")
+_VERSION = "5"  # bump when the study's code changes what a seed computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,7 @@ class Config:
     n_first: int = 40
     family_share: float = 0.75
     marker_rate: float = 0.1  # random retractions in pretraining: the base model can explore retracting
+    correction_rate: float | None = None  # claims written "wrong <retract> right|unknown" (None: marker_rate)
     # Named people the corpus says nothing about (every answer "unknown"): pressure to represent familiarity. Tried
     # at 240 (with n_families 24): familiarity stayed unreadable (probe AUC 0.53) and the probe no better; off.
     n_obscure: int = 0
@@ -165,6 +171,14 @@ class Config:
     # own tokens get its kept-claim quality, the retraction decision the slot's (slot_token_advantages; measured by
     # experiments.diag.hallucination_oracle, not the preset: see experiments/README.md).
     credit: str = "slot"
+    # "sampled": the decision to retract after a claim learns from the sampled token like any other; "expected": it
+    # gets the exact gradient of its expected reward, (reward if retracted - reward if kept) * grad pi(<retract>), at
+    # every claim whichever way it was sampled (choice_advantages; idesign.rl.grpo_loss's choice term); "within": the
+    # same, and breaking a claim off in place of any of its tokens is taught the same way; "inside": in place of any
+    # but its first. Measured by experiments.diag.hallucination_oracle, not the preset (experiments/README.md).
+    retract_choice: str = "sampled"
+    choice_loss: str = "expected"  # how choice_advantages teach the decision (idesign.rl.GRPOConfig.choice_loss)
+    choice_coef: float = 1.0  # the choice term's weight against the sampled policy gradient
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -174,14 +188,16 @@ FULL = Config(n_known=600, n_unknown=240, n_families=30, d_model=256, n_layers=6
               attention_steps=600, rl_steps=360, prompts_per_step=64, group_size=16, rl_learning_rate=1e-4,
               gen_batch=1024, bon_prompts=1024)
 
-_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "n_obscure", "seq_len",
+_BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "correction_rate",
+                "n_obscure", "seq_len",
                 "d_model", "n_layers", "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
 def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
     return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
                                n_first=config.n_first, family_share=config.family_share,
-                               marker_rate=config.marker_rate, n_obscure=config.n_obscure, seed=seed)
+                               marker_rate=config.marker_rate, correction_rate=config.correction_rate,
+                               n_obscure=config.n_obscure, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -230,6 +246,15 @@ class Parsed(NamedTuple):
     outcome: np.ndarray    # [B, A] 0 supported, 1 hallucinated, 2 retracted, 3 not addressed
     malformed: np.ndarray  # [B] bool
     claims: Claims
+    n_cuts: np.ndarray | None = None     # [B] claims broken off by <retract> before they were complete (no label)
+    cut_final: np.ndarray | None = None  # [B, A] bool: the slot ends retracted by a cut (its claim is unknown)
+    cut_spans: np.ndarray | None = None  # [N, 4] row, start, end (prompt + completion positions), slot of each cut
+
+    def retract_rate(self) -> float:
+        """Retractions (after a claim, or breaking one off) per claim begun."""
+        cuts = 0 if self.n_cuts is None else int(self.n_cuts.sum())
+        n = len(self.claims.row) + cuts
+        return float((self.claims.retracted.sum() + cuts) / n) if n else 0.0
 
 
 def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, valid: np.ndarray) -> Parsed:
@@ -237,9 +262,16 @@ def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, vali
     outcome = np.full((len(rows), len(cw.ATTRIBUTES)), 3)
     malformed = np.zeros(len(rows), bool)
     cl = {k: [] for k in Claims._fields}
+    n_cuts, cut_final, spans = np.zeros(len(rows), np.int64), np.zeros(outcome.shape, bool), []
     for b, q in enumerate(rows):
         p = cw.parse_completion(world, task.entity[q], task.kind[q], task.attribute[q], tokens[b, :valid[b].sum()])
         malformed[b] = p.malformed
+        n_cuts[b] = len(p.cuts)
+        for cut in p.cuts:
+            spans.append((b, P + cut.start, P + cut.end, cw.ATTRIBUTES.index(cut.attribute)))
+            if p.outcome.get(cut.attribute) == "retracted" and not any(
+                    c.attribute == cut.attribute and c.start > cut.start for c in p.claims):
+                cut_final[b, cw.ATTRIBUTES.index(cut.attribute)] = True
         for a, state in p.outcome.items():
             outcome[b, cw.ATTRIBUTES.index(a)] = states[state]
         for c in p.claims:
@@ -248,7 +280,7 @@ def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, vali
                 cl[k].append(v)
     claims = Claims(*(np.asarray(cl[k], bool if k in ("supported", "final", "retracted") else np.int64)
                       for k in Claims._fields))
-    return Parsed(outcome, malformed, claims)
+    return Parsed(outcome, malformed, claims, n_cuts, cut_final, np.asarray(spans, np.int64).reshape(-1, 4))
 
 
 def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> dict[str, float]:
@@ -259,7 +291,7 @@ def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> 
     m = {f"{prefix}.hallucination_rate": hall.sum() / n_slots,
          f"{prefix}.known_acc": (parsed.outcome[~unknown] == 0).sum() / max(n_known_slots, 1),
          f"{prefix}.abstain_rate": (parsed.outcome == 2).sum() / n_slots,
-         f"{prefix}.retract_rate": parsed.claims.retracted.mean() if len(parsed.claims.row) else 0.0,
+         f"{prefix}.retract_rate": parsed.retract_rate(),
          f"{prefix}.malformed_rate": parsed.malformed.mean()}
     # Does the policy retract the claims it gets wrong rather than the ones it gets right? (issue 13 diagnosis)
     c = parsed.claims
@@ -307,7 +339,8 @@ class Runtime:
             weight_decay=0.01))
         self.pretrain_step = ids.make_train_step(ids.lm_loss(apply), self.pretrain_opt)
         self.rl_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.rl_learning_rate))
-        self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef))
+        self.rl_step = rl.make_grpo_step(apply, self.rl_opt, rl.GRPOConfig(config.clip_eps, config.kl_coef,
+                                                                           config.choice_loss))
         self.logprobs = jax.jit(lambda p, t, v: rl.token_logprobs(apply, p, t, v))
         self.capture = jax.jit(lambda p, t, v: apply(p, t, hooks=ids.capture(*self.sites), valid=v))
         reward = rl.ClaimRewardConfig(retract_budget=config.retract_budget, lagrange_lr=config.lagrange_lr,
@@ -372,8 +405,9 @@ def sequences(task: Task, rows, gen) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pretrain(rt: Runtime, config: Config, seed: int, progress: bool):
-    # n_obscure keys the cache only when used, so bases pretrained before it existed stay valid.
-    base_config = {k: getattr(config, k) for k in _BASE_FIELDS if k != "n_obscure" or config.n_obscure}
+    # n_obscure and correction_rate key the cache only when used, so bases pretrained before they existed stay valid.
+    optional = {"n_obscure": config.n_obscure, "correction_rate": config.correction_rate is not None}
+    base_config = {k: getattr(config, k) for k in _BASE_FIELDS if optional.get(k, True)}
 
     def train(_, seed):
         world = cw.make_claim_world(world_config(config, seed))
@@ -548,15 +582,18 @@ def confident_share(rt: Runtime, world, base, task: Task, rows) -> tuple[float, 
         claims, stats["maxprob_min"], task, rows)
 
 
-def confidence_ceiling(claims: Claims, conf: np.ndarray, task: Task, rows) -> float:
+def confidence_ceiling(claims: Claims, conf: np.ndarray, task: Task, rows, thresholds=None) -> float:
     """Lowest hallucination rate reachable by retracting the base's kept claims below a confidence threshold
-    while keeping known accuracy within 5 points: is the oracle target reachable with the signal the model has?"""
+    while keeping known accuracy within 5 points: is the oracle target reachable with the signal the model has?
+
+    ``thresholds``: where to cut ``conf`` (default every 0.01 of a probability; give quantiles for any other score).
+    """
     asked, unknown = task.asked(rows), task.unknown[rows]
     n_slots, n_known = asked.sum(), max(asked[~unknown].sum(), 1)
     fin, unk = claims.final, unknown[claims.row]
     known0 = (fin & claims.supported & ~unk).sum() / n_known
     best = (fin & ~claims.supported).sum() / n_slots
-    for t in np.linspace(0.0, 1.0, 101):
+    for t in np.linspace(0.0, 1.0, 101) if thresholds is None else thresholds:
         keep = fin & (conf >= t)
         if (keep & claims.supported & ~unk).sum() / n_known >= known0 - 0.05:
             best = min(best, (keep & ~claims.supported).sum() / n_slots)
@@ -580,7 +617,11 @@ def completion_rewards(rt: Runtime, parsed: Parsed, p: np.ndarray, task: Task, r
     outcome = np.where((outcome == RETRACTED) & np.isnan(p_retracted), NOTHING, outcome)  # "unknown" without a claim
     slots = np.asarray(rl.slot_rewards(jnp.asarray(p_kept), jnp.asarray(p_retracted), jnp.asarray(outcome), lam,
                                        rt.reward))
-    total = slots.sum(1) / task.asked(rows)
+    if parsed.cut_final is not None:
+        # A slot retracted by breaking its claim off has no claim to score: no reward, so no signal (NaN; the
+        # decision to break off is taught by choice_advantages on the claims that were completed).
+        slots = np.where(parsed.cut_final, np.nan, slots)
+    total = np.nansum(slots, 1) / task.asked(rows)
     penalty = np.asarray(rl.format_penalty(parsed.malformed, rt.reward.format_penalty))
     if return_slots:
         return total + penalty, slots + penalty[:, None]
@@ -606,8 +647,11 @@ def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray,
     B, A = slots.shape
     adv_c = np.asarray(rl.group_advantages(jnp.asarray(rewards, jnp.float32), group_size)[0])
     g = slots.reshape(-1, group_size, A)
-    std = g.std(1, keepdims=True)
-    adv_s = np.where(std > 1e-6, (g - g.mean(1, keepdims=True)) / (std + 1e-6), 0.0).reshape(B, A)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN group (every sample broke its claim off)
+        std = np.nanstd(g, 1, keepdims=True)
+        adv_s = np.where(std > 1e-6, (g - np.nanmean(g, 1, keepdims=True)) / (std + 1e-6), 0.0).reshape(B, A)
+    adv_s = np.nan_to_num(adv_s)  # slots with no reward (NaN) carry no signal
     out = np.repeat(adv_c[:, None], n_tokens - 1, 1).astype(np.float32)
     c = parsed.claims
     adv_q = None if claim_quality is None else _claim_quality_advantages(c, claim_quality, group_size)
@@ -619,7 +663,71 @@ def slot_token_advantages(parsed: Parsed, task: Task, rows, rewards: np.ndarray,
         out[r, c.start[k] - 1:stop - 1] = adv_s[r, c.slot[k]]  # index j predicts token j + 1
         if adv_q is not None:
             out[r, c.start[k] - 1:c.end[k] - 1] = adv_q[k]
+    for r, start, end, slot in (() if parsed.cut_spans is None else parsed.cut_spans):
+        # A broken-off claim and its <retract> have nothing to score them by; where the cut is the slot's last word,
+        # neither has anything up to the next claim.
+        later = c.start[(c.row == r) & (c.start > start)]
+        stop = later.min() if parsed.cut_final[r, slot] and len(later) else (n_tokens if parsed.cut_final[r, slot]
+                                                                             else end + 1)
+        out[r, start - 1:stop - 1] = 0.0
     return out
+
+
+def asked_slots(task: Task, rows) -> np.ndarray:
+    """``[B, A]`` bool: the slots each prompt asks for (its attribute for QA, every one for long-form)."""
+    col = np.asarray([cw.ATTRIBUTES.index(a) if a in cw.ATTRIBUTES else -1 for a in task.attribute[rows]])
+    qa = task.kind[rows] == "qa"
+    return ~qa[:, None] | (np.arange(len(cw.ATTRIBUTES))[None] == col[:, None])
+
+
+def choice_advantages(rt: Runtime, parsed: Parsed, task: Task, rows, p: np.ndarray, lam: float, slots: np.ndarray,
+                      valid: np.ndarray, *, where: str = "after") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``([B, T - 1] token ids, [B, T - 1] advantages, [B, T - 1] after)`` of the retraction decision after each claim.
+
+    At the position that predicts the token after a claim the policy chooses between ``<retract>`` and going on;
+    both outcomes' slot rewards are known from the claim's ``p`` (kept: ``clip(1 - p)``; retracted:
+    ``0.65 * clip(p - lam)``, counting no correction), so their difference, scaled by the batch's standard
+    deviation of slot rewards (the scale of the sampled advantages), is the decision's advantage. Claims that end
+    the sequence (no decision was made) are left out. ``after`` marks those positions: the token sampled there is
+    credited by this term alone (give it no sampled advantage).
+
+    ``where="within"``: the policy may also break a claim off, emitting ``<retract>`` in place of any of its tokens
+    (where the claim's confidence lives: in a softmax the retraction competes with the value tokens; a position
+    after the claim cannot read that softmax back). Each such position gets ``retract - realised``: breaking off
+    earns what retracting this claim would, going on earns what the claim then earned (kept or retracted after
+    it). ``where="inside"``: the same except before the claim's first token.
+    """
+    if where not in ("after", "within", "inside"):
+        raise ValueError(f"choice_advantages: where={where!r}; expected 'after', 'within' or 'inside'.")
+    B, T = valid.shape
+    ids_ = np.full((B, T - 1), -1, np.int32)
+    adv = np.zeros((B, T - 1), np.float32)
+    after = np.zeros((B, T - 1), bool)
+    c = parsed.claims
+    if not len(c.row):
+        return ids_, adv, after
+    nan = np.full(len(c.row), np.nan)
+    keep = np.asarray(rl.slot_rewards(jnp.asarray(p), jnp.asarray(nan), jnp.zeros(len(nan), jnp.int32), lam,
+                                      rt.reward))
+    retract = np.asarray(rl.slot_rewards(jnp.asarray(nan), jnp.asarray(p), jnp.ones(len(nan), jnp.int32), lam,
+                                         rt.reward))
+    asked = asked_slots(task, rows) & ~np.isnan(slots)
+    scale = max(float(slots[asked].std()) if asked.any() else 1.0, 1e-3)
+    # After the claim: retracting vs going on (keeping it). The last position's decision is made only if a token
+    # followed the claim.
+    made = (c.end < T) & valid[c.row, np.minimum(c.end, T - 1)]
+    after[c.row[made], c.end[made] - 1] = True
+    if where in ("within", "inside"):
+        # Before each of the claim's tokens: breaking it off (worth what retracting this claim would earn: the
+        # claim is what the policy went on to say) vs going on (worth what this claim then earned).
+        realised = np.where(c.retracted, retract, keep)
+        for k in range(len(c.row)):
+            pos = np.arange(c.start[k] - (0 if where == "inside" else 1), c.end[k] - 1)
+            ids_[c.row[k], pos] = RETRACT_ID
+            adv[c.row[k], pos] = (retract[k] - realised[k]) / scale
+    ids_[after] = RETRACT_ID
+    adv[c.row[made], c.end[made] - 1] = (retract[made] - keep[made]) / scale
+    return ids_, adv, after
 
 
 def _claim_quality_advantages(c: Claims, quality: np.ndarray, group_size: int) -> np.ndarray:
@@ -646,6 +754,8 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
              progress: bool):
     if config.credit not in CREDITS:
         raise ValueError(f"Config.credit must be one of {CREDITS}; got {config.credit!r}")
+    if config.retract_choice not in RETRACT_CHOICES:
+        raise ValueError(f"Config.retract_choice must be one of {RETRACT_CHOICES}; got {config.retract_choice!r}")
     state = ids.init_train_state(base, rt.rl_opt)
     lagrange = rl.lagrange_init()
     rng = np.random.default_rng([seed, 11, RL_ARMS.index(arm)])
@@ -661,7 +771,7 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
         p = rewards_for(rt, arm, state.params, base, probe, site, parsed, tokens, valid)
         # The multiplier reads this batch's own retraction rate (P term) before rewarding it, so an overshoot is
         # penalised in the step it happens; the integral term is updated after, as before.
-        retract_rate = float(parsed.claims.retracted.mean()) if len(parsed.claims.row) else 0.0
+        retract_rate = parsed.retract_rate()
         lam = float(rl.retraction_multiplier(lagrange, retract_rate, rt.reward))
         rewards, slots = completion_rewards(rt, parsed, p, task, rows, lam, return_slots=True)
         if config.credit in ("slot", "claim"):
@@ -671,7 +781,14 @@ def train_rl(rt: Runtime, config: Config, world, arm: str, base, probe, site, ta
             adv, _ = rl.group_advantages(jnp.asarray(rewards, jnp.float32), M)
         actions = jnp.asarray(valid[:, 1:] & (np.arange(1, tokens.shape[1]) >= P)[None])
         tj, vj = jnp.asarray(tokens), jnp.asarray(valid)
-        batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj))
+        choice = (None, None)
+        if config.retract_choice != "sampled":
+            where = "after" if config.retract_choice == "expected" else config.retract_choice
+            *choice, after = choice_advantages(rt, parsed, task, rows, p, lam, slots, valid, where=where)
+            adv = jnp.where(jnp.asarray(after), 0.0, jnp.broadcast_to(adv.reshape(adv.shape[0], -1), after.shape))
+            choice = (jnp.asarray(choice[0]), jnp.asarray(choice[1] * config.choice_coef))
+        batch = rl.RLBatch(tj, vj, actions, adv, rt.logprobs(state.params, tj, vj), rt.logprobs(base, tj, vj),
+                           *choice)
         state, metrics = rt.rl_step(state, batch)
         lagrange = rl.retraction_lagrange_update(lagrange, retract_rate, rt.reward)
         m = slot_metrics("s", parsed, task, rows)

@@ -17,6 +17,10 @@ The recipe of RLFR ("Features as Rewards", Prasad et al. 2026, arXiv 2602.10067)
   ``-sg(clip(rho, 1 - eps, 1 + eps)) * A * log pi`` per generated token (``rho = pi / pi_old``),
   plus ``kl_coef`` times the k3 estimator of ``KL(pi || pi_ref)``, averaged over action tokens.
   Tokens a monitor injected are not the policy's actions: leave them out of ``action_mask``.
+  A binary decision whose two outcomes both have known values (e.g. retract a scored claim or keep it) can be
+  taught at every position it was faced, not only where it was sampled: ``RLBatch.choice_tokens`` /
+  ``choice_advantages`` add ``-A * pi(token)`` (its expected value's exact gradient) or, with
+  ``GRPOConfig.choice_loss="classify"``, a cost-weighted log-loss of the better outcome.
 * :class:`LagrangeState` / :func:`lagrange_update`: a multiplier ``lam`` on a rate constraint
   (e.g. "abstain on about a share ``target`` of prompts"), ``lam <- lam + lr * (rate - target)``
   from online statistics; subtract ``lam`` from the reward of the constrained action.
@@ -115,6 +119,13 @@ class RLBatch(NamedTuple):
         per token (aligned with ``tokens[:, 1:]``), e.g. each claim's tokens get the advantage of its own reward.
       old_logprobs: ``[B, T - 1]`` log-probabilities of ``tokens[:, 1:]`` under the sampling policy.
       ref_logprobs: ``[B, T - 1]`` the same under the KL reference.
+      choice_tokens: optional ``[B, T - 1]`` int, aligned with ``tokens[:, 1:]``: at a position where the
+        policy decided whether to emit one particular token (e.g. ``<retract>`` after a claim), that token's
+        id; ``-1`` elsewhere. With it, :func:`grpo_loss` adds the *expected* policy gradient of that
+        binary decision (both outcomes' values are known, so no sample of it is needed); give the sampled
+        token at such a position advantage 0 so that it is not credited twice.
+      choice_advantages: ``[B, T - 1]`` float with ``choice_tokens``: how much more emitting the token is
+        worth than not emitting it, on the scale of ``advantages``.
     """
 
     tokens: Array
@@ -123,6 +134,11 @@ class RLBatch(NamedTuple):
     advantages: Array
     old_logprobs: Array
     ref_logprobs: Array
+    choice_tokens: Array | None = None
+    choice_advantages: Array | None = None
+
+
+CHOICE_LOSSES = ("expected", "classify")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +149,13 @@ class GRPOConfig:
       clip_eps: importance weights are clipped to ``[1 - clip_eps, 1 + clip_eps]`` (and never
         differentiated), as in CISPO.
       kl_coef: weight of the k3 estimate of ``KL(pi || pi_ref)`` per action token (0.02 in RLFR).
+      choice_loss: how :attr:`RLBatch.choice_tokens` decisions are taught. ``"expected"``: the exact gradient
+        of their expected value, ``-A * pi(token)``; it vanishes where ``pi(token)`` is tiny (a token the
+        policy never emits there is never learned). ``"classify"``: cost-sensitive classification of the
+        better outcome, ``-|A| * log(pi(token) if A > 0 else 1 - pi(token))``; its gradient in the
+        decision's log-odds is ``|A| * (y - pi)``, which does not vanish, and over decisions the policy cannot
+        tell apart it settles where emitting the token is likelier exactly when ``sum(A) > 0``, the same greedy
+        decision as the expected value's.
 
     >>> from idesign import rl
     >>> rl.GRPOConfig(kl_coef=0.05).clip_eps
@@ -141,8 +164,11 @@ class GRPOConfig:
 
     clip_eps: float = 0.2
     kl_coef: float = 0.02
+    choice_loss: str = "expected"
 
     def __post_init__(self):
+        if self.choice_loss not in CHOICE_LOSSES:
+            raise ValueError(f"GRPOConfig.choice_loss={self.choice_loss!r}; expected one of {CHOICE_LOSSES}.")
         if not 0 <= self.clip_eps < 1:
             raise ValueError(f"GRPOConfig.clip_eps={self.clip_eps!r}; expected a number in [0, 1).")
         if not self.kl_coef >= 0:
@@ -158,10 +184,18 @@ def token_logprobs(apply: Callable, params: PyTree, tokens: Array, valid: Array 
     >>> rl.token_logprobs(apply, params, jnp.ones((2, 4), jnp.int32)).shape
     (2, 3)
     """
+    return _gather(_next_token_logprobs(apply, params, tokens, valid), tokens[:, 1:])
+
+
+def _next_token_logprobs(apply: Callable, params: PyTree, tokens: Array, valid: Array | None) -> Array:
+    """``[B, T - 1, V]``: the log-softmax over the vocabulary at every position that predicts a next token."""
     kwargs = {} if valid is None else {"valid": valid}
     logits, _ = apply(params, tokens, **kwargs)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+
+
+def _gather(logp: Array, ids: Array) -> Array:
+    return jnp.take_along_axis(logp, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
@@ -187,7 +221,8 @@ def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
     >>> bool(jnp.isclose(loss, -lp[0, 1]))
     True
     """
-    logp = token_logprobs(apply, params, batch.tokens, batch.valid)
+    logp_all = _next_token_logprobs(apply, params, batch.tokens, batch.valid)
+    logp = _gather(logp_all, batch.tokens[:, 1:])
     mask = jnp.asarray(batch.action_mask, jnp.float32)
     if mask.shape != logp.shape:
         raise ValueError(f"grpo_loss: action_mask has shape {tuple(mask.shape)}; expected {tuple(logp.shape)} "
@@ -207,8 +242,41 @@ def grpo_loss(params: PyTree, batch: RLBatch, *, apply: Callable,
     log_ratio_ref = jax.lax.stop_gradient(ref) - logp
     kl = ((jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0) * mask).sum() / count
     clipped = (jnp.abs(ratio - jax.lax.stop_gradient(weight)) > 0) & (mask > 0)
+    metrics = {"pg_loss": pg, "kl": kl, "clip_frac": clipped.sum() / count, "n_actions": mask.sum()}
+    if batch.choice_tokens is not None:
+        choice = _choice_loss(logp_all, batch.choice_tokens, batch.choice_advantages, count, config.choice_loss)
+        pg = pg + choice
+        metrics["choice_loss"] = choice
     loss = pg + config.kl_coef * kl
-    return loss, {"pg_loss": pg, "kl": kl, "clip_frac": clipped.sum() / count, "n_actions": mask.sum()}
+    return loss, metrics
+
+
+def _choice_loss(logp_all: Array, choice_tokens: Array, choice_advantages: Array | None, count: Array,
+                 kind: str) -> Array:
+    """``-sum(A * pi(token))`` over the decision positions (or its ``"classify"`` form, :class:`GRPOConfig`), on
+    the same per-action scale as the sampled term.
+
+    For a binary decision "emit this token or not" whose two outcomes have known values, the gradient of the
+    expected value is exactly ``(v_emit - v_not) * grad pi(token)``: every decision teaches, whichever way it
+    was sampled (the all-action policy gradient), where a sampled estimate learns only from the rare samples
+    that emitted it. On-policy, so no importance weight.
+    """
+    ids = jnp.asarray(choice_tokens)
+    if choice_advantages is None:
+        raise ValueError("grpo_loss: RLBatch.choice_tokens is set but choice_advantages is None; give both.")
+    adv = jnp.asarray(choice_advantages, jnp.float32)
+    if ids.shape != logp_all.shape[:2] or adv.shape != ids.shape:
+        raise ValueError(f"grpo_loss: choice_tokens {tuple(ids.shape)} and choice_advantages {tuple(adv.shape)} "
+                         f"must both have shape {tuple(logp_all.shape[:2])} (aligned with tokens[:, 1:]).")
+    at = ids >= 0
+    logp = _gather(logp_all, jnp.where(at, ids, 0))
+    if kind == "classify":
+        # log(1 - pi) computed stably from log pi.
+        log_not = jnp.log(-jnp.expm1(jnp.minimum(logp, -1e-7)))
+        per = jnp.abs(adv) * jnp.where(adv > 0, logp, log_not)
+    else:
+        per = adv * jnp.exp(logp)
+    return -(jnp.where(at, per, 0.0)).sum() / count
 
 
 def make_grpo_step(apply: Callable, optimizer: optax.GradientTransformation,

@@ -36,6 +36,11 @@ def batch_tokens(seed=0, B=4, T=6):
     return jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(actions)
 
 
+def assert_same_tree(got, want, *, atol):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=atol)
+
+
 def random_probe(seed=0):
     rng = np.random.default_rng(seed)
     return probes.LogisticProbe(jnp.asarray(rng.normal(size=D), jnp.float32), jnp.float32(0.3),
@@ -125,8 +130,7 @@ def test_on_policy_gradient_is_advantage_weighted_score_function():
     # On policy the importance weight is 1 and the k3 KL has zero gradient at pi = pi_ref.
     expected = jax.grad(lambda p: -(rl.token_logprobs(apply, p, tokens, valid) * actions * adv[:, None]).sum()
                         / actions.sum())(params)
-    for g, e in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+    assert_same_tree(grads, expected, atol=1e-6)
 
 
 def test_grpo_step_raises_the_likelihood_of_advantaged_completions():
@@ -143,6 +147,87 @@ def test_grpo_step_raises_the_likelihood_of_advantaged_completions():
     change = np.asarray(((after - lp) * actions).sum(1))
     assert change[:2].min() > 0 > change[2:].max()
     assert int(state.step) == 5 and np.isfinite(float(metrics["grad_norm"]))
+
+
+def _choice_arrays(shape, positions, token, values):
+    ids_ = np.full(shape, -1, np.int32)
+    adv = np.zeros(shape, np.float32)
+    for (b, t), v in zip(positions, values):
+        ids_[b, t], adv[b, t] = token, v
+    return jnp.asarray(ids_), jnp.asarray(adv)
+
+
+def test_choice_term_is_the_exact_gradient_of_the_decisions_expected_value():
+    apply, params = model()
+    tokens, valid, actions = batch_tokens(seed=3)
+    lp = rl.token_logprobs(apply, params, tokens, valid)
+    zero = jnp.zeros(tokens.shape[0])
+    positions, token, values = [(0, 3), (2, 2), (3, 1)], 5, [0.7, -1.2, 0.3]
+    ids_, adv = _choice_arrays(lp.shape, positions, token, values)
+    batch = rl.RLBatch(tokens, valid, actions, zero, lp, lp, ids_, adv)
+    count = float(actions.sum())
+
+    def expected_value(p):
+        # Emitting ``token`` is worth v more than not emitting it: E = sum_d pi_d(token) * v_d (+ const).
+        logits = apply(p, tokens, valid=valid)[0][:, :-1]
+        prob = jax.nn.softmax(logits.astype(jnp.float32), -1)[..., token]
+        return sum(v * prob[b, t] for (b, t), v in zip(positions, values)) / count
+
+    loss, metrics = rl.grpo_loss(params, batch, apply=apply, config=rl.GRPOConfig(kl_coef=0.0))
+    assert float(loss) == pytest.approx(-float(expected_value(params)), rel=1e-5)
+    assert float(metrics["choice_loss"]) == pytest.approx(float(loss), rel=1e-6)
+    grads = jax.grad(lambda p: rl.grpo_loss(p, batch, apply=apply, config=rl.GRPOConfig(kl_coef=0.0))[0])(params)
+    expected = jax.grad(lambda p: -expected_value(p))(params)
+    assert_same_tree(grads, expected, atol=1e-7)
+
+
+def test_classify_choice_loss_is_cost_weighted_log_loss_of_the_better_outcome():
+    apply, params = model()
+    tokens, valid, actions = batch_tokens(seed=3)
+    lp = rl.token_logprobs(apply, params, tokens, valid)
+    positions, token, values = [(0, 3), (2, 2), (3, 1)], 5, [0.7, -1.2, 0.3]
+    ids_, adv = _choice_arrays(lp.shape, positions, token, values)
+    batch = rl.RLBatch(tokens, valid, actions, jnp.zeros(4), lp, lp, ids_, adv)
+    logits = np.asarray(apply(params, tokens, valid=valid)[0], np.float64)[:, :-1]
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob = (prob / prob.sum(-1, keepdims=True))[..., token]
+    reference = -sum(abs(v) * np.log(prob[b, t] if v > 0 else 1 - prob[b, t])
+                     for (b, t), v in zip(positions, values)) / float(actions.sum())
+    config = rl.GRPOConfig(kl_coef=0.0, choice_loss="classify")
+    loss, _ = rl.grpo_loss(params, batch, apply=apply, config=config)
+    assert float(loss) == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ValueError, match="choice_loss='sometimes'"):
+        rl.GRPOConfig(choice_loss="sometimes")
+
+
+def test_choice_steps_move_the_decision_toward_its_better_outcome_where_it_was_not_sampled():
+    apply, params = model()
+    tokens, valid, actions = batch_tokens(seed=5)
+    lp = rl.token_logprobs(apply, params, tokens, valid)
+    token = 7
+    ids_, adv = _choice_arrays(lp.shape, [(0, 3), (1, 3)], token, [1.0, -1.0])
+    opt = optax.adam(3e-3)
+    step = rl.make_grpo_step(apply, opt, rl.GRPOConfig(kl_coef=0.0))
+    state = ids.init_train_state(params, opt)
+    for _ in range(5):
+        state, _ = step(state, rl.RLBatch(tokens, valid, actions, jnp.zeros(4), lp, lp, ids_, adv))
+
+    def prob(p, b):
+        return float(jax.nn.softmax(apply(p, tokens, valid=valid)[0][b, 3])[token])
+
+    assert prob(state.params, 0) > prob(params, 0) and prob(state.params, 1) < prob(params, 1)
+
+
+def test_choice_term_refuses_misaligned_or_missing_advantages():
+    apply, params = model()
+    tokens, valid, actions = batch_tokens()
+    lp = rl.token_logprobs(apply, params, tokens, valid)
+    ids_, adv = _choice_arrays(lp.shape, [(0, 1)], 5, [1.0])
+    zero = jnp.zeros(4)
+    with pytest.raises(ValueError, match="choice_advantages is None"):
+        rl.grpo_loss(params, rl.RLBatch(tokens, valid, actions, zero, lp, lp, ids_), apply=apply)
+    with pytest.raises(ValueError, match=r"must both have shape \(4, 5\)"):
+        rl.grpo_loss(params, rl.RLBatch(tokens, valid, actions, zero, lp, lp, ids_[:, :2], adv[:, :2]), apply=apply)
 
 
 # --------------------------------------------------------------------------------------------- rewards

@@ -82,12 +82,17 @@ def oracle_on_seed(config: H.Config, seed: int, rt: H.Runtime | None = None) -> 
     return out, rt
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def config_from_cli(description: str) -> H.Config:
+    """The quick preset with ``--set field=python-literal`` overrides from the command line."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--set", action="append", default=[], help="field=python-literal")
     args = ap.parse_args()
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
-    config = dataclasses.replace(H.QUICK, **overrides)
+    return dataclasses.replace(H.QUICK, **overrides)
+
+
+def main() -> None:
+    config = config_from_cli(__doc__.splitlines()[0])
     rt = None
     for seed in config.seeds:
         out, rt = oracle_on_seed(config, seed, rt)

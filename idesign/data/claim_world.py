@@ -104,6 +104,9 @@ class ClaimWorldConfig:
         qa_fraction: share of QA documents (the rest are long-form bios).
         marker_rate: share of claims in training documents written as a random retraction
             (``wrong <retract> right|unknown``) and, separately, of QA answers written as ``unknown``.
+        correction_rate: share of claims written as a random retraction, when it should differ from the
+            share of ``unknown`` answers (``None``, the default: ``marker_rate`` sets both). A corpus with more
+            self-corrections teaches a model to notice a wrong value after stating it.
         n_obscure: people the corpus names but says nothing about: each appears in ``rare_docs``
             documents whose every answer is ``unknown`` (QA ``a : unknown``, bio ``from unknown .``).
             They are not entities of the world (no queries). Their names reuse known parts, so a model
@@ -129,6 +132,7 @@ class ClaimWorldConfig:
     family_share: float = 0.75
     qa_fraction: float = 0.5
     marker_rate: float = 0.03
+    correction_rate: float | None = None
     n_obscure: int = 0
     seed: int = 0
 
@@ -147,7 +151,9 @@ class ClaimWorldConfig:
         spare = self.n_families * self.n_first - self.n_known - self.n_unknown
         if not 0 <= self.n_obscure <= spare:
             fail("n_obscure", f"an integer in 0..{spare} (the names left after known and unknown entities)")
-        for field in ("frequent_fraction", "family_share", "qa_fraction", "marker_rate"):
+        for field in ("frequent_fraction", "family_share", "qa_fraction", "marker_rate", "correction_rate"):
+            if field == "correction_rate" and self.correction_rate is None:
+                continue
             if not 0 <= getattr(self, field) <= 1:
                 fail(field, "a probability in [0, 1]")
         for field in ("frequent_docs", "rare_docs"):
@@ -179,6 +185,8 @@ def attribute_values(attribute: str) -> list[tuple[str, ...]]:
 
 
 _VALUE_SETS = {a: frozenset(attribute_values(a)) for a in ATTRIBUTES}
+# Proper prefixes of each attribute's values, the empty one included: where a claim can be broken off.
+_PREFIXES = {a: frozenset(v[:i] for v in values for i in range(len(v))) for a, values in _VALUE_SETS.items()}
 # The last token of every value, and never any other token of one: a claim is complete when one is emitted.
 CLOSING_WORDS: tuple[str, ...] = (*CITY_ROOTS, *DIGITS, *PROFESSIONS, *EMPLOYERS)
 VALUE_WORDS: tuple[str, ...] = (*CITY_PREFIXES, *DECADES, *CLOSING_WORDS)
@@ -313,6 +321,7 @@ def make_claim_world(config: ClaimWorldConfig = ClaimWorldConfig()) -> ClaimWorl
 
 def _documents(world: ClaimWorld, obscure_names: Sequence[str] = ()) -> datasets.Dataset:
     c, rng = world.config, _rng(world.config.seed, "documents")
+    corrections = c.marker_rate if c.correction_rate is None else c.correction_rate
     out: dict[str, list] = {"text": [], "entity_id": [], "kind": []}
     _obscure_documents(c, obscure_names, out)
     names = world.entities["name"]
@@ -323,12 +332,12 @@ def _documents(world: ClaimWorld, obscure_names: Sequence[str] = ()) -> datasets
                 if rng.random() < c.marker_rate:
                     answer = ABSTAIN
                 else:
-                    answer = _marked(a, world.truth(e, a), rng, c.marker_rate)
+                    answer = _marked(a, world.truth(e, a), rng, corrections)
                 out["text"].append(f"{qa_prompt(names[e], a)} {answer} {EOS}")
                 out["kind"].append("qa")
             else:
                 stated = [a for a in ATTRIBUTES if rng.random() < 0.6] or [ATTRIBUTES[int(rng.integers(4))]]
-                body = " ".join(" ".join([*CUES[a], _marked(a, world.truth(e, a), rng, c.marker_rate), "."])
+                body = " ".join(" ".join([*CUES[a], _marked(a, world.truth(e, a), rng, corrections), "."])
                                 for a in stated)
                 out["text"].append(f"{bio_prompt(names[e])} {body} {EOS}")
                 out["kind"].append("bio")
@@ -398,21 +407,33 @@ class Claim(NamedTuple):
     final: bool  # the last word on its attribute (not retracted or corrected later)
 
 
+class Cut(NamedTuple):
+    """A claim broken off by ``<retract>`` before it was complete: tokens ``start:end`` are a proper prefix of a
+    value of ``attribute`` (empty when the retraction came before its first token). It has no label: what it would
+    have said is unknown."""
+
+    start: int
+    end: int
+    attribute: str
+
+
 class ParsedCompletion(NamedTuple):
     """What a completion says, labelled from ground truth.
 
     Attributes:
-      claims: every claim made, in order (including ones later retracted or corrected).
+      claims: every complete claim made, in order (including ones later retracted or corrected).
       outcome: per attribute addressed, ``"supported"``, ``"hallucinated"`` or ``"retracted"`` (the
         final word on it is a retraction or ``unknown``).
-      retractions: how many times ``<retract>`` follows a claim.
+      retractions: how many times ``<retract>`` follows a claim or breaks one off.
       malformed: no ``<eos>``, or a sentence / answer that is not a well-formed claim.
+      cuts: claims broken off by ``<retract>`` (:class:`Cut`), in order.
     """
 
     claims: list[Claim]
     outcome: dict[str, str]
     retractions: int
     malformed: bool
+    cuts: list[Cut] = []
 
 
 def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: str,
@@ -420,7 +441,8 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
     """Parses generated ``token_ids`` (the completion only) into labelled claims.
 
     QA (``kind="qa"``): the body before ``<eos>`` is ``claim (<retract> (claim | unknown)?)*``
-    about ``attribute``. Long-form (``kind="bio"``): sentences ending in ``.``, each a cue
+    about ``attribute``, where a claim may also be broken off by ``<retract>`` before it is complete (a
+    :class:`Cut`: a proper prefix of a value, possibly empty, with no label). Long-form (``kind="bio"``): sentences ending in ``.``, each a cue
     (``from``, ``born``, ``works as``, ``employed by``) then the same claim grammar.
 
     Example:
@@ -429,6 +451,9 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
         >>> p = parse_completion(world, 0, "bio", "", ids)
         >>> p.outcome, p.retractions, [(c.start, c.end, c.final) for c in p.claims]
         ({'profession': 'retracted'}, 1, [(2, 3, False)])
+        >>> cut = parse_completion(world, 0, "qa", "birth_year", world.tokenizer.encode("197 <retract> <eos>"))
+        >>> cut.outcome, cut.claims, cut.cuts
+        ({'birth_year': 'retracted'}, [], [Cut(start=0, end=1, attribute='birth_year')])
     """
     if kind not in PROMPT_KINDS:
         raise ValueError(f"parse_completion: kind={kind!r}; expected one of {PROMPT_KINDS}.")
@@ -457,7 +482,7 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
             else:
                 segments.append((start + len(CUES[found[0]]), i, found[0]))
             start = i + 1
-    claims, outcome, retractions = [], {}, 0
+    claims, cuts, outcome, retractions = [], [], {}, 0
     for lo, hi, a in segments:
         parts, part_start = [], lo
         for i in range(lo, hi + 1):
@@ -472,6 +497,10 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
                 final_state = "supported" if claims[-1].supported else "hallucinated"
                 if j < len(parts) - 1:
                     retractions += 1
+            elif j < len(parts) - 1 and value in _PREFIXES[a] and (value or j == 0):
+                cuts.append(Cut(s, e, a))  # broken off before it was complete (a value's proper prefix)
+                final_state = "retracted"
+                retractions += 1
             elif j > 0 and value in ((), (ABSTAIN,)):
                 final_state = "retracted"
             elif j == 0 and value == (ABSTAIN,) and len(parts) == 1:
@@ -482,4 +511,4 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
                 break
         if final_state is not None:
             outcome[a] = final_state
-    return ParsedCompletion(claims, outcome, retractions, malformed)
+    return ParsedCompletion(claims, outcome, retractions, malformed, cuts)

@@ -90,3 +90,38 @@ def test_obscure_people_are_named_with_known_parts_and_only_ever_unknown():
         assert not values and "unknown" in words, text
     with pytest.raises(ValueError, match="n_obscure"):
         cw.ClaimWorldConfig(n_known=60, n_unknown=20, n_families=6, n_first=16, n_obscure=17)
+
+
+@pytest.mark.parametrize("text, kind, outcome, n_claims, cuts, malformed", [
+    ("<retract> <eos>", "qa", {"birth_city": "retracted"}, 0, [(0, 0)], False),             # before its first token
+    ("{prefix} <retract> <eos>", "qa", {"birth_city": "retracted"}, 0, [(0, 1)], False),     # inside the value
+    ("{prefix} <retract> {city} <eos>", "qa", {"birth_city": "supported"}, 1, [(0, 1)], False),  # then corrected
+    ("{prefix} <retract> unknown <eos>", "qa", {"birth_city": "retracted"}, 0, [(0, 1)], False),
+    ("from <retract> . <eos>", "bio", {"birth_city": "retracted"}, 0, [(1, 1)], False),
+    ("from {prefix} <retract> {city} . <eos>", "bio", {"birth_city": "supported"}, 1, [(1, 2)], False),
+    ("baker <retract> <eos>", "qa", {}, 0, [], True),      # not a city's prefix: not a cut
+    ("{city} {prefix} <retract> <eos>", "qa", {}, 0, [], True),
+])
+def test_a_claim_broken_off_by_a_retraction_is_a_cut_with_no_label(text, kind, outcome, n_claims, cuts, malformed):
+    world = cw.make_claim_world(SMALL)
+    e = next(i for i in range(len(world.entities["group"])) if len(world.truth(i, "birth_city")) == 2)
+    city = world.truth(e, "birth_city")
+    ids = world.tokenizer.encode(text.format(prefix=city[0], city=" ".join(city)))
+    parsed = cw.parse_completion(world, e, kind, "birth_city" if kind == "qa" else "", ids)
+    assert parsed.outcome == outcome and parsed.malformed == malformed
+    assert len(parsed.claims) == n_claims and all(c.supported for c in parsed.claims)
+    assert [(c.start, c.end) for c in parsed.cuts] == cuts
+    assert parsed.retractions == len(cuts)
+
+
+def test_correction_rate_sets_self_corrections_apart_from_unknown_answers():
+    import dataclasses
+    same = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.2, correction_rate=0.2))
+    plain = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.2))
+    assert same.train_documents["text"] == plain.train_documents["text"]  # None: marker_rate sets both
+    world = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.0, correction_rate=0.5))
+    texts = world.train_documents["text"]
+    assert sum(t.count(cw.RETRACT) for t in texts) > len(texts) // 4
+    assert not any(t.endswith(f": {cw.ABSTAIN} {cw.EOS}") for t in texts)  # no QA answered "unknown" outright
+    with pytest.raises(ValueError, match="correction_rate"):
+        cw.ClaimWorldConfig(correction_rate=1.5)

@@ -164,3 +164,62 @@ def test_every_diagnostic_module_imports_without_running():
     import experiments.diag as diag
     for m in pkgutil.iter_modules(diag.__path__):
         assert callable(importlib.import_module(f"experiments.diag.{m.name}").main), m.name
+
+
+def _two_qa_samples(supported, retracted=(False, False)):
+    from types import SimpleNamespace
+    from experiments.hallucination import Claims, Parsed
+    # Two QA samples of one birth_city prompt (tokens 0-2), each claiming tokens 3-4 then a token at 5.
+    claims = Claims(row=np.array([0, 1]), start=np.array([3, 3]), end=np.array([5, 5]),
+                    supported=np.asarray(supported), final=~np.asarray(retracted), retracted=np.asarray(retracted),
+                    slot=np.array([0, 0]))
+    task = SimpleNamespace(kind=np.array(["qa"]), attribute=np.array(["birth_city"]))
+    return Parsed(np.zeros((2, 4), int), np.zeros(2, bool), claims), task
+
+
+def test_choice_advantages_price_retracting_each_claim_against_keeping_it():
+    from types import SimpleNamespace
+    from experiments.hallucination import choice_advantages
+    from idesign import rl
+    from idesign.data.tokenizer import RETRACT_ID
+    parsed, task = _two_qa_samples([False, True])
+    rt = SimpleNamespace(reward=rl.ClaimRewardConfig())
+    p = np.array([1.0, 0.0])  # the oracle: the first claim is wrong, the second right
+    slots = np.array([[0.1, 0, 0, 0], [0.95, 0, 0, 0]])  # both kept
+    valid = np.ones((2, 7), bool)
+    scale = np.std([0.1, 0.95])
+    ids_, adv, after = choice_advantages(rt, parsed, task, np.zeros(2, int), p, 0.0, slots, valid)
+    assert np.argwhere(ids_ >= 0).tolist() == [[0, 4], [1, 4]] and (ids_[ids_ >= 0] == RETRACT_ID).all()
+    assert after.sum() == 2 and after[:, 4].all()
+    np.testing.assert_allclose(adv[:, 4], [(0.65 - 0.1) / scale, (0.0 - 0.95) / scale], rtol=1e-5)
+    # A retraction is worth less as the multiplier rises.
+    assert choice_advantages(rt, parsed, task, np.zeros(2, int), p, 0.5, slots, valid)[1][0, 4] < adv[0, 4]
+    # Within: breaking the claim off before either of its tokens is priced the same way; "inside" skips the first.
+    ids_w, adv_w, _ = choice_advantages(rt, parsed, task, np.zeros(2, int), p, 0.0, slots, valid, where="within")
+    assert np.argwhere(ids_w[0] >= 0).ravel().tolist() == [2, 3, 4]
+    np.testing.assert_allclose(adv_w[:, 2:5], np.repeat(adv[:, 4:5], 3, 1), rtol=1e-5)
+    ids_i = choice_advantages(rt, parsed, task, np.zeros(2, int), p, 0.0, slots, valid, where="inside")[0]
+    assert np.argwhere(ids_i[0] >= 0).ravel().tolist() == [3, 4]
+    # A claim that ends the sequence made no decision after it.
+    short = np.ones((2, 5), bool)
+    assert not choice_advantages(rt, parsed, task, np.zeros(2, int), p, 0.0, slots, short)[2].any()
+
+
+def test_a_slot_broken_off_carries_no_reward_signal():
+    from experiments.hallucination import Parsed, slot_token_advantages
+    parsed, _ = _two_qa_samples([True, True])
+    # Sample 0 broke its claim off at tokens 3-4 (no claim: NaN reward); sample 1 kept a right claim.
+    parsed = Parsed(parsed.outcome, parsed.malformed, parsed.claims.select(np.array([False, True])),
+                    np.array([1, 0]), np.array([[True, False, False, False], [False] * 4]), np.array([[0, 3, 4, 0]]))
+    slots = np.array([[np.nan, 0, 0, 0], [0.95, 0, 0, 0]])
+    adv = slot_token_advantages(parsed, None, None, np.array([0.0, 0.95]), slots, group_size=2, n_tokens=7)
+    np.testing.assert_allclose(adv[0, 2:], 0.0)   # the cut, its <retract> and what follows: nothing to score them by
+    np.testing.assert_allclose(adv[1, 2:], 0.0)   # one sample with a reward: no spread, no signal
+    assert parsed.retract_rate() == 0.5           # one retraction (the cut) per two claims begun
+
+
+def test_an_unknown_retraction_choice_is_refused_by_name():
+    import pytest
+    bad = dataclasses.replace(hallucination.QUICK, retract_choice="sometimes")
+    with pytest.raises(ValueError, match="retract_choice must be one of .*'sometimes'"):
+        hallucination.train_rl(None, bad, None, "rl_oracle", None, None, None, None, None, 0, False)
