@@ -62,7 +62,7 @@ import optax
 from idesign._types import Array, PyTree
 from idesign.hooks import Capture
 from idesign.probes import score as probe_score
-from idesign.probes._span import READINGS, read_span, read_span_ids, span_scores  # noqa: F401  (rl.read_span stays)
+from idesign.probes._span import read_span, read_span_ids, span_scores
 from idesign.train import TrainState
 
 
