@@ -246,13 +246,15 @@ class Parsed(NamedTuple):
     outcome: np.ndarray    # [B, A] 0 supported, 1 hallucinated, 2 retracted, 3 not addressed
     malformed: np.ndarray  # [B] bool
     claims: Claims
-    n_cuts: np.ndarray | None = None     # [B] claims broken off by <retract> before they were complete (no label)
-    cut_final: np.ndarray | None = None  # [B, A] bool: the slot ends retracted by a cut (its claim is unknown)
-    cut_spans: np.ndarray | None = None  # [N, 4] row, start, end (prompt + completion positions), slot of each cut
+    # Claims broken off by <retract> before they were complete (no label): [N, 4] row, start, end (prompt +
+    # completion positions), slot; and [B, A] bool, the slot ends retracted by a cut (what it would have said is
+    # unknown).
+    cut_spans: np.ndarray | None = None
+    cut_final: np.ndarray | None = None
 
     def retract_rate(self) -> float:
         """Retractions (after a claim, or breaking one off) per claim begun."""
-        cuts = 0 if self.n_cuts is None else int(self.n_cuts.sum())
+        cuts = 0 if self.cut_spans is None else len(self.cut_spans)
         n = len(self.claims.row) + cuts
         return float((self.claims.retracted.sum() + cuts) / n) if n else 0.0
 
@@ -262,11 +264,10 @@ def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, vali
     outcome = np.full((len(rows), len(cw.ATTRIBUTES)), 3)
     malformed = np.zeros(len(rows), bool)
     cl = {k: [] for k in Claims._fields}
-    n_cuts, cut_final, spans = np.zeros(len(rows), np.int64), np.zeros(outcome.shape, bool), []
+    cut_final, spans = np.zeros(outcome.shape, bool), []
     for b, q in enumerate(rows):
         p = cw.parse_completion(world, task.entity[q], task.kind[q], task.attribute[q], tokens[b, :valid[b].sum()])
         malformed[b] = p.malformed
-        n_cuts[b] = len(p.cuts)
         for cut in p.cuts:
             spans.append((b, P + cut.start, P + cut.end, cw.ATTRIBUTES.index(cut.attribute)))
             if p.outcome.get(cut.attribute) == "retracted" and not any(
@@ -280,7 +281,7 @@ def parse_batch(world: cw.ClaimWorld, task: Task, rows, tokens: np.ndarray, vali
                 cl[k].append(v)
     claims = Claims(*(np.asarray(cl[k], bool if k in ("supported", "final", "retracted") else np.int64)
                       for k in Claims._fields))
-    return Parsed(outcome, malformed, claims, n_cuts, cut_final, np.asarray(spans, np.int64).reshape(-1, 4))
+    return Parsed(outcome, malformed, claims, np.asarray(spans, np.int64).reshape(-1, 4), cut_final)
 
 
 def slot_metrics(prefix: str, parsed: Parsed, task: Task, rows, p_read=None) -> dict[str, float]:

@@ -433,7 +433,7 @@ class ParsedCompletion(NamedTuple):
     outcome: dict[str, str]
     retractions: int
     malformed: bool
-    cuts: list[Cut] = []
+    cuts: Sequence[Cut] = ()
 
 
 def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: str,

@@ -210,7 +210,7 @@ def test_a_slot_broken_off_carries_no_reward_signal():
     parsed, _ = _two_qa_samples([True, True])
     # Sample 0 broke its claim off at tokens 3-4 (no claim: NaN reward); sample 1 kept a right claim.
     parsed = Parsed(parsed.outcome, parsed.malformed, parsed.claims.select(np.array([False, True])),
-                    np.array([1, 0]), np.array([[True, False, False, False], [False] * 4]), np.array([[0, 3, 4, 0]]))
+                    np.array([[0, 3, 4, 0]]), np.array([[True, False, False, False], [False] * 4]))
     slots = np.array([[np.nan, 0, 0, 0], [0.95, 0, 0, 0]])
     adv = slot_token_advantages(parsed, None, None, np.array([0.0, 0.95]), slots, group_size=2, n_tokens=7)
     np.testing.assert_allclose(adv[0, 2:], 0.0)   # the cut, its <retract> and what follows: nothing to score them by
