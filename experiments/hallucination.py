@@ -125,6 +125,12 @@ class Config:
     family_share: float = 0.75
     marker_rate: float = 0.1  # random retractions in pretraining: the base model can explore retracting
     correction_rate: float | None = None  # claims written "wrong <retract> right|unknown" (None: marker_rate)
+    # Claims broken off at random at each token in pretraining (claim_world.ClaimWorldConfig.cut_rate): the base's
+    # <retract> logit then tracks its softmax's normaliser inside a claim.
+    cut_rate: float = 0.0
+    # Copies of the corpus with its random marks drawn anew (claim_world.ClaimWorldConfig.mark_passes): about as many
+    # as pretraining makes epochs, so the base learns the marks as rates instead of memorising marked documents.
+    mark_passes: int = 1
     # Named people the corpus says nothing about (every answer "unknown"): pressure to represent familiarity. Tried
     # at 240 (with n_families 24): familiarity stayed unreadable (probe AUC 0.53) and the probe no better; off.
     n_obscure: int = 0
@@ -189,7 +195,7 @@ FULL = Config(n_known=600, n_unknown=240, n_families=30, d_model=256, n_layers=6
               gen_batch=1024, bon_prompts=1024)
 
 _BASE_FIELDS = ("n_known", "n_unknown", "n_families", "n_first", "family_share", "marker_rate", "correction_rate",
-                "n_obscure", "seq_len",
+                "cut_rate", "mark_passes", "n_obscure", "seq_len",
                 "d_model", "n_layers", "n_heads", "batch_size", "pretrain_steps", "learning_rate", "warmup")
 
 
@@ -197,7 +203,7 @@ def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
     return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
                                n_first=config.n_first, family_share=config.family_share,
                                marker_rate=config.marker_rate, correction_rate=config.correction_rate,
-                               n_obscure=config.n_obscure, seed=seed)
+                               cut_rate=config.cut_rate, mark_passes=config.mark_passes, n_obscure=config.n_obscure, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -405,10 +411,19 @@ def sequences(task: Task, rows, gen) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- base model
 
 
+def base_cache_config(config: Config) -> dict:
+    """The fields that key the base model's pretrain cache.
+
+    ``n_obscure``, ``correction_rate``, ``cut_rate`` and ``mark_passes`` key it only when they change the world, so
+    bases pretrained before they existed stay valid.
+    """
+    optional = {"n_obscure": config.n_obscure, "correction_rate": config.correction_rate is not None,
+                "cut_rate": config.cut_rate, "mark_passes": config.mark_passes != 1}
+    return {k: getattr(config, k) for k in _BASE_FIELDS if optional.get(k, True)}
+
+
 def pretrain(rt: Runtime, config: Config, seed: int, progress: bool):
-    # n_obscure and correction_rate key the cache only when used, so bases pretrained before they existed stay valid.
-    optional = {"n_obscure": config.n_obscure, "correction_rate": config.correction_rate is not None}
-    base_config = {k: getattr(config, k) for k in _BASE_FIELDS if optional.get(k, True)}
+    base_config = base_cache_config(config)
 
     def train(_, seed):
         world = cw.make_claim_world(world_config(config, seed))

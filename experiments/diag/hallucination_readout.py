@@ -11,7 +11,11 @@ hallucination rate each reaches as a retraction rule on the base's greedy held-o
   after the claim can do *without reshaping the representation*;
 * ``maxlogit``: the least-confident claim token's largest logit (a ``<retract>`` of constant logit competing inside
   the claim's softmax, greedy);
-* ``maxprob``: the base's own confidence (what :mod:`experiments.diag.hallucination_confidence` thresholds).
+* ``maxprob``: the base's own confidence (what :mod:`experiments.diag.hallucination_confidence` thresholds);
+* ``shift``: the base's own ``<retract>`` logit against the best other token at each claim token, the least margin
+  over the claim: exactly the greedy claims a policy retracts that differs from the base by a constant added to the
+  ``<retract>`` logit (a cut before the claim token where the margin is first overtaken); what RL has to learn
+  when the base already breaks claims off at a constant rate (``ClaimWorldConfig.cut_rate``).
 
 Run: ``python -m experiments.diag.hallucination_readout [--set field=value ...]`` (any field of
 :class:`experiments.hallucination.Config`, e.g. ``--set marker_rate=0.3``: a new base is pretrained and cached; seeds
@@ -24,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 
 from experiments import hallucination as H
 from experiments.diag.hallucination_oracle import config_from_cli, seed_setup
+from idesign.data.tokenizer import RETRACT_ID
 
 QUANTILES = np.linspace(0.0, 1.0, 201)
 
@@ -43,6 +48,15 @@ def least_confident_max_logit(logits, claims: H.Claims) -> np.ndarray:
     return np.asarray([logits[r, s - 1:e - 1].max(-1).min() for r, s, e in zip(claims.row, claims.start, claims.end)])
 
 
+def retract_margin(logits, claims: H.Claims) -> np.ndarray:
+    """Per claim, the least margin of the best non-``<retract>`` logit over the ``<retract>`` logit at its tokens."""
+    rid = RETRACT_ID
+    others = logits.copy()
+    others[..., rid] = -np.inf
+    margin = others.max(-1) - logits[..., rid]
+    return np.asarray([margin[r, s - 1:e - 1].min() for r, s, e in zip(claims.row, claims.start, claims.end)])
+
+
 def main() -> None:
     config, rt = config_from_cli(__doc__.splitlines()[0]), None
     for seed in config.seeds:
@@ -52,7 +66,8 @@ def main() -> None:
         claims, logits, tokens, x = claims_with_activations(rt, world, base, task, eval_rows)
         readout = LogisticRegression(C=1.0, max_iter=3000).fit(fit_x, fit_claims.supported)
         scores = {"readout": readout.decision_function(x), "maxlogit": least_confident_max_logit(logits, claims),
-                  "maxprob": H.token_stats(logits, tokens, claims)["maxprob_min"]}
+                  "maxprob": H.token_stats(logits, tokens, claims)["maxprob_min"],
+                  "shift": retract_margin(logits, claims)}
         base_rate = (claims.final & ~claims.supported).sum() / task.asked(eval_rows).sum()
         line = [f"seed {seed}: base hallucination {base_rate:.3f}, target {0.6 * base_rate:.3f}"]
         for name, score in scores.items():  # higher = more likely supported

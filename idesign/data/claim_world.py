@@ -107,6 +107,18 @@ class ClaimWorldConfig:
         correction_rate: share of claims written as a random retraction, when it should differ from the
             share of ``unknown`` answers (``None``, the default: ``marker_rate`` sets both). A corpus with more
             self-corrections teaches a model to notice a wrong value after stating it.
+        cut_rate: chance, at each token of a true claim in a training document (before its first token
+            too), that the claim is broken off there by ``<retract>`` (``san <retract> right|unknown``).
+            Random, like the other marks, so a model learns to break off with probability ``cut_rate``
+            *whatever the context*: its ``<retract>`` logit then tracks the softmax's normaliser, and a
+            constant added to that logit makes greedy decoding break off exactly the claim tokens whose
+            confidence (max-probability) is lowest (0, the default, leaves a world as it was).
+        mark_passes: how many times the corpus holds each document, its random marks (retractions, cuts,
+            ``unknown`` answers) drawn anew each time, its facts the same. A small model pretrained for many
+            epochs on one marking memorises *which* documents carry a mark, so it learns the marks as facts
+            about documents rather than as rates (measured: with one pass and ``cut_rate = 0.05`` the median
+            ``P(<retract>)`` inside a held-out claim is ~1e-4). With about as many passes as pretraining makes
+            epochs, no marked document is seen twice (1, the default, leaves a world as it was).
         n_obscure: people the corpus names but says nothing about: each appears in ``rare_docs``
             documents whose every answer is ``unknown`` (QA ``a : unknown``, bio ``from unknown .``).
             They are not entities of the world (no queries). Their names reuse known parts, so a model
@@ -133,6 +145,8 @@ class ClaimWorldConfig:
     qa_fraction: float = 0.5
     marker_rate: float = 0.03
     correction_rate: float | None = None
+    cut_rate: float = 0.0
+    mark_passes: int = 1
     n_obscure: int = 0
     seed: int = 0
 
@@ -149,9 +163,12 @@ class ClaimWorldConfig:
             fail("n_unknown", f"an integer in 0..{self.n_families * self.n_first - self.n_known} "
                               f"(n_families * n_first = {self.n_families * self.n_first} names in all)")
         spare = self.n_families * self.n_first - self.n_known - self.n_unknown
+        if self.mark_passes < 1:
+            fail("mark_passes", "an integer >= 1")
         if not 0 <= self.n_obscure <= spare:
             fail("n_obscure", f"an integer in 0..{spare} (the names left after known and unknown entities)")
-        for field in ("frequent_fraction", "family_share", "qa_fraction", "marker_rate", "correction_rate"):
+        for field in ("frequent_fraction", "family_share", "qa_fraction", "marker_rate", "correction_rate",
+                      "cut_rate"):
             if field == "correction_rate" and self.correction_rate is None:
                 continue
             if not 0 <= getattr(self, field) <= 1:
@@ -321,29 +338,43 @@ def make_claim_world(config: ClaimWorldConfig = ClaimWorldConfig()) -> ClaimWorl
 
 def _documents(world: ClaimWorld, obscure_names: Sequence[str] = ()) -> datasets.Dataset:
     c, rng = world.config, _rng(world.config.seed, "documents")
-    corrections = c.marker_rate if c.correction_rate is None else c.correction_rate
+    # Cuts, and the marks of every pass after the first, draw from their own streams, so cut_rate = 0 and
+    # mark_passes = 1 leave every document as it was.
+    cut = _Cutter(c.cut_rate, _rng(c.seed, "cuts"))
     out: dict[str, list] = {"text": [], "entity_id": [], "kind": []}
     _obscure_documents(c, obscure_names, out)
-    names = world.entities["name"]
+    contents, names = [], list(world.entities["name"])
     for e, n_docs in enumerate(world.entities["n_documents"]):
         for _ in range(n_docs):
             if rng.random() < c.qa_fraction:
-                a = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-                if rng.random() < c.marker_rate:
-                    answer = ABSTAIN
-                else:
-                    answer = _marked(a, world.truth(e, a), rng, corrections)
-                out["text"].append(f"{qa_prompt(names[e], a)} {answer} {EOS}")
-                out["kind"].append("qa")
+                contents.append((e, "qa", (ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))],)))
             else:
                 stated = [a for a in ATTRIBUTES if rng.random() < 0.6] or [ATTRIBUTES[int(rng.integers(4))]]
-                body = " ".join(" ".join([*CUES[a], _marked(a, world.truth(e, a), rng, corrections), "."])
-                                for a in stated)
-                out["text"].append(f"{bio_prompt(names[e])} {body} {EOS}")
-                out["kind"].append("bio")
-            out["entity_id"].append(e)
+                contents.append((e, "bio", tuple(stated)))
+            _append_document(world, names, *contents[-1], rng, cut, out)
+    marks = _rng(c.seed, "marks")
+    for _ in range(c.mark_passes - 1):
+        for content in contents:
+            _append_document(world, names, *content, marks, cut, out)
     order = rng.permutation(len(out["text"])).tolist()
     return datasets.Dataset.from_dict({k: [v[i] for i in order] for k, v in out.items()})
+
+
+def _append_document(world: ClaimWorld, names: Sequence[str], e: int, kind: str, attributes: tuple[str, ...], rng: np.random.Generator,
+                     cut: "_Cutter", out: dict[str, list]) -> None:
+    """Writes entity ``e``'s document stating ``attributes``, drawing its random marks from ``rng``."""
+    c, name = world.config, names[e]
+    corrections = c.marker_rate if c.correction_rate is None else c.correction_rate
+    if kind == "qa":
+        a = attributes[0]
+        answer = ABSTAIN if rng.random() < c.marker_rate else _marked(a, world.truth(e, a), rng, corrections, cut)
+        out["text"].append(f"{qa_prompt(name, a)} {answer} {EOS}")
+    else:
+        body = " ".join(" ".join([*CUES[a], _marked(a, world.truth(e, a), rng, corrections, cut), "."])
+                        for a in attributes)
+        out["text"].append(f"{bio_prompt(name)} {body} {EOS}")
+    out["kind"].append(kind)
+    out["entity_id"].append(e)
 
 
 def _obscure_documents(c: ClaimWorldConfig, names: Sequence[str], out: dict[str, list]) -> None:
@@ -365,10 +396,26 @@ def _obscure_documents(c: ClaimWorldConfig, names: Sequence[str], out: dict[str,
             out["entity_id"].append(-1)
 
 
-def _marked(attribute: str, value: tuple[str, ...], rng: np.random.Generator, rate: float) -> str:
-    """The value, or rarely ``wrong <retract> value|unknown`` (random, unrelated to what a model knows)."""
-    if rng.random() >= rate:
+class _Cutter(NamedTuple):
+    """Breaks a true claim off at each of its tokens with probability ``rate`` (a constant hazard)."""
+
+    rate: float
+    rng: np.random.Generator
+
+    def __call__(self, value: tuple[str, ...]) -> str:
+        for j in range(len(value) if self.rate > 0 else 0):
+            if self.rng.random() < self.rate:
+                fix = " ".join(value) if self.rng.random() < 0.5 else ABSTAIN
+                return " ".join([*value[:j], RETRACT, fix])
         return " ".join(value)
+
+
+def _marked(attribute: str, value: tuple[str, ...], rng: np.random.Generator, rate: float,
+            cut: _Cutter | None = None) -> str:
+    """The value (broken off at random by ``cut``), or rarely ``wrong <retract> value|unknown`` (random, unrelated
+    to what a model knows)."""
+    if rng.random() >= rate:
+        return cut(value) if cut is not None else " ".join(value)
     wrong = value
     while wrong == value:
         wrong = _random_value(attribute, rng)

@@ -125,3 +125,58 @@ def test_correction_rate_sets_self_corrections_apart_from_unknown_answers():
     assert not any(t.endswith(f": {cw.ABSTAIN} {cw.EOS}") for t in texts)  # no QA answered "unknown" outright
     with pytest.raises(ValueError, match="correction_rate"):
         cw.ClaimWorldConfig(correction_rate=1.5)
+
+
+def _parsed_documents(world):
+    """Each training document's body parsed as a completion of its own prompt."""
+    names = world.entities["name"]
+    for text, e, kind in zip(*(world.train_documents[k] for k in ("text", "entity_id", "kind"))):
+        if kind == "qa":
+            a = next(a for a in cw.ATTRIBUTES if text.startswith(cw.qa_prompt(names[e], a)))
+            prompt = cw.qa_prompt(names[e], a)
+        else:
+            a, prompt = "", cw.bio_prompt(names[e])
+        yield e, kind, cw.parse_completion(world, e, kind, a, world.tokenizer.encode(text[len(prompt):]))
+
+
+def test_cut_rate_breaks_true_claims_off_at_a_constant_rate_per_token_and_changes_nothing_else():
+    import dataclasses
+    plain = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.0))
+    world = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.0, cut_rate=0.3))
+    for column in ("entity_id", "kind"):  # cuts draw from their own stream: the same documents, in the same order
+        assert world.train_documents[column] == plain.train_documents[column]
+    offered = cut = 0
+    for _, _, parsed in _parsed_documents(world):
+        assert not parsed.malformed and "hallucinated" not in parsed.outcome.values()
+        assert all(c.supported for c in parsed.claims)  # a cut is a prefix of the true value; its fix is true
+        offered += len(parsed.outcome)  # every claim is offered a cut before its first token
+        cut += sum(c.start == c.end for c in parsed.cuts)
+    share = cut / offered
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / offered), share
+    assert sum(len(p.cuts) for *_, p in _parsed_documents(world)) > cut  # and before later tokens too
+
+
+def test_mark_passes_repeat_each_document_with_its_marks_drawn_anew():
+    import dataclasses
+    one = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.4))
+    assert cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.4, mark_passes=1)).train_documents[
+        "text"] == one.train_documents["text"]
+    world = cw.make_claim_world(dataclasses.replace(SMALL, marker_rate=0.4, mark_passes=5))
+    assert len(world.train_documents) == 5 * len(one.train_documents)
+    assert set(one.train_documents["text"]) <= set(world.train_documents["text"])  # the first pass is the old corpus
+
+    def content(e, kind, parsed):  # what a document states, whatever its marks
+        return e, kind, tuple(sorted(parsed.outcome))
+
+    from collections import Counter
+    base = Counter(content(*d) for d in _parsed_documents(one))
+    assert Counter(content(*d) for d in _parsed_documents(world)) == Counter({k: 5 * n for k, n in base.items()})
+    marked = {}
+    for e, kind, parsed in _parsed_documents(world):
+        marked.setdefault(content(e, kind, parsed), set()).add(parsed.retractions > 0 or "retracted" in
+                                                              parsed.outcome.values())
+    assert sum(len(v) == 2 for v in marked.values()) > len(marked) // 4  # one content, marked in some passes only
+    with pytest.raises(ValueError, match="mark_passes"):
+        cw.ClaimWorldConfig(mark_passes=0)
+    with pytest.raises(ValueError, match="cut_rate"):
+        cw.ClaimWorldConfig(cut_rate=-0.1)

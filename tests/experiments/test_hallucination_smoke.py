@@ -223,3 +223,13 @@ def test_an_unknown_retraction_choice_is_refused_by_name():
     bad = dataclasses.replace(hallucination.QUICK, retract_choice="sometimes")
     with pytest.raises(ValueError, match="retract_choice must be one of .*'sometimes'"):
         hallucination.train_rl(None, bad, None, "rl_oracle", None, None, None, None, None, 0, False)
+
+
+def test_world_options_reach_the_world_and_key_the_base_cache_only_when_used():
+    plain = hallucination.base_cache_config(hallucination.QUICK)
+    assert not {"cut_rate", "mark_passes", "correction_rate", "n_obscure"} & set(plain)  # cached bases stay valid
+    config = dataclasses.replace(hallucination.QUICK, cut_rate=0.05, mark_passes=3)
+    keyed = hallucination.base_cache_config(config)
+    assert keyed == {**plain, "cut_rate": 0.05, "mark_passes": 3}
+    world = hallucination.world_config(config, seed=4)
+    assert (world.cut_rate, world.mark_passes, world.seed) == (0.05, 3, 4)
