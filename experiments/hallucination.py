@@ -203,7 +203,8 @@ def world_config(config: Config, seed: int) -> cw.ClaimWorldConfig:
     return cw.ClaimWorldConfig(n_known=config.n_known, n_unknown=config.n_unknown, n_families=config.n_families,
                                n_first=config.n_first, family_share=config.family_share,
                                marker_rate=config.marker_rate, correction_rate=config.correction_rate,
-                               cut_rate=config.cut_rate, mark_passes=config.mark_passes, n_obscure=config.n_obscure, seed=seed)
+                               cut_rate=config.cut_rate, mark_passes=config.mark_passes,
+                               n_obscure=config.n_obscure, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- task

@@ -117,7 +117,7 @@ class ClaimWorldConfig:
             ``unknown`` answers) drawn anew each time, its facts the same. A small model pretrained for many
             epochs on one marking memorises *which* documents carry a mark, so it learns the marks as facts
             about documents rather than as rates (measured: with one pass and ``cut_rate = 0.05`` the median
-            ``P(<retract>)`` inside a held-out claim is ~1e-4). With about as many passes as pretraining makes
+            ``P(<retract>)`` inside a held-out claim is below 1e-3). With about as many passes as pretraining makes
             epochs, no marked document is seen twice (1, the default, leaves a world as it was).
         n_obscure: people the corpus names but says nothing about: each appears in ``rare_docs``
             documents whose every answer is ``unknown`` (QA ``a : unknown``, bio ``from unknown .``).
@@ -360,8 +360,8 @@ def _documents(world: ClaimWorld, obscure_names: Sequence[str] = ()) -> datasets
     return datasets.Dataset.from_dict({k: [v[i] for i in order] for k, v in out.items()})
 
 
-def _append_document(world: ClaimWorld, names: Sequence[str], e: int, kind: str, attributes: tuple[str, ...], rng: np.random.Generator,
-                     cut: "_Cutter", out: dict[str, list]) -> None:
+def _append_document(world: ClaimWorld, names: Sequence[str], e: int, kind: str, attributes: tuple[str, ...],
+                     rng: np.random.Generator, cut: _Cutter, out: dict[str, list]) -> None:
     """Writes entity ``e``'s document stating ``attributes``, drawing its random marks from ``rng``."""
     c, name = world.config, names[e]
     corrections = c.marker_rate if c.correction_rate is None else c.correction_rate
@@ -489,8 +489,9 @@ def parse_completion(world: ClaimWorld, entity_id: int, kind: str, attribute: st
 
     QA (``kind="qa"``): the body before ``<eos>`` is ``claim (<retract> (claim | unknown)?)*``
     about ``attribute``, where a claim may also be broken off by ``<retract>`` before it is complete (a
-    :class:`Cut`: a proper prefix of a value, possibly empty, with no label). Long-form (``kind="bio"``): sentences ending in ``.``, each a cue
-    (``from``, ``born``, ``works as``, ``employed by``) then the same claim grammar.
+    :class:`Cut`: a proper prefix of a value, possibly empty, with no label). Long-form (``kind="bio"``):
+    sentences ending in ``.``, each a cue (``from``, ``born``, ``works as``, ``employed by``) then the same
+    claim grammar.
 
     Example:
         >>> world = make_claim_world(ClaimWorldConfig(n_known=40, n_unknown=10, n_families=6, n_first=12))
