@@ -101,8 +101,9 @@ def test_position_selection(model, data, full):
     k = collect(model, data, positions="pair", sites=["blocks.1.resid_post"])
     assert k["blocks.1.resid_post"].shape == (N, 2, 32)
     np.testing.assert_allclose(k["blocks.1.resid_post"], resid[rows[:, None], data["pair"]], atol=1e-5)
-    negative = collect(model, data, positions=lambda b: np.full(len(b["tokens"]), -1), sites=["blocks.1.resid_post"],
-                       valid_column=None)
+    with pytest.warns(UserWarning, match="valid_column=None, so padding counts as real tokens"):
+        negative = collect(model, data, positions=lambda b: np.full(len(b["tokens"]), -1),
+                           sites=["blocks.1.resid_post"], valid_column=None)
     np.testing.assert_allclose(negative["blocks.1.resid_post"][0], resid[0, -1], atol=1e-5)  # row 0 is unpadded
     as_array = collect(model, data, positions=data["answer_pos"], sites=["blocks.1.resid_post"], columns=[])
     np.testing.assert_allclose(as_array["blocks.1.resid_post"], last["blocks.1.resid_post"], atol=1e-6)
@@ -154,7 +155,8 @@ def test_left_padded_prompts_read_at_the_last_token_equal_unpadded_runs(model):
 def test_hooks_and_dtype(model, data):
     apply, params = model
     steer = {"blocks.0.resid_post": ids.Add(jnp.ones(32), 3.0)}
-    got = collect(model, data, hooks=steer, sites=["blocks.1.resid_post"], dtype=jnp.float16, valid_column=None)
+    with pytest.warns(UserWarning, match="valid_column=None"):  # the reference below attends to padding too
+        got = collect(model, data, hooks=steer, sites=["blocks.1.resid_post"], dtype=jnp.float16, valid_column=None)
     _, ref = apply(params, jnp.asarray(data["tokens"]), hooks={**steer, "blocks.1.resid_post": ids.Capture()})
     assert got["blocks.1.resid_post"].dtype == np.float16
     np.testing.assert_allclose(got["blocks.1.resid_post"], ref["blocks.1.resid_post"], atol=2e-2, rtol=2e-3)
@@ -169,6 +171,7 @@ def test_one_device_mesh_equals_unsharded(model, data, full):
         np.testing.assert_allclose(got[site], x, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:stream_activations. the dataset has a 'valid' column")  # about errors, not padding
 def test_bad_input_is_named(model, data):
     apply, params = model
     run = lambda sites="blocks.1.resid_post", d=data, **kw: activations.collect_activations(
